@@ -1,0 +1,6 @@
+"""Modules that execute encodings, and the kernels they choose between."""
+
+from modelpress.nn.kernels import Kernel, select_kernel, supports
+from modelpress.nn.modules import CompressedEmbedding, CompressedLinear, EmbeddingKernel
+
+__all__ = ["CompressedEmbedding", "CompressedLinear", "EmbeddingKernel", "Kernel", "select_kernel", "supports"]

@@ -1,0 +1,147 @@
+"""Matmul kernels that run an encoded weight, which encodings each accepts, and measured selection.
+
+Kernel speed on CPUs is not what one would guess (on an AVX2 EPYC, PyTorch's weight-only int8
+and int4 kernels are 10-30x slower than fp32 matmul, while fbgemm's dynamic int8 is faster), so
+`Kernel.AUTO` times every eligible weight-only kernel on the layer's real shape, once per
+process and shape, and keeps the fastest. Weight-only kernels all compute the same product as
+decode-then-matmul (tests prove it); `DYNAMIC_INT8` also quantises activations, which changes
+the numbers, so it is never picked automatically, only when a recipe asks for it.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from modelpress.encodings import Encoding, QuantizedTensor
+from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
+from modelpress.errors import ConfigError
+
+__all__ = ["Kernel", "supports", "prepare", "select_kernel", "WEIGHT_ONLY_KERNELS"]
+
+
+class Kernel(str, Enum):
+    AUTO = "auto"  # fastest measured weight-only kernel for this shape
+    DENSE = "dense"  # decode once, keep a float copy, F.linear (fastest here; 4x int8's memory)
+    DECODE_PER_CALL = "decode"  # decode at every call: least resident memory, slowest
+    INT8_WEIGHT_MM = "int8_mm"  # torch.ops.aten._weight_int8pack_mm (int8 symmetric per-channel)
+    INT4_WEIGHT_MM = "int4_mm"  # torch.ops.aten._weight_int4pack_mm_for_cpu (4-bit groups)
+    DYNAMIC_INT8 = "dynamic_int8"  # fbgemm: activations quantised per call, int8 x int8 GEMM
+
+
+WEIGHT_ONLY_KERNELS = (Kernel.DENSE, Kernel.INT8_WEIGHT_MM, Kernel.INT4_WEIGHT_MM, Kernel.DECODE_PER_CALL)
+
+
+def _is_quant(enc: Encoding, bits: int) -> bool:
+    return isinstance(enc, QuantizedTensor) and enc.scheme.bits == bits and len(enc.shape) == 2
+
+
+def supports(kernel: Kernel, enc: Encoding) -> bool:
+    """The capability table: can `kernel` run this encoding?"""
+    if kernel in (Kernel.DENSE, Kernel.DECODE_PER_CALL):
+        return True
+    if kernel in (Kernel.INT8_WEIGHT_MM, Kernel.DYNAMIC_INT8):
+        ok_gran = (PER_CHANNEL,) if kernel is Kernel.INT8_WEIGHT_MM else (PER_CHANNEL, PER_TENSOR)
+        return _is_quant(enc, 8) and enc.scheme.symmetric and enc.scheme.group_size in ok_gran
+    if kernel is Kernel.INT4_WEIGHT_MM:
+        return _is_quant(enc, 4) and enc.scheme.group_size in (32, 64, 128, 256)
+    return False
+
+
+# A prepared kernel is a function x -> x @ W^T + b, holding whatever packed form the kernel wants.
+Prepared = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _signed_int8(enc: QuantizedTensor) -> torch.Tensor:
+    return (enc.int_codes().to(torch.int16) - enc.scheme.midpoint).to(torch.int8)
+
+
+def prepare(kernel: Kernel, enc: Encoding, bias: torch.Tensor | None = None) -> Prepared:
+    """Build the callable for `kernel` (packing or decoding the weight as that kernel wants)."""
+    if not supports(kernel, enc):
+        raise ConfigError(f"kernel {kernel.value!r} cannot run a {enc.meta()} weight: use kernel 'auto'")
+    if kernel is Kernel.DENSE:
+        weight = enc.decode(torch.float32).contiguous()
+        return lambda x: F.linear(x, weight, bias)
+    if kernel is Kernel.DECODE_PER_CALL:
+        return lambda x: F.linear(x, enc.decode(x.dtype), bias)
+    if kernel is Kernel.DYNAMIC_INT8:
+        return _prepare_dynamic_int8(enc, bias)
+    matmul = _prepare_weight_only(kernel, enc)
+    if bias is None:
+        return matmul
+    return lambda x: matmul(x).add_(bias)
+
+
+def _prepare_weight_only(kernel: Kernel, enc: QuantizedTensor) -> Prepared:
+    """PyTorch's weight-only int8/int4 CPU kernels (x @ W^T, no bias)."""
+    if kernel is Kernel.INT8_WEIGHT_MM:
+        w8 = _signed_int8(enc)
+        scale = enc.scale.float().reshape(-1).contiguous()
+        return lambda x: _flat(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, w8, scale))
+    if kernel is Kernel.INT4_WEIGHT_MM:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(enc.int_codes().to(torch.int32), 1)
+        s = enc.scale.float().t()  # (G, N)
+        z = enc.zero_points().t()  # (G, N): w = (q - z) s = (q - 8) s + (8 - z) s
+        scale_zero = torch.stack([s, (8 - z) * s], -1).contiguous()  # (G, N, 2)
+        gs = enc.scheme.group_size
+        return lambda x: _flat(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, gs, scale_zero))
+    raise ConfigError(f"kernel {kernel.value!r} has no implementation: use kernel 'auto'")
+
+
+def _flat(x: torch.Tensor, fn: Prepared) -> torch.Tensor:
+    """Run a 2-D-only kernel on (..., K) input."""
+    lead = x.shape[:-1]
+    y = fn(x.reshape(-1, x.shape[-1]).contiguous())
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _prepare_dynamic_int8(enc: QuantizedTensor, bias: torch.Tensor | None) -> Prepared:
+    """fbgemm's prepacked int8 GEMM; activations get a per-call uint8 range (full 8 bits)."""
+    import warnings
+
+    codes = _signed_int8(enc)
+    scale = enc.scale.float().reshape(-1).double()
+    with warnings.catch_warnings():  # the quantized-tensor constructor is deprecated; the op is not
+        warnings.simplefilter("ignore")
+        if enc.scheme.group_size == PER_TENSOR:
+            qweight = torch._make_per_tensor_quantized_tensor(codes, float(scale[0]), 0)
+        else:
+            zeros = torch.zeros(codes.shape[0], dtype=torch.long)
+            qweight = torch._make_per_channel_quantized_tensor(codes, scale, zeros, 0)
+        packed = torch.ops.quantized.linear_prepack(qweight, bias)
+    # reduce_range=True keeps u8*s8 pair sums inside int16 on AVX2 (no VNNI) when weights use all
+    # 8 bits; with 7-bit weights (|q| <= 63) no saturation is possible, so activations keep 8 bits.
+    reduce_range = bool(enc.int_codes().to(torch.int16).sub(enc.scheme.midpoint).abs().max() > 63)
+    return lambda x: _flat(x.float(), lambda x2: torch.ops.quantized.linear_dynamic(x2, packed, reduce_range))
+
+
+_TIMINGS: dict[tuple, Kernel] = {}
+
+
+def _time(fn: Prepared, x: torch.Tensor, repeats: int = 3) -> float:
+    fn(x)  # warm-up (first calls allocate and pack)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def select_kernel(enc: Encoding, candidates: tuple[Kernel, ...] = WEIGHT_ONLY_KERNELS, rows: int = 512) -> Kernel:
+    """The fastest candidate kernel for this encoding, measured on a (rows, in_features) input."""
+    eligible = [k for k in candidates if supports(k, enc)]
+    if len(eligible) == 1:
+        return eligible[0]
+    key = (tuple(eligible), enc.meta().get("bits"), enc.meta().get("group_size"), tuple(enc.shape), rows,
+           torch.get_num_threads())
+    if key not in _TIMINGS:
+        x = torch.randn(rows, enc.shape[-1])
+        times = {k: _time(prepare(k, enc), x) for k in eligible}
+        _TIMINGS[key] = min(times, key=times.get)
+    return _TIMINGS[key]

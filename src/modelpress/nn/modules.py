@@ -1,0 +1,129 @@
+"""Modules that run encoded weights: drop-in replacements for nn.Linear and nn.Embedding.
+
+A module holds its weight as an `Encoding` (the compressed truth that is saved) and prepares a
+kernel lazily on first use, so building or loading a model is cheap and the kernel is chosen on
+the machine that runs it. `weight` still answers (decoded) for code that reads it directly.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.encodings import Encoding, QuantizedTensor
+from modelpress.encodings.quantized import PER_TENSOR
+from modelpress.errors import ConfigError
+from modelpress.nn.kernels import Kernel, prepare, select_kernel, supports
+
+__all__ = ["CompressedLinear", "CompressedEmbedding", "EmbeddingKernel"]
+
+
+class CompressedLinear(nn.Module):
+    """y = x W^T + b with W held as an encoding and run by the chosen (or fastest measured) kernel."""
+
+    def __init__(self, weight: Encoding, bias: torch.Tensor | None = None, kernel: Kernel | str = Kernel.AUTO):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ConfigError(f"a linear weight must be 2-D, got shape {weight.shape}")
+        kernel = Kernel(kernel)
+        if kernel is not Kernel.AUTO and not supports(kernel, weight):
+            raise ConfigError(f"kernel {kernel.value!r} cannot run {weight.meta()}: use kernel 'auto'")
+        self.out_features, self.in_features = weight.shape
+        self.encoding = weight
+        self.kernel = kernel
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._run = None
+        self.resolved_kernel: Kernel | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: Encoding, kernel: Kernel | str = Kernel.AUTO) -> "CompressedLinear":
+        return cls(weight, None if linear.bias is None else linear.bias.data, kernel)
+
+    def prepare(self) -> Kernel:
+        """Resolve AUTO by measurement and build the kernel; returns the kernel used."""
+        if self._run is None:
+            chosen = select_kernel(self.encoding) if self.kernel is Kernel.AUTO else self.kernel
+            self._run = prepare(chosen, self.encoding, None if self.bias is None else self.bias.data)
+            self.resolved_kernel = chosen
+        return self.resolved_kernel
+
+    def release(self) -> None:
+        """Drop the prepared kernel (and any decoded copy); the next call prepares again."""
+        self._run, self.resolved_kernel = None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._run is None:
+            self.prepare()
+        return self._run(x)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.encoding.decode(torch.float32)
+
+    def extra_repr(self) -> str:
+        kernel = self.resolved_kernel.value if self.resolved_kernel else self.kernel.value
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"encoding={_describe(self.encoding)}, kernel={kernel}")
+
+
+class EmbeddingKernel(str, Enum):
+    AUTO = "auto"  # gather-decode for row-quantised tables (saves the float copy), else dense
+    DENSE = "dense"  # decode the whole table once
+    GATHER = "gather"  # decode only the looked-up rows, every call
+
+
+class CompressedEmbedding(nn.Module):
+    """A lookup table held as an encoding; rows are dequantised on lookup."""
+
+    def __init__(self, weight: Encoding, padding_idx: int | None = None, kernel: EmbeddingKernel | str = "auto"):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ConfigError(f"an embedding table must be 2-D, got shape {weight.shape}")
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.encoding = weight
+        self.padding_idx = padding_idx
+        self.kernel = EmbeddingKernel(kernel)
+        self._table: torch.Tensor | None = None
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, weight: Encoding, kernel: EmbeddingKernel | str = "auto"):
+        if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
+            raise ConfigError("embeddings with max_norm, sparse or scale_grad_by_freq cannot be compressed: ignore them")
+        return cls(weight, emb.padding_idx, kernel)
+
+    @property
+    def resolved_kernel(self) -> EmbeddingKernel:
+        if self.kernel is not EmbeddingKernel.AUTO:
+            return self.kernel
+        row_wise = isinstance(self.encoding, QuantizedTensor) and self.encoding.scheme.group_size != PER_TENSOR
+        return EmbeddingKernel.GATHER if row_wise else EmbeddingKernel.DENSE
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.resolved_kernel is EmbeddingKernel.GATHER:
+            flat = ids.reshape(-1)
+            if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+                raise IndexError(f"embedding index out of range [0, {self.num_embeddings})")
+            return self.encoding.decode_rows(flat).reshape(*ids.shape, self.embedding_dim)
+        if self._table is None:
+            self._table = self.encoding.decode(torch.float32)
+        return F.embedding(ids, self._table, self.padding_idx)
+
+    def release(self) -> None:
+        self._table = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.encoding.decode(torch.float32)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, encoding={_describe(self.encoding)}, "
+                f"kernel={self.resolved_kernel.value}")
+
+
+def _describe(enc: Encoding) -> str:
+    if isinstance(enc, QuantizedTensor):
+        return enc.scheme.describe()
+    return enc.kind

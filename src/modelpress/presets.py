@@ -1,0 +1,60 @@
+"""Named recipes. Every preset quantises the embedding tables too: they are half of a small
+transformer's bytes (MiniLM: 11.9M of its 22.7M parameters)."""
+
+from __future__ import annotations
+
+from modelpress.errors import RecipeError
+from modelpress.recipe import Recipe
+
+__all__ = ["PRESETS", "preset", "DEFAULT_PRESET"]
+
+_LINEAR_AND_EMBEDDING = {"types": ["Linear", "Embedding"]}
+
+PRESETS: dict[str, dict] = {
+    # Weight-only int8 per output channel (per row for embeddings): near-lossless, 4x smaller.
+    "int8": {
+        "name": "int8",
+        "stages": [{"pass": "rtn", "targets": _LINEAR_AND_EMBEDDING, "config": {"bits": 8, "group_size": "channel"}}],
+    },
+    # Dynamic int8 activations x int8 weights on fbgemm for Linear layers (faster on CPU);
+    # embeddings are int8 weight-only (a lookup has no matmul to speed up).
+    "w8a8": {
+        "name": "w8a8",
+        "stages": [
+            {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"group_size": "channel"}},
+            {"pass": "rtn", "targets": {"types": ["Embedding"]}, "config": {"bits": 8, "group_size": "channel"}},
+        ],
+    },
+    # 4-bit asymmetric groups with error-minimising ranges, ~7x smaller. Linear layers carry the
+    # fidelity loss (measured on MiniLM: g64 alone gives mean cosine 0.970, g32 0.978), so they use
+    # groups of 32; embedding rows lose little at g64 (0.9975).
+    "int4": {
+        "name": "int4",
+        "stages": [
+            {"pass": "rtn", "targets": {"types": ["Linear"]},
+             "config": {"bits": 4, "symmetric": False, "group_size": 32, "search": "mse"}},
+            {"pass": "rtn", "targets": {"types": ["Embedding"]},
+             "config": {"bits": 4, "symmetric": False, "group_size": 64, "search": "mse"}},
+        ],
+    },
+    # 3-bit groups of 64: smaller still, with a visible fidelity cost (see benchmarks/RESULTS.md).
+    "int3": {
+        "name": "int3",
+        "stages": [
+            {
+                "pass": "rtn",
+                "targets": _LINEAR_AND_EMBEDDING,
+                "config": {"bits": 3, "symmetric": False, "group_size": 64, "search": "mse"},
+            }
+        ],
+    },
+}
+
+DEFAULT_PRESET = "int8"
+
+
+def preset(name: str) -> Recipe:
+    """The recipe of a named preset."""
+    if name not in PRESETS:
+        raise RecipeError(f"unknown preset {name!r}: use one of {sorted(PRESETS)} or a recipe YAML file")
+    return Recipe.from_dict(PRESETS[name])

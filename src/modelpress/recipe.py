@@ -1,0 +1,181 @@
+"""Recipes: an ordered list of passes, each with target selectors and per-layer overrides.
+
+A recipe is plain data, writable as YAML:
+
+    version: 1
+    name: int4
+    stages:
+      - pass: rtn
+        targets: {types: [Linear, Embedding], include: ["*"], ignore: ["pooler.*"]}
+        config: {bits: 4, symmetric: false, group_size: 64, search: mse}
+        overrides: {"embeddings.word_embeddings": {group_size: 32}}
+
+`include`/`ignore`/override keys are fnmatch patterns over module names (as in
+`model.named_modules()`); `types` are class names. Parsing goes through allow-lists only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from modelpress.errors import RecipeError
+from modelpress.passes.base import Target, config_from_dict, config_to_dict, pass_for
+
+__all__ = ["Selector", "Stage", "Recipe", "RECIPE_VERSION"]
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which modules a stage rewrites: name patterns and class names, minus ignored patterns."""
+
+    include: tuple[str, ...] = ("*",)
+    types: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        if self.types and type(module).__name__ not in self.types:
+            return False
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "Selector":
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: targets must be a mapping with include/types/ignore")
+        unknown = sorted(set(data) - {"include", "types", "ignore"})
+        if unknown:
+            raise RecipeError(f"{where}: unknown target field(s) {unknown}; allowed are include, types, ignore")
+        values = {}
+        for key in ("include", "types", "ignore"):
+            if key in data:
+                value = data[key]
+                value = [value] if isinstance(value, str) else value
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise RecipeError(f"{where}: targets.{key} must be a list of strings")
+                values[key] = tuple(value)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"include": list(self.include), "types": list(self.types), "ignore": list(self.ignore)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass applied to the modules its selector picks, with per-pattern config overrides."""
+
+    pass_name: str
+    config: Any
+    targets: Selector = Selector()
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def config_for(self, name: str) -> Any:
+        """The stage config with every override whose pattern matches `name` applied, in order."""
+        cfg = self.config
+        for pattern, changes in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                merged = {**config_to_dict(cfg), **changes}
+                cfg = config_from_dict(type(cfg), merged, f"override {pattern!r} for {name!r}")
+        return cfg
+
+    def resolve(self, model: nn.Module, taken: set[str]) -> list[Target]:
+        """Modules this stage rewrites: matching, of a type the pass handles, not taken by an earlier stage."""
+        spec = pass_for(self.pass_name)
+        return [
+            Target(name, module, self.config_for(name))
+            for name, module in model.named_modules()
+            if name and name not in taken and isinstance(module, spec.module_types) and self.targets.matches(name, module)
+        ]
+
+    @classmethod
+    def from_dict(cls, data: Any, index: int) -> "Stage":
+        where = f"stage {index}"
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: each stage must be a mapping with 'pass', 'config', 'targets'")
+        unknown = sorted(set(data) - {"pass", "config", "targets", "overrides"})
+        if unknown:
+            raise RecipeError(f"{where}: unknown field(s) {unknown}; allowed are pass, config, targets, overrides")
+        if "pass" not in data:
+            raise RecipeError(f"{where}: missing 'pass' (the technique to apply)")
+        spec = pass_for(data["pass"])
+        where = f"stage {index} ({spec.name})"
+        config = config_from_dict(spec.config_type, data.get("config") or {}, where)
+        overrides = data.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise RecipeError(f"{where}: overrides must map module-name patterns to config changes")
+        for pattern, changes in overrides.items():  # validate now, not on first use
+            config_from_dict(spec.config_type, {**config_to_dict(config), **(changes or {})}, f"{where} override {pattern!r}")
+        return cls(
+            pass_name=spec.name,
+            config=config,
+            targets=Selector.from_dict(data.get("targets"), where),
+            overrides=tuple((str(p), dict(c or {})) for p, c in overrides.items()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pass": self.pass_name, "config": config_to_dict(self.config), "targets": self.targets.to_dict()}
+        if self.overrides:
+            out["overrides"] = {p: c for p, c in self.overrides}
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of stages; each module is rewritten by the first stage that selects it."""
+
+    stages: tuple[Stage, ...]
+    name: str = "custom"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise RecipeError("a recipe needs at least one stage")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a mapping with 'stages' (a list of passes)")
+        unknown = sorted(set(data) - {"version", "name", "stages"})
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s) {unknown}; allowed are version, name, stages")
+        version = data.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {version!r} is not supported: this modelpress reads version {RECIPE_VERSION}")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError("a recipe needs 'stages': a non-empty list of passes")
+        return cls(tuple(Stage.from_dict(s, i) for i, s in enumerate(stages)), name=str(data.get("name", "custom")))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"cannot read recipe file {str(path)!r}: {exc.strerror or exc}") from None
+        return cls.from_yaml(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "name": self.name, "stages": [s.to_dict() for s in self.stages]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
