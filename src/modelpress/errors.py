@@ -14,6 +14,7 @@ __all__ = [
     "FormatError",
     "UnsupportedError",
     "CalibrationError",
+    "OutputExistsError",
 ]
 
 
@@ -43,3 +44,7 @@ class UnsupportedError(ModelpressError, NotImplementedError):
 
 class CalibrationError(ModelpressError, ValueError):
     """Calibration data is empty, malformed, or produces non-finite statistics."""
+
+
+class OutputExistsError(ModelpressError, FileExistsError):
+    """An output path already exists and overwriting was not asked for."""

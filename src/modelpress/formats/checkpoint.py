@@ -1,0 +1,261 @@
+"""Saving and loading compressed models: safetensors arrays + a JSON manifest, never pickle.
+
+A checkpoint is a folder:
+
+    modelpress.json      manifest: format name and version, architecture, recipe, one entry per
+                         compressed module (type, kernel, encoding metadata), sha256 of the weights
+    weights.safetensors  every array: plain parameters/buffers under their state_dict names,
+                         encoding parts as "<module>.weight::<part>" (e.g. "fc.weight::codes")
+    config.json, tokenizer.json, ...   for sentence encoders, the files that rebuild the skeleton
+
+Everything read back is treated as hostile: the manifest is size-capped and checked field by
+field against allow-lists, the weights' hash must match, every array's shape and dtype is
+checked before it is used, and module names must exist in the skeleton.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelpress import __version__
+from modelpress.encodings import encoding_from_parts
+from modelpress.errors import FormatError, ModelNotFoundError, OutputExistsError
+from modelpress.nn import CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
+
+__all__ = ["save", "load", "read_manifest", "MANIFEST", "WEIGHTS", "FORMAT_NAME", "FORMAT_VERSION"]
+
+MANIFEST = "modelpress.json"
+WEIGHTS = "weights.safetensors"
+FORMAT_NAME = "modelpress.checkpoint"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 * 2**20
+PART_SEPARATOR = "::"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _module_entry(module: nn.Module) -> dict[str, Any] | None:
+    if isinstance(module, CompressedLinear):
+        return {"type": "linear", "kernel": module.kernel.value, "weight": module.encoding.meta()}
+    if isinstance(module, CompressedEmbedding):
+        return {"type": "embedding", "kernel": module.kernel.value, "padding_idx": module.padding_idx,
+                "weight": module.encoding.meta()}
+    return None
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest module entries and the flat tensor dict to write."""
+    modules: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        entry = _module_entry(module)
+        if entry is None:
+            continue
+        modules[name] = entry
+        for part, array in module.encoding.arrays().items():
+            tensors[f"{name}.weight{PART_SEPARATOR}{part}"] = array
+    for key, value in model.state_dict().items():
+        tensors[key] = value
+    # safetensors refuses tensors that share memory; write independent contiguous copies.
+    return modules, {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+
+def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False) -> Path:
+    """Write `model` (compressed or not) to the folder `path`, atomically: all or nothing."""
+    from safetensors.torch import save_file
+
+    from modelpress.formats.hf import SUPPORT_FILES, SentenceEncoder
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {str(path)!r} already exists: choose another path or pass overwrite")
+    recipe = recipe if recipe is not None else getattr(model, "modelpress_recipe", None)
+    modules, tensors = _collect(model)
+    architecture: dict[str, Any] = {"kind": "module", "class": type(model).__name__}
+    if isinstance(model, SentenceEncoder):
+        architecture = {"kind": "sentence-transformers"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "writer": "modelpress"})
+        if isinstance(model, SentenceEncoder):
+            for rel in SUPPORT_FILES:
+                src = Path(model.source) / rel
+                if src.is_file():
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, staging / rel)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "modelpress_version": __version__,
+            "architecture": architecture,
+            "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
+            "modules": modules,
+            "weights_file": WEIGHTS,
+            "weights_sha256": _sha256(staging / WEIGHTS),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is an ordinary folder
+        for file in staging.rglob("*"):
+            if file.is_file():
+                os.chmod(file, 0o666 & ~umask)
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _bad(path: Path, what: str) -> FormatError:
+    return FormatError(f"{path / MANIFEST}: {what}; the checkpoint is corrupt or tampered with, re-save the model")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The validated manifest of a checkpoint folder."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise ModelNotFoundError(f"checkpoint folder {str(path)!r} does not exist: give the --out folder of `modelpress compress`")
+    if not file.is_file():
+        raise ModelNotFoundError(f"{str(path)!r} has no {MANIFEST}: it is not a modelpress checkpoint")
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise _bad(path, f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"manifest is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise _bad(path, "manifest does not name the modelpress checkpoint format")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{file}: format version {manifest.get('format_version')!r} is not supported (this modelpress reads "
+            f"{FORMAT_VERSION}); upgrade modelpress"
+        )
+    if manifest.get("weights_file") != WEIGHTS:
+        raise _bad(path, f"weights_file must be {WEIGHTS!r}")
+    if not isinstance(manifest.get("weights_sha256"), str) or len(manifest["weights_sha256"]) != 64:
+        raise _bad(path, "weights_sha256 is missing or malformed")
+    if not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("architecture"), dict):
+        raise _bad(path, "modules or architecture is missing")
+    for name, entry in manifest["modules"].items():
+        if not isinstance(entry, dict) or entry.get("type") not in ("linear", "embedding"):
+            raise _bad(path, f"module {name!r} has an invalid entry")
+        if not isinstance(entry.get("weight"), dict):
+            raise _bad(path, f"module {name!r} has no weight encoding")
+    return manifest
+
+
+def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise ModelNotFoundError(f"{str(path)!r} has no {WEIGHTS}: the checkpoint is incomplete, re-save the model")
+    if _sha256(file) != manifest["weights_sha256"]:
+        raise FormatError(f"{file}: checksum does not match the manifest; the file is corrupt or was modified, re-save it")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FormatError(f"{file}: unreadable safetensors ({exc}); re-save the model") from None
+
+
+def _build_skeleton(path: Path, manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    kind = manifest["architecture"].get("kind")
+    if model is not None:
+        return model
+    if kind == "sentence-transformers":
+        from modelpress.formats.hf import build_sentence_encoder
+
+        return build_sentence_encoder(path, weights=False)
+    raise FormatError(
+        f"{path}: the checkpoint holds a plain {manifest['architecture'].get('class', 'nn.Module')}; "
+        "pass the uncompressed model as `load(path, model=...)` so its structure can be rebuilt"
+    )
+
+
+def _compressed_module(name: str, entry: dict[str, Any], parts: dict[str, torch.Tensor], current: nn.Module, path: Path):
+    try:
+        enc = encoding_from_parts(entry["weight"], parts)
+    except FormatError as exc:
+        raise FormatError(f"{path}: module {name!r}: {exc}") from None
+    want = tuple(getattr(current, "weight").shape) if hasattr(current, "weight") else None
+    if want is not None and tuple(enc.shape) != want:
+        raise _bad(path, f"module {name!r} weight has shape {enc.shape}, the model expects {want}")
+    try:
+        if entry["type"] == "linear":
+            if not isinstance(current, (nn.Linear, CompressedLinear)):
+                raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not a Linear")
+            bias = None
+            if getattr(current, "bias", None) is not None:
+                bias = torch.zeros(enc.shape[0])  # filled by the state dict below
+            return CompressedLinear(enc, bias, Kernel(entry.get("kernel", "auto")))
+        if not isinstance(current, (nn.Embedding, CompressedEmbedding)):
+            raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not an Embedding")
+        padding_idx = entry.get("padding_idx")
+        if padding_idx is not None and (not isinstance(padding_idx, int) or not 0 <= padding_idx < enc.shape[0]):
+            raise _bad(path, f"module {name!r} has an invalid padding_idx")
+        return CompressedEmbedding(enc, padding_idx, EmbeddingKernel(entry.get("kernel", "auto")))
+    except ValueError as exc:  # an unknown kernel name
+        if isinstance(exc, FormatError):
+            raise
+        raise _bad(path, f"module {name!r}: {exc}") from None
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved model; `model` is the uncompressed skeleton for checkpoints of plain modules."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = _read_weights(path, manifest)
+    skeleton = _build_skeleton(path, manifest, model)
+    known = dict(skeleton.named_modules())
+    used: set[str] = set()
+    for name, entry in manifest["modules"].items():
+        if name not in known or not name:
+            raise _bad(path, f"module {name!r} does not exist in the model")
+        prefix = f"{name}.weight{PART_SEPARATOR}"
+        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        used.update(prefix + p for p in parts)
+        skeleton.set_submodule(name, _compressed_module(name, entry, parts, known[name], path))
+    state = {k: v for k, v in tensors.items() if k not in used}
+    expected = skeleton.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise _bad(path, f"tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, value in state.items():
+        if value.shape != expected[key].shape or value.dtype != expected[key].dtype:
+            raise _bad(path, f"tensor {key!r} is {tuple(value.shape)} {value.dtype}, expected "
+                             f"{tuple(expected[key].shape)} {expected[key].dtype}")
+    skeleton.load_state_dict(state, strict=True)
+    skeleton.eval()
+    if manifest.get("recipe") is not None:
+        from modelpress.errors import ModelpressError
+        from modelpress.recipe import Recipe
+
+        try:
+            skeleton.modelpress_recipe = Recipe.from_dict(manifest["recipe"])
+        except ModelpressError as exc:
+            raise _bad(path, f"recipe is invalid ({exc})") from None
+    return skeleton
