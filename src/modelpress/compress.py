@@ -44,6 +44,8 @@ def compress(
     taken: set[str] = set()
     for index, stage in enumerate(recipe.stages):
         targets = stage.resolve(model, taken)
+        if not targets and stage.optional:
+            continue
         if not targets:
             raise RecipeError(
                 f"stage {index} ({stage.pass_name}) matched no module: check its targets "

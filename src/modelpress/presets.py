@@ -22,7 +22,8 @@ PRESETS: dict[str, dict] = {
         "name": "w8a8",
         "stages": [
             {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"group_size": "channel"}},
-            {"pass": "rtn", "targets": {"types": ["Embedding"]}, "config": {"bits": 8, "group_size": "channel"}},
+            {"pass": "rtn", "targets": {"types": ["Embedding"]}, "config": {"bits": 8, "group_size": "channel"},
+             "optional": True},
         ],
     },
     # 4-bit asymmetric groups with error-minimising ranges, ~7x smaller. Linear layers carry the
@@ -33,7 +34,7 @@ PRESETS: dict[str, dict] = {
         "stages": [
             {"pass": "rtn", "targets": {"types": ["Linear"]},
              "config": {"bits": 4, "symmetric": False, "group_size": 32, "search": "mse"}},
-            {"pass": "rtn", "targets": {"types": ["Embedding"]},
+            {"pass": "rtn", "targets": {"types": ["Embedding"]}, "optional": True,
              "config": {"bits": 4, "symmetric": False, "group_size": 64, "search": "mse"}},
         ],
     },

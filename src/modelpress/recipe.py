@@ -79,6 +79,7 @@ class Stage:
     config: Any
     targets: Selector = Selector()
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
+    optional: bool = False  # a stage that may select nothing (e.g. embeddings, in a preset)
 
     def config_for(self, name: str) -> Any:
         """The stage config with every override whose pattern matches `name` applied, in order."""
@@ -103,9 +104,13 @@ class Stage:
         where = f"stage {index}"
         if not isinstance(data, dict):
             raise RecipeError(f"{where}: each stage must be a mapping with 'pass', 'config', 'targets'")
-        unknown = sorted(set(data) - {"pass", "config", "targets", "overrides"})
+        unknown = sorted(set(data) - {"pass", "config", "targets", "overrides", "optional"})
         if unknown:
-            raise RecipeError(f"{where}: unknown field(s) {unknown}; allowed are pass, config, targets, overrides")
+            raise RecipeError(
+                f"{where}: unknown field(s) {unknown}; allowed are pass, config, targets, overrides, optional"
+            )
+        if not isinstance(data.get("optional", False), bool):
+            raise RecipeError(f"{where}: optional must be true or false")
         if "pass" not in data:
             raise RecipeError(f"{where}: missing 'pass' (the technique to apply)")
         spec = pass_for(data["pass"])
@@ -115,18 +120,23 @@ class Stage:
         if not isinstance(overrides, dict):
             raise RecipeError(f"{where}: overrides must map module-name patterns to config changes")
         for pattern, changes in overrides.items():  # validate now, not on first use
+            if changes is not None and not isinstance(changes, dict):
+                raise RecipeError(f"{where}: override {pattern!r} must be a mapping of config fields, e.g. {{bits: 8}}")
             config_from_dict(spec.config_type, {**config_to_dict(config), **(changes or {})}, f"{where} override {pattern!r}")
         return cls(
             pass_name=spec.name,
             config=config,
             targets=Selector.from_dict(data.get("targets"), where),
             overrides=tuple((str(p), dict(c or {})) for p, c in overrides.items()),
+            optional=data.get("optional", False),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pass": self.pass_name, "config": config_to_dict(self.config), "targets": self.targets.to_dict()}
         if self.overrides:
             out["overrides"] = {p: c for p, c in self.overrides}
+        if self.optional:
+            out["optional"] = True
         return out
 
 
@@ -171,7 +181,7 @@ class Recipe:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"cannot read recipe file {str(path)!r}: {exc.strerror or exc}") from None
+            raise RecipeError(f"cannot read recipe file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
         return cls.from_yaml(text)
 
     def to_dict(self) -> dict[str, Any]:

@@ -101,11 +101,6 @@ def test_packed_width_matches_packed_row_bytes(bits, n):
     assert pack_codes(torch.zeros(3, n, dtype=torch.uint8), bits).shape == (3, packed_row_bytes(n, bits))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: for bits=8 pack_codes returns n bytes per row but packed_row_bytes(n, 8) says ceil(n/8)*8, "
-    "so unpack_codes rejects every 8-bit row whose length is not a multiple of 8",
-)
 @pytest.mark.parametrize("n", [1, 5, 13])
 def test_8bit_width_matches_packed_row_bytes_for_ragged_rows(n):
     codes = torch.arange(n, dtype=torch.uint8).reshape(1, n)
@@ -212,10 +207,6 @@ def test_unpack_rejects_three_dims(bits):
         unpack_codes(torch.zeros(2, bits, 1, dtype=torch.uint8), bits, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: unpack_codes reads packed.shape[0] before its dim check, so a 0-D tensor raises IndexError",
-)
 def test_unpack_rejects_scalar_with_value_error():
     with pytest.raises(ValueError, match="codes per row"):
         unpack_codes(torch.tensor(3, dtype=torch.uint8), 4, 1)

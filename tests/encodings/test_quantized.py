@@ -81,9 +81,6 @@ def _cols(shape) -> int:
     return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
 
 
-RAGGED_8BIT = pytest.mark.xfail(
-    strict=True, reason="bug: 8-bit packing of rows whose length is not a multiple of 8 cannot be unpacked"
-)
 
 
 def scheme_cases():
@@ -96,12 +93,8 @@ def scheme_cases():
             if gs > 0 and cols % gs:
                 continue
             for bits, sym in schemes:
-                ragged = bits == 8 and cols % 8 != 0
-                if ragged and (gs != PER_CHANNEL or not sym):
-                    continue  # one xfail case per ragged shape is enough to show the bug
-                marks = [RAGGED_8BIT] if ragged else []
                 ident = f"{shape}-int{bits}-{'sym' if sym else 'asym'}-g{gs}"
-                out.append(pytest.param(shape, bits, sym, gs, marks=marks, id=ident))
+                out.append(pytest.param(shape, bits, sym, gs, id=ident))
     return out
 
 
@@ -130,7 +123,6 @@ def test_scheme_rejects_bad_values(kwargs, message):
         QuantScheme(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: QuantScheme accepts float bits (4.0 == 4) and later fails with TypeError")
 def test_scheme_rejects_float_bits():
     with pytest.raises(ConfigError, match="unsupported bit width"):
         QuantScheme(bits=4.0)
@@ -268,9 +260,10 @@ def test_asymmetric_represents_zero_exactly():
     assert bool((quantize(w, QuantScheme(4, False, 16)).decode()[:, 5] == 0).all())
 
 
-def test_all_zero_tensor_decodes_to_zero():
-    for scheme in (QuantScheme(8), QuantScheme(2, False, 8)):
-        assert torch.equal(quantize(torch.zeros(3, 16), scheme).decode(), torch.zeros(3, 16))
+@pytest.mark.parametrize("scheme", [QuantScheme(8), QuantScheme(2, False, 8), QuantScheme(4, False, "tensor")],
+                         ids=lambda s: s.describe())
+def test_all_zero_tensor_decodes_to_zero(scheme):
+    assert torch.equal(quantize(torch.zeros(3, 16), scheme).decode(), torch.zeros(3, 16))
 
 
 def test_given_scale_and_zero_are_used():
@@ -314,7 +307,6 @@ def test_decode_rows_equals_decode_then_index(scheme, index):
     assert torch.equal(enc.decode_rows(idx, torch.float16), enc.decode(torch.float16)[idx])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: decode_rows on an empty index reshapes (0, G, -1) and raises RuntimeError")
 def test_decode_rows_of_no_rows_is_empty():
     enc = quantize(weights((10, 32), seed=7), QuantScheme(4, False, 16))
     assert enc.decode_rows(torch.zeros(0, dtype=torch.long)).shape == (0, 32)
@@ -440,11 +432,6 @@ def test_unknown_or_missing_kind(meta, message):
         encoding_from_parts(meta, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: from_parts does not type-check 'bits'/'symmetric'; bits 8.0 passes validation and decode "
-    "raises TypeError ('<<' with a float)",
-)
 @pytest.mark.parametrize("changes", [{"bits": 8.0}, {"symmetric": "no"}], ids=["bits-float", "symmetric-string"])
 def test_hostile_parameter_types_raise_format_error(changes):
     meta, arrays_ = _edit(_sym, changes)

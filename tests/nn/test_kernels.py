@@ -107,12 +107,8 @@ def test_int4_weight_mm_with_fractional_zero_points():
 
 
 @pytest.mark.parametrize("out_f", [pytest.param(16, id="N16"),
-                                   pytest.param(8, id="N8", marks=pytest.mark.xfail(strict=True, reason=(
-                                       "bug: supports(INT4_WEIGHT_MM) accepts out_features not divisible by 16, "
-                                       "but torch's int4 packing raises RuntimeError for them"))),
-                                   pytest.param(24, id="N24", marks=pytest.mark.xfail(strict=True, reason=(
-                                       "bug: supports(INT4_WEIGHT_MM) accepts out_features not divisible by 16, "
-                                       "but torch's int4 packing raises RuntimeError for them")))])
+                                   pytest.param(8, id="N8"),
+                                   pytest.param(24, id="N24")])
 def test_int4_capability_matches_what_runs(out_f):
     # Whatever the capability table says must hold: supported -> correct output; not -> ConfigError.
     enc = qenc(out_f, 64, 4, False, 32)
@@ -126,8 +122,7 @@ def test_int4_capability_matches_what_runs(out_f):
 
 @pytest.mark.parametrize(
     "out_f",
-    [16, pytest.param(8, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: AUTO times int4_mm for 4-bit g32 layers with out_features % 16 != 0 and crashes with RuntimeError")))],
+    [16, pytest.param(8)],
 )
 def test_auto_runs_every_int4_layer(out_f):
     enc = qenc(out_f, 64, 4, False, 32)

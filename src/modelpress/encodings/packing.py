@@ -3,10 +3,10 @@
 Byte layout (the same rule for every width): codes are packed along the last dimension, each row
 independently, as a little-endian bit stream. Code `j` of a row occupies bits
 `[j*b, (j+1)*b)` of the row's stream, where bit `k` of the stream is bit `k % 8` of byte
-`k // 8`. Rows are padded with zero codes to a multiple of 8 codes, so every group of 8 codes
+`k // 8`. For b < 8, rows are padded with zero codes to a multiple of 8 codes, so every group of 8 codes
 fills exactly `b` bytes and a packed row is `ceil(n / 8) * b` bytes. Consequences:
 
-- b=8: one code per byte, unchanged.
+- b=8: one code per byte, unchanged, no padding (a row is `n` bytes).
 - b=4: byte `i` holds code `2i` in its low nibble and code `2i+1` in its high nibble.
 - b=2: byte `i` holds codes `4i..4i+3`, lowest bits first.
 - b=3: bytes `3i..3i+2` hold codes `8i..8i+7` as one little-endian 24-bit word.
@@ -34,6 +34,8 @@ def _check_bits(bits: int) -> None:
 def packed_row_bytes(n_codes: int, bits: int) -> int:
     """Bytes one packed row of `n_codes` codes takes (the one place this size is computed)."""
     _check_bits(bits)
+    if bits == 8:
+        return n_codes
     return -(-n_codes // 8) * bits
 
 
@@ -42,6 +44,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"pack_codes takes a 2-D (rows, codes) tensor, got shape {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     rows, n = codes.shape
@@ -57,11 +61,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     """Inverse of pack_codes: (R, packed bytes) uint8 -> (R, n_codes) uint8."""
     _check_bits(bits)
-    rows = packed.shape[0]
     if packed.dim() != 2 or packed.shape[1] != packed_row_bytes(n_codes, bits):
         raise ValueError(
             f"packed codes of shape {tuple(packed.shape)} do not hold {n_codes} {bits}-bit codes per row"
         )
+    rows = packed.shape[0]
     if bits == 8:
         return packed
     if bits in (2, 4):  # each byte holds whole codes: a cheap shift-and-mask path

@@ -60,9 +60,11 @@ class QuantScheme:
                     f"group_size {self.group_size!r} is not valid: use 'channel', 'tensor' or a positive integer"
                 )
             object.__setattr__(self, "group_size", _GRANULARITY_NAMES[self.group_size])
-        if self.bits not in SUPPORTED_BITS:
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"unsupported bit width {self.bits}: use one of {SUPPORTED_BITS}")
-        if not isinstance(self.group_size, int) or self.group_size < PER_TENSOR:
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < PER_TENSOR:
             raise ConfigError(
                 f"group_size {self.group_size!r} is not valid: use 'channel', 'tensor' or a positive integer"
             )
@@ -220,6 +222,8 @@ class QuantizedTensor(Encoding):
         if self.scheme.group_size == PER_TENSOR:
             return self.decode(dtype).reshape(self.matrix_shape)[index]
         cols = self.matrix_shape[1]
+        if index.numel() == 0:
+            return torch.empty(0, cols, dtype=dtype)
         codes = unpack_codes(self.codes[index], self.scheme.bits, cols).float()  # (K, C)
         scale = self.scale[index].float().unsqueeze(-1)  # (K, G, 1)
         zero = self.zero_points()[index].unsqueeze(-1)

@@ -48,7 +48,8 @@ def supports(kernel: Kernel, enc: Encoding) -> bool:
         ok_gran = (PER_CHANNEL,) if kernel is Kernel.INT8_WEIGHT_MM else (PER_CHANNEL, PER_TENSOR)
         return _is_quant(enc, 8) and enc.scheme.symmetric and enc.scheme.group_size in ok_gran
     if kernel is Kernel.INT4_WEIGHT_MM:
-        return _is_quant(enc, 4) and enc.scheme.group_size in (32, 64, 128, 256)
+        # torch packs int4 weights in tiles of 16 output channels
+        return _is_quant(enc, 4) and enc.scheme.group_size in (32, 64, 128, 256) and enc.shape[0] % 16 == 0
     return False
 
 

@@ -28,7 +28,10 @@ class CompressedLinear(nn.Module):
         super().__init__()
         if len(weight.shape) != 2:
             raise ConfigError(f"a linear weight must be 2-D, got shape {weight.shape}")
-        kernel = Kernel(kernel)
+        try:
+            kernel = Kernel(kernel)
+        except ValueError:
+            raise ConfigError(f"unknown kernel {kernel!r}: use one of {[k.value for k in Kernel]}") from None
         if kernel is not Kernel.AUTO and not supports(kernel, weight):
             raise ConfigError(f"kernel {kernel.value!r} cannot run {weight.meta()}: use kernel 'auto'")
         self.out_features, self.in_features = weight.shape
@@ -85,7 +88,12 @@ class CompressedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.encoding = weight
         self.padding_idx = padding_idx
-        self.kernel = EmbeddingKernel(kernel)
+        try:
+            self.kernel = EmbeddingKernel(kernel)
+        except ValueError:
+            raise ConfigError(f"unknown embedding kernel {kernel!r}: use one of {[k.value for k in EmbeddingKernel]}") from None
+        if self.kernel is EmbeddingKernel.GATHER and not hasattr(weight, "decode_rows"):
+            raise ConfigError(f"the gather kernel needs a row-decodable encoding, not {weight.kind}: use kernel 'dense'")
         self._table: torch.Tensor | None = None
 
     @classmethod

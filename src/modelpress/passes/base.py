@@ -63,7 +63,7 @@ def register_pass(name: str, config_type: type, module_types: tuple[type, ...]) 
 
 
 def pass_for(name: str) -> PassSpec:
-    if name not in PASSES:
+    if not isinstance(name, str) or name not in PASSES:
         raise RecipeError(f"unknown pass {name!r}: use one of {sorted(PASSES)}")
     return PASSES[name]
 
