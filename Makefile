@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Compress the bundled all-MiniLM-L6-v2 with the default recipe and print the report.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/modelpress compress minilm --recipe int8 --out out/minilm-int8 --eval
+	HF_HUB_OFFLINE=1 $(BIN)/modelpress compress minilm --recipe int8 --out out/minilm-int8 --overwrite --store .modelpress/store --eval
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -129,6 +129,14 @@ def cmd_compress(args) -> int:
         compress(model, recipe, progress=lambda msg: progress.update(task, description=msg, advance=1))
     save(model, out, recipe, overwrite=args.overwrite)
     console.print(f"saved {recipe.name} model to {out}")
+    if args.store:
+        from modelpress.store import Store
+
+        with Store.init(args.store) as store:
+            name = args.name or f"{Path(str(args.model)).name}-{recipe.name}"
+            vid = store.put(model, name, message=f"modelpress compress {args.model} --recipe {args.recipe}")
+            console.print(f"stored as {name}@{vid[:12]} in {args.store} "
+                          f"({store.stored_bytes(name, vid) / 1e6:.1f} MB in chunks)")
     original_bytes = folder_bytes(model.source)
     file_bytes = (out / WEIGHTS).stat().st_size
     if args.eval:
@@ -195,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=int, default=2000, help="evaluation sentences (default 2000)")
     p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2)")
     p.add_argument("--json", help="also write the evaluation as JSON to this file")
+    p.add_argument("--store", help="also put the result into this store folder (created if missing)")
+    p.add_argument("--name", help="model name in the store (default: <model>-<recipe>)")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="compare a compressed model with its original")
@@ -213,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="print the built-in recipes as YAML")
     p.set_defaults(fn=cmd_presets)
+
+    from modelpress.store_cli import add_store_commands
+
+    add_store_commands(sub)
     return parser
 
 

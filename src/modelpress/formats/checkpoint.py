@@ -28,10 +28,10 @@ from torch import nn
 
 from modelpress import __version__
 from modelpress.encodings import encoding_from_parts
-from modelpress.errors import FormatError, ModelNotFoundError, OutputExistsError
-from modelpress.nn import CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
+from modelpress.errors import ConfigError, FormatError, ModelNotFoundError, OutputExistsError
+from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
 
-__all__ = ["save", "load", "read_manifest", "MANIFEST", "WEIGHTS", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS", "FORMAT_NAME", "FORMAT_VERSION"]
 
 MANIFEST = "modelpress.json"
 WEIGHTS = "weights.safetensors"
@@ -52,6 +52,11 @@ def _sha256(path: Path) -> str:
 def _module_entry(module: nn.Module) -> dict[str, Any] | None:
     if isinstance(module, CompressedLinear):
         return {"type": "linear", "kernel": module.kernel.value, "weight": module.encoding.meta()}
+    if isinstance(module, CompressedConv2d):
+        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+        return {"type": "conv2d", "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                "padding": padding, "dilation": list(module.dilation), "groups": module.groups,
+                "bias": module.bias is not None, "weight": module.encoding.meta()}
     if isinstance(module, CompressedEmbedding):
         return {"type": "embedding", "kernel": module.kernel.value, "padding_idx": module.padding_idx,
                 "weight": module.encoding.meta()}
@@ -60,9 +65,14 @@ def _module_entry(module: nn.Module) -> dict[str, Any] | None:
 
 def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Manifest module entries and the flat tensor dict to write."""
+    from modelpress.passes.qat import QATModule
+
     modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
+        if isinstance(module, QATModule):
+            raise ConfigError(f"module {name!r} is still in quantisation-aware training: call convert_qat(model) "
+                              "before saving, so its weight is stored as integer codes")
         entry = _module_entry(module)
         if entry is None:
             continue
@@ -79,36 +89,18 @@ def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool
     """Write `model` (compressed or not) to the folder `path`, atomically: all or nothing."""
     from safetensors.torch import save_file
 
-    from modelpress.formats.hf import SUPPORT_FILES, SentenceEncoder
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output folder {str(path)!r} already exists: choose another path or pass overwrite")
-    recipe = recipe if recipe is not None else getattr(model, "modelpress_recipe", None)
-    modules, tensors = _collect(model)
-    architecture: dict[str, Any] = {"kind": "module", "class": type(model).__name__}
-    if isinstance(model, SentenceEncoder):
-        architecture = {"kind": "sentence-transformers"}
+    manifest, tensors, files = describe(model, recipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "writer": "modelpress"})
-        if isinstance(model, SentenceEncoder):
-            for rel in SUPPORT_FILES:
-                src = Path(model.source) / rel
-                if src.is_file():
-                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, staging / rel)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "modelpress_version": __version__,
-            "architecture": architecture,
-            "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
-            "modules": modules,
-            "weights_file": WEIGHTS,
-            "weights_sha256": _sha256(staging / WEIGHTS),
-        }
+        for rel in files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(model.source) / rel, staging / rel)
+        manifest = {**manifest, "weights_file": WEIGHTS, "weights_sha256": _sha256(staging / WEIGHTS)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         umask = os.umask(0)
         os.umask(umask)
@@ -145,21 +137,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(path, f"manifest is not valid JSON ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise _bad(path, "manifest does not name the modelpress checkpoint format")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(
-            f"{file}: format version {manifest.get('format_version')!r} is not supported (this modelpress reads "
-            f"{FORMAT_VERSION}); upgrade modelpress"
-        )
+    validate_manifest(manifest, path)
     if manifest.get("weights_file") != WEIGHTS:
         raise _bad(path, f"weights_file must be {WEIGHTS!r}")
     if not isinstance(manifest.get("weights_sha256"), str) or len(manifest["weights_sha256"]) != 64:
         raise _bad(path, "weights_sha256 is missing or malformed")
+    return manifest
+
+
+def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """Check the parts of a manifest every reader relies on (a checkpoint's or a store version's)."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise _bad(path, "manifest does not name the modelpress checkpoint format")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{path / MANIFEST}: format version {manifest.get('format_version')!r} is not supported (this modelpress "
+            f"reads {FORMAT_VERSION}); upgrade modelpress"
+        )
     if not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("architecture"), dict):
         raise _bad(path, "modules or architecture is missing")
     for name, entry in manifest["modules"].items():
-        if not isinstance(entry, dict) or entry.get("type") not in ("linear", "embedding"):
+        if not isinstance(entry, dict) or entry.get("type") not in ("linear", "embedding", "conv2d"):
             raise _bad(path, f"module {name!r} has an invalid entry")
         if not isinstance(entry.get("weight"), dict):
             raise _bad(path, f"module {name!r} has no weight encoding")
@@ -204,6 +202,8 @@ def _compressed_module(name: str, entry: dict[str, Any], parts: dict[str, torch.
     if want is not None and tuple(enc.shape) != want:
         raise _bad(path, f"module {name!r} weight has shape {enc.shape}, the model expects {want}")
     try:
+        if entry["type"] == "conv2d":
+            return _conv2d_module(name, entry, enc, current, path)
         if entry["type"] == "linear":
             if not isinstance(current, (nn.Linear, CompressedLinear)):
                 raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not a Linear")
@@ -223,11 +223,41 @@ def _compressed_module(name: str, entry: dict[str, Any], parts: dict[str, torch.
         raise _bad(path, f"module {name!r}: {exc}") from None
 
 
+def _conv2d_module(name: str, entry: dict[str, Any], enc: Any, current: nn.Module, path: Path) -> CompressedConv2d:
+    """A CompressedConv2d from a manifest entry whose geometry is checked against the encoding and the model."""
+    if not isinstance(current, (nn.Conv2d, CompressedConv2d)):
+        raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not a Conv2d")
+    if len(enc.shape) != 4 or entry.get("kernel_size") != list(enc.shape[2:]):
+        raise _bad(path, f"module {name!r} has kernel_size {entry.get('kernel_size')!r}, its weight has shape {enc.shape}")
+    groups, bias = entry.get("groups"), entry.get("bias")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or not isinstance(bias, bool):
+        raise _bad(path, f"module {name!r} has invalid groups {groups!r} or bias {bias!r}")
+    if enc.shape[1] * groups != current.in_channels or bias != (current.bias is not None):
+        raise _bad(path, f"module {name!r} (groups {groups}, bias {bias}) does not match the model's "
+                         f"{current.in_channels} input channels and bias {current.bias is not None}")
+    for key in ("stride", "padding", "dilation"):
+        value = entry.get(key)
+        if not (isinstance(value, list) or (key == "padding" and isinstance(value, str))):
+            raise _bad(path, f"module {name!r} has an invalid {key} {value!r}")
+    bias_init = torch.zeros(enc.shape[0]) if bias else None  # filled by the state dict
+    return CompressedConv2d(enc, bias_init, entry["stride"], entry["padding"], entry["dilation"], groups)
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved model; `model` is the uncompressed skeleton for checkpoints of plain modules."""
     path = Path(path)
     manifest = read_manifest(path)
     tensors = _read_weights(path, manifest)
+    return rebuild(manifest, tensors, path, model)
+
+
+def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
+            model: nn.Module | None = None) -> nn.Module:
+    """A runnable model from a validated manifest and its arrays (a checkpoint's or a store version's).
+
+    `path` holds the architecture's support files (config.json, tokenizer.json, ...) and names the
+    source in error messages.
+    """
     skeleton = _build_skeleton(path, manifest, model)
     known = dict(skeleton.named_modules())
     used: set[str] = set()
@@ -259,3 +289,25 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         except ModelpressError as exc:
             raise _bad(path, f"recipe is invalid ({exc})") from None
     return skeleton
+
+
+def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Path]]:
+    """What saving `model` writes: the manifest (without file checksums), its arrays, and support files."""
+    from modelpress.formats.hf import SUPPORT_FILES, SentenceEncoder
+
+    recipe = recipe if recipe is not None else getattr(model, "modelpress_recipe", None)
+    modules, tensors = _collect(model)
+    architecture: dict[str, Any] = {"kind": "module", "class": type(model).__name__}
+    files: list[Path] = []
+    if isinstance(model, SentenceEncoder):
+        architecture = {"kind": "sentence-transformers"}
+        files = [Path(rel) for rel in SUPPORT_FILES if (Path(model.source) / rel).is_file()]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "modelpress_version": __version__,
+        "architecture": architecture,
+        "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
+        "modules": modules,
+    }
+    return manifest, tensors, files

@@ -1,0 +1,68 @@
+"""How a tensor's bytes become chunks: row blocks of about CHUNK_BYTES, and the dtypes a store holds.
+
+Row-block ("block") layout: a tensor of shape (R, ...) is cut between rows, so every chunk holds
+whole rows; a chunk's rows decode on their own, which is what partial reads, streaming and
+parallel decoding need, and identical rows in two versions fall into identical chunks when the
+rows before them are identical too. 0-D and 1-D tensors are cut between elements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from modelpress.errors import FormatError
+
+__all__ = ["DTYPES", "CHUNK_BYTES", "ALIGN", "dtype_name", "torch_dtype", "split_rows", "tensor_bytes", "aligned"]
+
+CHUNK_BYTES = 1 << 20  # 1 MiB of raw bytes: enough to compress well, small enough to decode in parallel
+ALIGN = 64  # every tensor in a load arena starts on a 64-byte boundary (cache line, AVX-512)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _NAMES:
+        raise FormatError(f"the store cannot hold {dtype} tensors; convert to one of {sorted(DTYPES)}")
+    return _NAMES[dtype]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise FormatError(f"unknown dtype {name!r} in the catalogue; the store is corrupt or newer")
+    return DTYPES[name]
+
+
+def element_size(name: str) -> int:
+    return torch.empty(0, dtype=torch_dtype(name)).element_size()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, row-major, without copying when it is already contiguous."""
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+    """(offset, length) of each chunk: whole rows (or elements for 0/1-D), about `target` bytes each."""
+    if nbytes == 0:
+        return []
+    unit = itemsize * (math.prod(shape[1:]) if len(shape) >= 2 else 1)
+    per_chunk = max(1, target // max(unit, 1)) * unit
+    return [(off, min(per_chunk, nbytes - off)) for off in range(0, nbytes, per_chunk)]
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def as_uint8(buf) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.uint8)

@@ -1,0 +1,116 @@
+"""Chunk files: content-addressed, written atomically, read defensively.
+
+A chunk's id is the BLAKE3-256 hex digest of its *raw* bytes, so equal content is stored once
+whatever codec encodes it, and every read can be checked against its name. File layout:
+
+    offset 0   8 bytes   magic b"MPCHUNK\\x01"
+    offset 8   4 bytes   header length H, little-endian uint32, H <= 4096
+    offset 12  H bytes   header: UTF-8 JSON {"codec": str, "params": {...}, "raw_size": int, "base": id|null}
+    offset 12+H          payload (the codec's output) to the end of the file
+
+Files live at `chunks/<id[0:2]>/<id>`. A file is written to `tmp/`, fsynced, then renamed into
+place, so a reader never sees a partial chunk under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from modelpress.errors import FormatError
+
+__all__ = ["ChunkHeader", "chunk_id", "write_chunk", "read_chunk", "chunk_path", "MAGIC", "MAX_HEADER", "ID_PATTERN"]
+
+MAGIC = b"MPCHUNK\x01"
+MAX_HEADER = 4096
+_LEN = struct.Struct("<I")
+ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def chunk_id(raw) -> str:
+    """BLAKE3-256 of the raw bytes, as 64 lowercase hex digits."""
+    return blake3.blake3(raw, max_threads=1).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    codec: str
+    params: dict[str, Any]
+    raw_size: int
+    base: str | None = None
+
+    def to_bytes(self) -> bytes:
+        body = json.dumps({"codec": self.codec, "params": self.params, "raw_size": self.raw_size, "base": self.base},
+                          sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return MAGIC + _LEN.pack(len(body)) + body
+
+    @classmethod
+    def parse(cls, data: memoryview, where: str) -> tuple["ChunkHeader", int]:
+        """The header and the payload's offset; every field checked (the file may be hostile)."""
+        if len(data) < len(MAGIC) + _LEN.size or bytes(data[: len(MAGIC)]) != MAGIC:
+            raise FormatError(f"{where}: not a modelpress chunk (bad magic); run `modelpress store verify`")
+        (length,) = _LEN.unpack_from(data, len(MAGIC))
+        start = len(MAGIC) + _LEN.size
+        if length > MAX_HEADER or start + length > len(data):
+            raise FormatError(f"{where}: chunk header length {length} is invalid; run `modelpress store verify`")
+        try:
+            fields = json.loads(bytes(data[start:start + length]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FormatError(f"{where}: chunk header is not valid JSON; run `modelpress store verify`") from None
+        if (not isinstance(fields, dict) or not isinstance(fields.get("codec"), str)
+                or not isinstance(fields.get("params"), dict) or not isinstance(fields.get("raw_size"), int)
+                or fields["raw_size"] < 0 or fields["raw_size"] > 1 << 40
+                or not (fields.get("base") is None or (isinstance(fields["base"], str) and ID_PATTERN.match(fields["base"])))):
+            raise FormatError(f"{where}: chunk header fields are invalid; run `modelpress store verify`")
+        return cls(fields["codec"], fields["params"], fields["raw_size"], fields.get("base")), start + length
+
+
+def chunk_path(root: Path, cid: str) -> Path:
+    if not ID_PATTERN.match(cid):  # ids come from the catalogue, which may be hostile: no path tricks
+        raise FormatError(f"invalid chunk id {cid!r} in the catalogue; the store is corrupt")
+    return root / "chunks" / cid[:2] / cid
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> int:
+    """Store a chunk unless it exists; returns the bytes written (0 when deduplicated)."""
+    final = chunk_path(root, cid)
+    if final.exists():
+        return 0
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root / "tmp" / f"{cid}.{uuid.uuid4().hex}.part"
+    data = header.to_bytes()
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return len(data) + len(payload)
+
+
+def read_chunk(root: Path, cid: str) -> tuple[ChunkHeader, memoryview]:
+    """The header and payload of a stored chunk (not yet decoded or verified)."""
+    path = chunk_path(root, cid)
+    try:
+        data = memoryview(path.read_bytes())
+    except FileNotFoundError:
+        raise FormatError(f"chunk {cid[:12]} is missing from the store; run `modelpress store verify`") from None
+    header, offset = ChunkHeader.parse(data, f"chunk {cid[:12]}")
+    return header, data[offset:]

@@ -1,0 +1,173 @@
+"""`modelpress store ...`: the store's commands (thin; the logic is in modelpress.store)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from modelpress.errors import ModelpressError
+
+__all__ = ["add_store_commands"]
+
+
+def _console():
+    from modelpress.cli import _console as console
+
+    return console()
+
+
+def _open(path: str):
+    from modelpress.store import Store
+
+    return Store(path)
+
+
+def cmd_init(args) -> int:
+    from modelpress.store import Store
+
+    Store.init(args.store).close()
+    _console().print(f"store ready at {args.store}")
+    return 0
+
+
+def cmd_put(args) -> int:
+    import modelpress
+    from modelpress.formats.checkpoint import MANIFEST
+
+    source = Path(args.source)
+    if (source / MANIFEST).is_file():
+        model = modelpress.load(source)
+    else:
+        model = modelpress.load_sentence_encoder(args.source)
+    with _open(args.store) as store:
+        parent = None if args.no_parent else args.parent
+        vid = store.put(model, args.name, parent=parent, message=args.message or "", tags=tuple(args.tag or ()))
+        _console().print(f"{args.name}@{vid[:12]}: {store.stored_bytes(args.name, vid) / 1e6:.1f} MB in chunks")
+    return 0
+
+
+def cmd_get(args) -> int:
+    with _open(args.store) as store:
+        if args.out is None:
+            from rich.table import Table
+
+            vid = store.resolve(args.name, args.ref)
+            table = Table(title=f"{args.name}@{vid[:12]}")
+            for col in ("tensor", "dtype", "shape", "chunks"):
+                table.add_column(col)
+            for t in store.catalog.tensors(vid):
+                table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(len(t.chunks)))
+            _console().print(table)
+            return 0
+        model = store.load(args.name, args.ref)
+        import modelpress
+
+        modelpress.save(model, args.out, overwrite=args.overwrite)
+        _console().print(f"wrote {args.name}@{args.ref} to {args.out}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    with _open(args.store) as store:
+        for name, count in store.models():
+            latest = store.resolve(name, "latest")
+            _console().print(f"{name}  {count} version(s), latest {latest[:12]}")
+    return 0
+
+
+def cmd_log(args) -> int:
+    with _open(args.store) as store:
+        for v in store.log(args.name):
+            tags = f" ({', '.join(v.tags)})" if v.tags else ""
+            parent = f" parent {v.parent[:12]}" if v.parent else ""
+            added = store.stored_bytes(args.name, v.id, exclusive_of=v.parent) if v.parent else store.stored_bytes(args.name, v.id)
+            _console().print(f"{v.id[:12]}{tags}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(v.created))}"
+                             f"{parent}  +{added / 1e6:.1f} MB  {v.message}")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    with _open(args.store) as store:
+        rows = store.diff(args.name, args.a, args.b)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    changed = [r for r in rows if r["status"] != "same"]
+    for r in changed:
+        extra = ""
+        if "rel_l2" in r:
+            extra = f"  max|d| {r['max_abs']:.3g}  rel L2 {r['rel_l2']:.3g}  chunks {r['changed_chunks']}"
+        elif "detail" in r:
+            extra = f"  {r['detail']}"
+        _console().print(f"{r['status']:8s} {r['tensor']}{extra}")
+    _console().print(f"{len(changed)} of {len(rows)} tensors differ")
+    return 0
+
+
+def cmd_tag(args) -> int:
+    with _open(args.store) as store:
+        vid = store.tag(args.name, args.ref, args.tag)
+    _console().print(f"{args.name}:{args.tag} -> {vid[:12]}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    with _open(args.store) as store:
+        report = store.verify()
+    if report.ok:
+        _console().print(f"ok: {report.checked} chunks verified")
+        return 0
+    for cid in report.corrupt:
+        print(f"corrupt chunk {cid}")
+    for cid in report.missing:
+        print(f"missing chunk {cid}")
+    raise ModelpressError(f"{len(report.corrupt)} corrupt and {len(report.missing)} missing chunks: "
+                          "restore them from a remote or a backup")
+
+
+def cmd_gc(args) -> int:
+    with _open(args.store) as store:
+        report = store.gc()
+    _console().print(f"removed {report.chunks_removed} chunks ({report.bytes_removed / 1e6:.1f} MB) "
+                     f"and {report.temporaries_removed} temporaries")
+    return 0
+
+
+def add_store_commands(sub) -> None:
+    store = sub.add_parser("store", help="the model store: init, put, get, ls, log, diff, tag, verify, gc")
+    cmds = store.add_subparsers(dest="store_command", required=True)
+
+    def command(name, fn, help_text):
+        p = cmds.add_parser(name, help=help_text)
+        p.add_argument("store", help="the store folder")
+        p.set_defaults(fn=fn)
+        return p
+
+    command("init", cmd_init, "create a store")
+    p = command("put", cmd_put, "put a model folder or checkpoint in as a new version")
+    p.add_argument("source", help="a modelpress checkpoint folder, a sentence-transformers folder, or 'minilm'")
+    p.add_argument("name", help="model name in the store")
+    p.add_argument("--parent", default="latest", help="version or ref to record as parent (default latest)")
+    p.add_argument("--no-parent", action="store_true", help="record no parent (no deltas)")
+    p.add_argument("--tag", action="append", help="also point this tag at the new version")
+    p.add_argument("-m", "--message")
+    p = command("get", cmd_get, "list a version's tensors, or write it out as a checkpoint with --out")
+    p.add_argument("name")
+    p.add_argument("ref", nargs="?", default="latest")
+    p.add_argument("--out", help="write the model to this folder")
+    p.add_argument("--overwrite", action="store_true")
+    command("ls", cmd_ls, "list models")
+    p = command("log", cmd_log, "list a model's versions, newest first")
+    p.add_argument("name")
+    p = command("diff", cmd_diff, "which tensors changed between two versions, and by how much")
+    p.add_argument("name")
+    p.add_argument("a")
+    p.add_argument("b", nargs="?", default="latest")
+    p.add_argument("--json", action="store_true")
+    p = command("tag", cmd_tag, "name a version")
+    p.add_argument("name")
+    p.add_argument("ref")
+    p.add_argument("tag")
+    command("verify", cmd_verify, "recheck every chunk's hash")
+    command("gc", cmd_gc, "remove unreferenced chunks and temporaries")
