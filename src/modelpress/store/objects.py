@@ -27,7 +27,7 @@ import blake3
 
 from modelpress.errors import FormatError
 
-__all__ = ["ChunkHeader", "chunk_id", "write_chunk", "read_chunk", "chunk_path", "MAGIC", "MAX_HEADER", "ID_PATTERN"]
+__all__ = ["ChunkHeader", "chunk_id", "write_chunk", "read_chunk", "read_raw_chunk_into", "chunk_path", "MAGIC", "MAX_HEADER", "ID_PATTERN"]
 
 MAGIC = b"MPCHUNK\x01"
 MAX_HEADER = 4096
@@ -87,22 +87,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> int:
-    """Store a chunk unless it exists; returns the bytes written (0 when deduplicated)."""
+def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> tuple[ChunkHeader, int]:
+    """Store a chunk unless a file for it exists; returns the header and payload size *on disk*.
+
+    The first file written for an id wins and is never replaced: a concurrent writer that encoded
+    the same content differently adopts the existing file's header for its catalogue row, so the
+    catalogue always describes the bytes that are really there.
+    """
     final = chunk_path(root, cid)
     if final.exists():
-        return 0
+        with open(final, "rb") as fh:
+            head = fh.read(len(MAGIC) + _LEN.size + MAX_HEADER)
+        existing, offset = ChunkHeader.parse(memoryview(head), f"chunk {cid[:12]}")
+        return existing, final.stat().st_size - offset
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = root / "tmp" / f"{cid}.{uuid.uuid4().hex}.part"
-    data = header.to_bytes()
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        fh.write(header.to_bytes())
         fh.write(payload)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        os.link(tmp, final)  # fails if another writer got there first: theirs stays
+    except FileExistsError:
+        os.unlink(tmp)
+        return write_chunk(root, cid, header, payload)
+    os.unlink(tmp)
     _fsync_dir(final.parent)
-    return len(data) + len(payload)
+    return header, len(payload)
 
 
 def read_chunk(root: Path, cid: str) -> tuple[ChunkHeader, memoryview]:
@@ -114,3 +126,22 @@ def read_chunk(root: Path, cid: str) -> tuple[ChunkHeader, memoryview]:
         raise FormatError(f"chunk {cid[:12]} is missing from the store; run `modelpress store verify`") from None
     header, offset = ChunkHeader.parse(data, f"chunk {cid[:12]}")
     return header, data[offset:]
+
+
+def read_raw_chunk_into(root: Path, cid: str, out: memoryview) -> ChunkHeader:
+    """For `raw` chunks: read the payload straight into `out` (one copy, from the page cache)."""
+    path = chunk_path(root, cid)
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise FormatError(f"chunk {cid[:12]} is missing from the store; run `modelpress store verify`") from None
+    with fh:
+        head = fh.read(len(MAGIC) + _LEN.size + MAX_HEADER)
+        header, offset = ChunkHeader.parse(memoryview(head), f"chunk {cid[:12]}")
+        if header.codec != "raw" or header.raw_size != len(out):
+            return header  # the caller notices the mismatch and reports it
+        fh.seek(offset)
+        got = fh.readinto(out)
+        if got != len(out) or fh.read(1):
+            raise FormatError(f"chunk {cid[:12]} has {got} payload bytes, expected {len(out)}; run `modelpress store verify`")
+    return header

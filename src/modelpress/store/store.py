@@ -33,7 +33,7 @@ from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError
 from modelpress.store import layout
 from modelpress.store.catalog import Catalog, TensorRecord, VersionInfo
 from modelpress.store.codecs import codec_for
-from modelpress.store.objects import ChunkHeader, chunk_id, chunk_path, read_chunk, write_chunk
+from modelpress.store.objects import ChunkHeader, chunk_id, chunk_path, read_chunk, read_raw_chunk_into, write_chunk
 
 __all__ = ["Store", "StoreError", "VersionNotFoundError", "CorruptChunkError", "VerifyReport", "GcReport"]
 
@@ -217,8 +217,7 @@ class Store:
             cid, header, payload = job.result()
             ids.append(cid)
             if payload is not None and cid not in new_chunks:
-                stored = write_chunk(self.root, cid, header, payload)
-                new_chunks[cid] = (header, stored or len(payload))
+                new_chunks[cid] = write_chunk(self.root, cid, header, payload)
         return TensorRecord(name, dtype, shape, tuple(ids))
 
     def _choose_codec(self, sample: memoryview, dtype: str, width: int) -> str:
@@ -260,8 +259,7 @@ class Store:
         if cid in new_chunks or self.catalog.has_chunk(cid):
             return
         payload = codec_for(codec).encode(raw, params)
-        header = ChunkHeader(codec, params, len(raw), base)
-        new_chunks[cid] = (header, write_chunk(self.root, cid, header, payload) or len(payload))
+        new_chunks[cid] = write_chunk(self.root, cid, ChunkHeader(codec, params, len(raw), base), payload)
 
     def tag(self, model: str, ref: str, tag: str) -> str:
         """Point `tag` at the version `ref` names; returns its id."""
@@ -287,12 +285,23 @@ class Store:
         return memoryview(out)
 
     def _decode_into(self, cid: str, out: memoryview, codec: str, params: dict, base: str | None) -> None:
-        header, payload = read_chunk(self.root, cid)
-        if (header.codec, header.params, header.raw_size, header.base) != (codec, params, len(out), base):
-            raise CorruptChunkError(f"chunk {cid[:12]}'s header disagrees with the catalogue; run `modelpress store verify`")
         try:
-            codec_for(codec).decode_into(payload, out, params, base=(lambda: self._chunk_bytes(base)) if base else None)
+            if codec == "raw":  # the fast path: file -> arena, one copy
+                header = read_raw_chunk_into(self.root, cid, out)
+                payload = None
+            else:
+                header, payload = read_chunk(self.root, cid)
+            if (header.codec, header.params, header.raw_size, header.base) != (codec, params, len(out), base):
+                raise CorruptChunkError(
+                    f"chunk {cid[:12]}'s header disagrees with the catalogue; run `modelpress store verify`")
+            if payload is not None:
+                codec_for(codec).decode_into(payload, out, params,
+                                             base=(lambda: self._chunk_bytes(base)) if base else None)
+        except CorruptChunkError:
+            raise
         except FormatError as exc:
+            if "missing" in str(exc):
+                raise
             raise CorruptChunkError(f"chunk {cid[:12]} is corrupt ({exc}); run `modelpress store verify`") from None
         if blake3.blake3(out, max_threads=1).hexdigest() != cid:
             raise CorruptChunkError(f"chunk {cid[:12]} does not match its hash (corrupt); run `modelpress store verify`")
