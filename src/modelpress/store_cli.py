@@ -40,9 +40,17 @@ def cmd_put(args) -> int:
         model = modelpress.load(source)
     else:
         model = modelpress.load_sentence_encoder(args.source)
-    with _open(args.store) as store:
+    from modelpress.cli import _progress
+
+    bad = [item for item in args.codec or () if "=" not in item]
+    if bad:
+        raise ModelpressError(f"--codec {bad[0]!r} is not PATTERN=CODEC: write e.g. --codec '*embeddings*=raw'")
+    codecs = dict(item.split("=", 1) for item in args.codec or ())
+    with _open(args.store) as store, _progress() as progress:
         parent = None if args.no_parent else args.parent
-        vid = store.put(model, args.name, parent=parent, message=args.message or "", tags=tuple(args.tag or ()))
+        task = progress.add_task(f"storing {args.name}", total=len(model.state_dict()))
+        vid = store.put(model, args.name, parent=parent, message=args.message or "", tags=tuple(args.tag or ()),
+                        codecs=codecs, progress=lambda k: progress.advance(task, k))
         _console().print(f"{args.name}@{vid[:12]}: {store.stored_bytes(args.name, vid) / 1e6:.1f} MB in chunks")
     return 0
 
@@ -113,8 +121,11 @@ def cmd_tag(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    with _open(args.store) as store:
-        report = store.verify()
+    from modelpress.cli import _progress
+
+    with _open(args.store) as store, _progress() as progress:
+        task = progress.add_task("verifying chunks", total=len(store.catalog.all_chunk_ids()))
+        report = store.verify(progress=lambda k: progress.advance(task, k))
     if report.ok:
         _console().print(f"ok: {report.checked} chunks verified")
         return 0
@@ -152,6 +163,8 @@ def add_store_commands(sub) -> None:
     p.add_argument("--no-parent", action="store_true", help="record no parent (no deltas)")
     p.add_argument("--tag", action="append", help="also point this tag at the new version")
     p.add_argument("-m", "--message")
+    p.add_argument("--codec", action="append", metavar="PATTERN=CODEC",
+                   help="force a codec (raw, zstd, planes) for tensors matching PATTERN, e.g. '*embeddings*=raw'")
     p = command("get", cmd_get, "list a version's tensors, or write it out as a checkpoint with --out")
     p.add_argument("name")
     p.add_argument("ref", nargs="?", default="latest")
