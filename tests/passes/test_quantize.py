@@ -67,13 +67,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_passes_are_registered_with_their_configs():
     assert pass_for("rtn").config_type is RTNConfig
     assert pass_for("dynamic_int8").config_type is DynamicInt8Config
-    assert set(PASSES["rtn"].module_types) == {nn.Linear, nn.Embedding}
+    assert set(PASSES["rtn"].module_types) == {nn.Linear, nn.Embedding, nn.Conv2d}
     assert PASSES["dynamic_int8"].module_types == (nn.Linear,)
 
 
 def test_unknown_pass_is_a_recipe_error():
-    with pytest.raises(RecipeError, match=r"unknown pass 'gptq': use one of \['dynamic_int8', 'rtn'"):
-        pass_for("gptq")
+    with pytest.raises(RecipeError, match=r"unknown pass 'warp': use one of \['dynamic_int8', .*'rtn'"):
+        pass_for("warp")
 
 
 # ---------------------------------------------------------------- presets

@@ -228,7 +228,8 @@ def _conv2d_module(name: str, entry: dict[str, Any], enc: Any, current: nn.Modul
     if not isinstance(current, (nn.Conv2d, CompressedConv2d)):
         raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not a Conv2d")
     if len(enc.shape) != 4 or entry.get("kernel_size") != list(enc.shape[2:]):
-        raise _bad(path, f"module {name!r} has kernel_size {entry.get('kernel_size')!r}, its weight has shape {enc.shape}")
+        raise _bad(path, f"module {name!r} has kernel_size {entry.get('kernel_size')!r}, "
+                         f"its weight has shape {enc.shape}")
     groups, bias = entry.get("groups"), entry.get("bias")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or not isinstance(bias, bool):
         raise _bad(path, f"module {name!r} has invalid groups {groups!r} or bias {bias!r}")
@@ -259,6 +260,13 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
     source in error messages.
     """
     skeleton = _build_skeleton(path, manifest, model)
+    if "shapes" in manifest:  # structurally pruned layers: shrink the skeleton's before filling it
+        from modelpress.passes.structured import apply_shapes
+
+        try:
+            apply_shapes(skeleton, manifest["shapes"])
+        except FormatError as exc:
+            raise _bad(path, str(exc)) from None
     known = dict(skeleton.named_modules())
     used: set[str] = set()
     for name, entry in manifest["modules"].items():
@@ -294,6 +302,7 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
 def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Path]]:
     """What saving `model` writes: the manifest (without file checksums), its arrays, and support files."""
     from modelpress.formats.hf import SUPPORT_FILES, SentenceEncoder
+    from modelpress.passes.structured import record_shapes
 
     recipe = recipe if recipe is not None else getattr(model, "modelpress_recipe", None)
     modules, tensors = _collect(model)
@@ -309,5 +318,6 @@ def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict
         "architecture": architecture,
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
         "modules": modules,
+        "shapes": record_shapes(model),  # layer widths, so that structurally pruned models rebuild
     }
     return manifest, tensors, files

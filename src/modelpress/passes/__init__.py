@@ -2,5 +2,18 @@
 
 from modelpress.passes.base import PASSES, PassContext, Target, pass_for, register_pass
 from modelpress.passes.quantize import DynamicInt8Config, RangeSearch, RTNConfig
+from modelpress.passes.qat import QATConfig, convert_qat, prepare_qat
 
-__all__ = ["PASSES", "PassContext", "Target", "pass_for", "register_pass", "DynamicInt8Config", "RangeSearch", "RTNConfig"]
+__all__ = [
+    "PASSES",
+    "PassContext",
+    "Target",
+    "pass_for",
+    "register_pass",
+    "DynamicInt8Config",
+    "RangeSearch",
+    "RTNConfig",
+    "QATConfig",
+    "convert_qat",
+    "prepare_qat",
+]

@@ -12,7 +12,7 @@ from modelpress.encodings import QuantScheme, quantize
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, _grouped, as_matrix, minmax_params
 from modelpress.encodings.range_search import mse_params
 from modelpress.errors import ConfigError
-from modelpress.nn import CompressedEmbedding, CompressedLinear, Kernel
+from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, Kernel
 from modelpress.passes.base import PassContext, Target, register_pass
 
 __all__ = ["RangeSearch", "RTNConfig", "DynamicInt8Config", "quantize_weight"]
@@ -88,7 +88,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     model.set_submodule(name, new)
 
 
-@register_pass("rtn", RTNConfig, (nn.Linear, nn.Embedding))
+@register_pass("rtn", RTNConfig, (nn.Linear, nn.Embedding, nn.Conv2d))
 def rtn(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     for t in targets:
         cfg: RTNConfig = t.config
@@ -98,6 +98,11 @@ def rtn(model: nn.Module, targets: list[Target], context: PassContext) -> None:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
         if isinstance(t.module, nn.Embedding):
             new = CompressedEmbedding.from_embedding(t.module, enc)
+        elif isinstance(t.module, nn.Conv2d):  # decode-once dense (cfg.kernel is for Linear layers)
+            try:
+                new = CompressedConv2d.from_conv(t.module, enc)
+            except ConfigError as exc:
+                raise ConfigError(f"layer {t.name!r}: {exc}") from None
         else:
             new = CompressedLinear.from_linear(t.module, enc, cfg.kernel)
         _replace(model, t.name, new)

@@ -1,0 +1,115 @@
+"""A drop-in nn.Conv2d whose weight is an encoding.
+
+The (out, in/groups, kh, kw) weight is encoded as any `Encoding`; a `QuantizedTensor` views it
+as the matrix (out, in/groups * kh * kw), one row per output channel (`encodings.quantized.as_matrix`),
+so per-channel and per-group schemes work as they do for Linear layers. The module decodes the
+weight once, on first use, to a dense fp32 copy and runs `F.conv2d` on it: PyTorch has no
+low-bit convolution kernel for CPUs, and a conv weight is small next to its activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.encodings import Encoding, QuantizedTensor
+from modelpress.errors import ConfigError
+
+__all__ = ["CompressedConv2d", "PADDING_NAMES", "CONV_GEOMETRY", "conv_geometry"]
+
+PADDING_NAMES = ("valid", "same")  # the string paddings F.conv2d accepts
+MAX_CONV_PARAM = 2**16  # bound on stride / padding / dilation / groups (what a checkpoint may claim)
+
+
+def _pair(value: int | tuple[int, ...] | list[int], name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each in [minimum, MAX_CONV_PARAM], as a pair."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= MAX_CONV_PARAM for v in pair)
+    ):
+        raise ConfigError(
+            f"conv {name} must be an int or a pair of ints in [{minimum}, {MAX_CONV_PARAM}], got {value!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+CONV_GEOMETRY = ("stride", "padding", "dilation", "groups")
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict:
+    """stride, padding, dilation and groups of an nn.Conv2d that a compressed twin can reproduce."""
+    if conv.padding_mode != "zeros":
+        raise ConfigError(f"conv padding_mode {conv.padding_mode!r} is not supported: only 'zeros'; ignore this layer")
+    return {name: getattr(conv, name) for name in CONV_GEOMETRY}
+
+
+class CompressedConv2d(nn.Module):
+    """y = conv2d(x, W, b) with W held as an encoding and decoded once to fp32 on first use."""
+
+    def __init__(
+        self,
+        weight: Encoding,
+        bias: torch.Tensor | None = None,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+    ):
+        super().__init__()
+        if len(weight.shape) != 4:
+            raise ConfigError(f"a conv2d weight must be 4-D (out, in/groups, kh, kw), got shape {weight.shape}")
+        out_channels, in_per_group, kh, kw = weight.shape
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= MAX_CONV_PARAM:
+            raise ConfigError(f"conv groups must be a positive int, got {groups!r}")
+        if out_channels % groups:
+            raise ConfigError(f"conv groups {groups} does not divide the {out_channels} output channels")
+        if isinstance(padding, str):
+            if padding not in PADDING_NAMES:
+                raise ConfigError(f"conv padding {padding!r} is not valid: use {PADDING_NAMES} or ints")
+        else:
+            padding = _pair(padding, "padding", 0)
+        self.stride = _pair(stride, "stride", 1)
+        self.dilation = _pair(dilation, "dilation", 1)
+        if padding == "same" and self.stride != (1, 1):
+            raise ConfigError("conv padding 'same' needs stride 1 (as in nn.Conv2d)")
+        self.padding = padding
+        self.groups = groups
+        self.out_channels, self.in_channels, self.kernel_size = out_channels, in_per_group * groups, (kh, kw)
+        if bias is not None and tuple(bias.shape) != (out_channels,):
+            raise ConfigError(f"conv bias has shape {tuple(bias.shape)}, expected ({out_channels},)")
+        self.encoding = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, weight: Encoding) -> "CompressedConv2d":
+        """The compressed twin of `conv` (same geometry and bias), with `weight` as its weight."""
+        geometry = conv_geometry(conv)
+        if tuple(weight.shape) != tuple(conv.weight.shape):
+            raise ConfigError(f"encoded weight has shape {weight.shape}, the conv expects {tuple(conv.weight.shape)}")
+        return cls(weight, None if conv.bias is None else conv.bias.data, **geometry)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.encoding.decode(torch.float32).contiguous()
+        bias = None if self.bias is None else self.bias.data
+        return F.conv2d(x, self._dense, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def release(self) -> None:
+        """Drop the decoded copy; the next call decodes again."""
+        self._dense = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.encoding.decode(torch.float32)
+
+    def extra_repr(self) -> str:
+        enc = self.encoding.scheme.describe() if isinstance(self.encoding, QuantizedTensor) else self.encoding.kind
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            f"encoding={enc}"
+        )
