@@ -32,7 +32,7 @@ from torch import nn
 from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError
 from modelpress.store import layout
 from modelpress.store.catalog import Catalog, TensorRecord, VersionInfo
-from modelpress.store.codecs import codec_for
+from modelpress.store.codecs import NATIVE_AVAILABLE, codec_for
 from modelpress.store.objects import ChunkHeader, chunk_id, chunk_path, read_chunk, read_raw_chunk_into, write_chunk
 
 __all__ = ["Store", "StoreError", "VersionNotFoundError", "CorruptChunkError", "VerifyReport", "GcReport"]
@@ -42,6 +42,7 @@ STORE_FORMAT = "modelpress.store"
 STORE_VERSION = 1
 MAX_DELTA_DEPTH = 4  # a delta may rest on a delta, but chains stay short so loads stay fast
 MIN_SAVING = 0.02  # a codec must save 2% over raw to be worth its decode time
+WIDTH_CODECS = ("planes", "xor", "fans")  # codecs whose params name the element width
 
 
 class StoreError(ModelpressError):
@@ -203,7 +204,7 @@ class Store:
         width = tensor.element_size()
         if codec is None:
             codec = self._choose_codec(raw[: spans[0][1]] if spans else raw, dtype, width)
-        params = {"width": width} if codec in ("planes", "xor") else {}
+        params = {"width": width} if codec in WIDTH_CODECS else {}
         bases = list(parent.chunks) if parent and parent.dtype == dtype and parent.shape == shape else []
         if len(bases) != len(spans):
             bases = []
@@ -222,10 +223,13 @@ class Store:
 
     def _choose_codec(self, sample: memoryview, dtype: str, width: int) -> str:
         """The smallest candidate on a sample chunk, unless it saves too little to pay for decoding."""
-        candidates = ["planes", "zstd"] if _is_float(dtype) else ["zstd"]
+        if _is_float(dtype):
+            candidates = (["fans"] if NATIVE_AVAILABLE and width in (2, 4) else []) + ["planes", "zstd"]
+        else:
+            candidates = ["zstd"]
         sizes = {"raw": len(sample)}
         for name in candidates:
-            params = {"width": width} if name == "planes" else {}
+            params = {"width": width} if name in WIDTH_CODECS else {}
             sizes[name] = len(codec_for(name).encode(sample, params))
         best = min(sizes, key=sizes.get)
         return best if sizes[best] < (1 - MIN_SAVING) * len(sample) else "raw"
@@ -507,8 +511,8 @@ def _safe_join(root: Path, rel: str) -> Path:
 def _codec_override(name: str, codecs: dict[str, str] | None) -> str | None:
     for pattern, codec in (codecs or {}).items():
         if fnmatch.fnmatchcase(name, pattern):
-            if codec not in ("raw", "zstd", "planes"):
-                raise StoreError(f"codec {codec!r} for {pattern!r} is not a storage codec: use raw, zstd or planes")
+            if codec not in ("raw", "zstd", "planes", "fans"):
+                raise StoreError(f"codec {codec!r} for {pattern!r} is not a storage codec: use raw, zstd, planes or fans")
             return codec
     return None
 
