@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from modelpress.errors import FormatError
+from modelpress.store.objects import ID_PATTERN
 
 __all__ = ["Catalog", "VersionInfo", "TensorRecord", "SCHEMA_VERSION"]
 
@@ -25,7 +26,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
     id TEXT PRIMARY KEY, codec TEXT NOT NULL, params TEXT NOT NULL,
-    raw_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, base TEXT);
+    raw_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, base TEXT, file_hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, parent TEXT, created REAL NOT NULL,
     message TEXT NOT NULL, manifest TEXT NOT NULL);
@@ -61,10 +62,13 @@ class VersionInfo:
 class Catalog:
     def __init__(self, path: Path):
         self.path = path
-        self.db = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=60000")
+        try:
+            self.db = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+        except sqlite3.Error as exc:
+            raise FormatError(f"{path}: not a usable SQLite catalogue ({exc}); restore it from a backup") from None
 
     def close(self) -> None:
         self.db.close()
@@ -78,7 +82,7 @@ class Catalog:
     def check(self) -> None:
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise FormatError(f"{self.path}: not a modelpress catalogue ({exc}); restore it from a backup") from None
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise FormatError(f"{self.path}: catalogue schema {row and row[0]!r} is not supported "
@@ -101,7 +105,12 @@ class Catalog:
         """A version id from a ref name, a full id, or a unique id prefix (>= 6 hex digits)."""
         row = self.db.execute("SELECT version FROM refs WHERE model=? AND name=?", (model, ref)).fetchone()
         if row:
-            return row[0]
+            vid = row[0]
+            if not isinstance(vid, str) or not ID_PATTERN.match(vid) or not self.db.execute(
+                    "SELECT 1 FROM versions WHERE id=? AND model=?", (vid, model)).fetchone():
+                raise FormatError(f"ref {ref!r} of model {model!r} points to no valid version; the catalogue is corrupt "
+                                  f"(re-tag it with `modelpress store tag`)")
+            return vid
         if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
             rows = self.db.execute("SELECT id FROM versions WHERE model=? AND id LIKE ?", (model, ref + "%")).fetchall()
             if len(rows) == 1:
@@ -119,21 +128,21 @@ class Catalog:
         if row is None:
             raise KeyError(f"version {vid[:12]} does not exist")
         tags = tuple(r[0] for r in self.db.execute("SELECT name FROM refs WHERE version=? ORDER BY name", (vid,)))
-        try:
-            manifest = json.loads(row[5])
-        except json.JSONDecodeError:
-            raise FormatError(f"version {vid[:12]} has a corrupt manifest in the catalogue") from None
+        manifest = _json(row[5], dict, f"version {vid[:12]}'s manifest")
         return VersionInfo(row[0], row[1], row[2], row[3], row[4], tags), manifest
 
     def tensors(self, vid: str) -> list[TensorRecord]:
         out = []
         for name, dtype, shape, chunks in self.db.execute(
                 "SELECT name, dtype, shape, chunks FROM tensors WHERE version=? ORDER BY rowid", (vid,)):
-            try:
-                shape_t, chunks_t = tuple(json.loads(shape)), tuple(json.loads(chunks))
-            except (json.JSONDecodeError, TypeError):
-                raise FormatError(f"tensor {name!r} of version {vid[:12]} has a corrupt catalogue row") from None
-            out.append(TensorRecord(name, dtype, shape_t, chunks_t))
+            where = f"tensor {name!r} of version {vid[:12]}"
+            shape_t, chunks_t = _json(shape, list, where + " shape"), _json(chunks, list, where + " chunks")
+            if not isinstance(name, str) or not isinstance(dtype, str) or len(shape_t) > 16 or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape_t):
+                raise FormatError(f"{where} has a corrupt catalogue row (name, dtype or shape)")
+            if not all(isinstance(c, str) and ID_PATTERN.match(c) for c in chunks_t):
+                raise FormatError(f"{where} lists an invalid chunk id; the catalogue is corrupt")
+            out.append(TensorRecord(name, dtype, tuple(shape_t), tuple(chunks_t)))
         return out
 
     def files(self, vid: str) -> dict[str, str]:
@@ -144,7 +153,17 @@ class Catalog:
                               (cid,)).fetchone()
         if row is None:
             raise FormatError(f"chunk {cid[:12]} is not in the catalogue; the store is corrupt")
-        return row[0], json.loads(row[1]), row[2], row[3], row[4]
+        codec, params, raw_size, stored_size, base = row
+        params = _json(params, dict, f"chunk {cid[:12]}'s params")
+        if (not isinstance(codec, str) or isinstance(raw_size, bool) or not isinstance(raw_size, int)
+                or not 0 <= raw_size <= 1 << 40 or not isinstance(stored_size, int)
+                or not (base is None or (isinstance(base, str) and ID_PATTERN.match(base) and base != cid))):
+            raise FormatError(f"chunk {cid[:12]} has a corrupt catalogue row; run `modelpress store verify`")
+        return codec, params, raw_size, stored_size, base
+
+    def file_hash(self, cid: str) -> str | None:
+        row = self.db.execute("SELECT file_hash FROM chunks WHERE id=?", (cid,)).fetchone()
+        return row[0] if row and isinstance(row[0], str) else None
 
     def has_chunk(self, cid: str) -> bool:
         return self.db.execute("SELECT 1 FROM chunks WHERE id=?", (cid,)).fetchone() is not None
@@ -163,7 +182,10 @@ class Catalog:
         """Every chunk a version needs, bases of deltas included."""
         used: set[str] = set()
         for (chunks,) in self.db.execute("SELECT chunks FROM tensors"):
-            used.update(json.loads(chunks))
+            ids = _json(chunks, list, "a tensor's chunk list")
+            if not all(isinstance(c, str) for c in ids):  # opaque here: paths are formed (and checked) elsewhere
+                raise FormatError("a tensor's chunk list holds a non-string; the catalogue is corrupt")
+            used.update(ids)
         used.update(r[0] for r in self.db.execute("SELECT chunk FROM files"))
         frontier = set(used)
         while frontier:
@@ -177,9 +199,10 @@ class Catalog:
     # -- writes (inside `transaction()`) -----------------------------------------------------
 
     @staticmethod
-    def insert_chunk(db, cid: str, codec: str, params: dict, raw_size: int, stored_size: int, base: str | None) -> None:
-        db.execute("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?,?)",
-                   (cid, codec, json.dumps(params, sort_keys=True), raw_size, stored_size, base))
+    def insert_chunk(db, cid: str, codec: str, params: dict, raw_size: int, stored_size: int, base: str | None,
+                     digest: str) -> None:
+        db.execute("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?,?,?,?)",
+                   (cid, codec, json.dumps(params, sort_keys=True), raw_size, stored_size, base, digest))
 
     @staticmethod
     def insert_version(db, vid: str, model: str, parent: str | None, message: str, manifest: dict,
@@ -197,3 +220,14 @@ class Catalog:
     @staticmethod
     def set_ref(db, model: str, name: str, vid: str) -> None:
         db.execute("INSERT OR REPLACE INTO refs VALUES (?,?,?)", (model, name, vid))
+
+
+def _json(text: Any, kind: type, what: str) -> Any:
+    """Parse a JSON column, insisting on the expected container type (rows may be hostile)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise FormatError(f"{what} is not valid JSON in the catalogue; the store is corrupt") from None
+    if not isinstance(value, kind):
+        raise FormatError(f"{what} has the wrong type in the catalogue; the store is corrupt")
+    return value

@@ -54,6 +54,12 @@ def _zstd_compress(data) -> bytes:
 
 def _zstd_decompress(payload, size: int) -> bytes:
     try:
+        declared = zstandard.get_frame_parameters(payload).content_size
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"chunk payload is not a valid zstd frame ({exc})") from None
+    if declared != size:  # never let a hostile frame choose how much memory we allocate
+        raise FormatError(f"zstd frame declares {declared} bytes, the catalogue says {size}")
+    try:
         out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise FormatError(f"chunk payload is not a valid zstd frame ({exc})") from None

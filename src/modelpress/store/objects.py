@@ -27,7 +27,7 @@ import blake3
 
 from modelpress.errors import FormatError
 
-__all__ = ["ChunkHeader", "chunk_id", "write_chunk", "read_chunk", "read_raw_chunk_into", "chunk_path", "MAGIC", "MAX_HEADER", "ID_PATTERN"]
+__all__ = ["ChunkHeader", "chunk_id", "file_hash", "write_chunk", "read_chunk", "read_raw_chunk_into", "chunk_path", "MAGIC", "MAX_HEADER", "ID_PATTERN"]
 
 MAGIC = b"MPCHUNK\x01"
 MAX_HEADER = 4096
@@ -61,16 +61,21 @@ class ChunkHeader:
         start = len(MAGIC) + _LEN.size
         if length > MAX_HEADER or start + length > len(data):
             raise FormatError(f"{where}: chunk header length {length} is invalid; run `modelpress store verify`")
+        body = bytes(data[start:start + length])
         try:
-            fields = json.loads(bytes(data[start:start + length]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            fields = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise FormatError(f"{where}: chunk header is not valid JSON; run `modelpress store verify`") from None
-        if (not isinstance(fields, dict) or not isinstance(fields.get("codec"), str)
-                or not isinstance(fields.get("params"), dict) or not isinstance(fields.get("raw_size"), int)
-                or fields["raw_size"] < 0 or fields["raw_size"] > 1 << 40
-                or not (fields.get("base") is None or (isinstance(fields["base"], str) and ID_PATTERN.match(fields["base"])))):
+        if (not isinstance(fields, dict) or set(fields) != {"base", "codec", "params", "raw_size"}
+                or not isinstance(fields["codec"], str) or not isinstance(fields["params"], dict)
+                or isinstance(fields["raw_size"], bool) or not isinstance(fields["raw_size"], int)
+                or not 0 <= fields["raw_size"] <= 1 << 40
+                or not (fields["base"] is None or (isinstance(fields["base"], str) and ID_PATTERN.match(fields["base"])))):
             raise FormatError(f"{where}: chunk header fields are invalid; run `modelpress store verify`")
-        return cls(fields["codec"], fields["params"], fields["raw_size"], fields.get("base")), start + length
+        header = cls(fields["codec"], fields["params"], fields["raw_size"], fields["base"])
+        if header.to_bytes()[len(MAGIC) + _LEN.size:] != body:  # only the canonical encoding is valid
+            raise FormatError(f"{where}: chunk header is not in canonical form; run `modelpress store verify`")
+        return header, start + length
 
 
 def chunk_path(root: Path, cid: str) -> Path:
@@ -87,8 +92,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> tuple[ChunkHeader, int]:
-    """Store a chunk unless a file for it exists; returns the header and payload size *on disk*.
+def file_hash(path: Path) -> str:
+    """BLAKE3 of a whole chunk file: lets `verify` notice any changed bit, even one that decodes the same."""
+    return blake3.blake3(path.read_bytes(), max_threads=1).hexdigest()
+
+
+def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> tuple[ChunkHeader, int, str]:
+    """Store a chunk unless a file for it exists; returns the header, payload size and file hash *on disk*.
 
     The first file written for an id wins and is never replaced: a concurrent writer that encoded
     the same content differently adopts the existing file's header for its catalogue row, so the
@@ -99,11 +109,14 @@ def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> tu
         with open(final, "rb") as fh:
             head = fh.read(len(MAGIC) + _LEN.size + MAX_HEADER)
         existing, offset = ChunkHeader.parse(memoryview(head), f"chunk {cid[:12]}")
-        return existing, final.stat().st_size - offset
+        return existing, final.stat().st_size - offset, file_hash(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = root / "tmp" / f"{cid}.{uuid.uuid4().hex}.part"
+    head = header.to_bytes()
+    digest = blake3.blake3(head, max_threads=1)
+    digest.update(payload)
     with open(tmp, "wb") as fh:
-        fh.write(header.to_bytes())
+        fh.write(head)
         fh.write(payload)
         fh.flush()
         os.fsync(fh.fileno())
@@ -114,7 +127,7 @@ def write_chunk(root: Path, cid: str, header: ChunkHeader, payload: bytes) -> tu
         return write_chunk(root, cid, header, payload)
     os.unlink(tmp)
     _fsync_dir(final.parent)
-    return header, len(payload)
+    return header, len(payload), digest.hexdigest()
 
 
 def read_chunk(root: Path, cid: str) -> tuple[ChunkHeader, memoryview]:
@@ -124,6 +137,8 @@ def read_chunk(root: Path, cid: str) -> tuple[ChunkHeader, memoryview]:
         data = memoryview(path.read_bytes())
     except FileNotFoundError:
         raise FormatError(f"chunk {cid[:12]} is missing from the store; run `modelpress store verify`") from None
+    except OSError as exc:
+        raise FormatError(f"chunk {cid[:12]} cannot be read ({exc.strerror}); run `modelpress store verify`") from None
     header, offset = ChunkHeader.parse(data, f"chunk {cid[:12]}")
     return header, data[offset:]
 
@@ -135,6 +150,8 @@ def read_raw_chunk_into(root: Path, cid: str, out: memoryview) -> ChunkHeader:
         fh = open(path, "rb")
     except FileNotFoundError:
         raise FormatError(f"chunk {cid[:12]} is missing from the store; run `modelpress store verify`") from None
+    except OSError as exc:
+        raise FormatError(f"chunk {cid[:12]} cannot be read ({exc.strerror}); run `modelpress store verify`") from None
     with fh:
         head = fh.read(len(MAGIC) + _LEN.size + MAX_HEADER)
         header, offset = ChunkHeader.parse(memoryview(head), f"chunk {cid[:12]}")

@@ -33,7 +33,15 @@ from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError
 from modelpress.store import layout
 from modelpress.store.catalog import Catalog, TensorRecord, VersionInfo
 from modelpress.store.codecs import NATIVE_AVAILABLE, codec_for
-from modelpress.store.objects import ChunkHeader, chunk_id, chunk_path, read_chunk, read_raw_chunk_into, write_chunk
+from modelpress.store.objects import (
+    ChunkHeader,
+    chunk_id,
+    chunk_path,
+    file_hash,
+    read_chunk,
+    read_raw_chunk_into,
+    write_chunk,
+)
 
 __all__ = ["Store", "StoreError", "VersionNotFoundError", "CorruptChunkError", "VerifyReport", "GcReport"]
 
@@ -42,6 +50,7 @@ STORE_FORMAT = "modelpress.store"
 STORE_VERSION = 1
 MAX_DELTA_DEPTH = 4  # a delta may rest on a delta, but chains stay short so loads stay fast
 MIN_SAVING = 0.02  # a codec must save 2% over raw to be worth its decode time
+MAX_CHUNK_RAW = 1 << 31  # no chunk we write is near this; a larger claim is a corrupt catalogue
 WIDTH_CODECS = ("planes", "xor", "fans")  # codecs whose params name the element width
 
 
@@ -110,7 +119,11 @@ class Store:
             raise StoreError(f"{str(root)!r} exists and is not empty: give a new or empty folder for the store")
         for sub in ("chunks", "tmp", "cache"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        Catalog(root / "catalog.sqlite").create()
+        catalog = Catalog(root / "catalog.sqlite")
+        try:
+            catalog.create()
+        finally:
+            catalog.close()
         (root / "lock").touch()
         tmp = root / "tmp" / f"{MARKER}.part"
         tmp.write_text(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}), encoding="utf-8")
@@ -177,8 +190,9 @@ class Store:
                 stored_files[str(rel)] = cid
             vid = _version_id(model, parent_id, manifest, records, stored_files)
             with self.catalog.transaction() as db:
-                for cid, (header, stored) in new_chunks.items():
-                    Catalog.insert_chunk(db, cid, header.codec, header.params, header.raw_size, stored, header.base)
+                for cid, (header, stored, digest) in new_chunks.items():
+                    Catalog.insert_chunk(db, cid, header.codec, header.params, header.raw_size, stored, header.base,
+                                         digest)
                 Catalog.insert_version(db, vid, model, parent_id, message, manifest, records, stored_files)
                 Catalog.set_ref(db, model, "latest", vid)
                 for tag in tags:
@@ -252,9 +266,10 @@ class Store:
         return self.catalog.has_chunk(cid)
 
     def _delta_depth(self, cid: str) -> int:
+        """How many deltas lie under `cid` (capped: a cycle in a hostile catalogue cannot hang us)."""
         depth = 0
         base = self.catalog.chunk(cid)[4]
-        while base is not None:
+        while base is not None and depth <= MAX_DELTA_DEPTH:
             depth += 1
             base = self.catalog.chunk(base)[4]
         return depth
@@ -281,14 +296,19 @@ class Store:
         except KeyError as exc:
             raise VersionNotFoundError(str(exc.args[0])) from None
 
-    def _chunk_bytes(self, cid: str) -> memoryview:
+    def _chunk_bytes(self, cid: str, depth: int = 0) -> memoryview:
         """A chunk's raw bytes, decoded and verified (bases of deltas decoded first)."""
         codec, params, raw_size, _, base = self.catalog.chunk(cid)
+        if raw_size > MAX_CHUNK_RAW:
+            raise CorruptChunkError(f"chunk {cid[:12]} claims {raw_size} bytes; the catalogue is corrupt")
         out = bytearray(raw_size)
-        self._decode_into(cid, memoryview(out), codec, params, base)
+        self._decode_into(cid, memoryview(out), codec, params, base, depth)
         return memoryview(out)
 
-    def _decode_into(self, cid: str, out: memoryview, codec: str, params: dict, base: str | None) -> None:
+    def _decode_into(self, cid: str, out: memoryview, codec: str, params: dict, base: str | None,
+                     depth: int = 0, stored_size: int | None = None) -> None:
+        if depth > MAX_DELTA_DEPTH:
+            raise CorruptChunkError(f"chunk {cid[:12]} sits under too many deltas (a cycle?); the store is corrupt")
         try:
             if codec == "raw":  # the fast path: file -> arena, one copy
                 header = read_raw_chunk_into(self.root, cid, out)
@@ -298,9 +318,11 @@ class Store:
             if (header.codec, header.params, header.raw_size, header.base) != (codec, params, len(out), base):
                 raise CorruptChunkError(
                     f"chunk {cid[:12]}'s header disagrees with the catalogue; run `modelpress store verify`")
+            if payload is not None and stored_size is not None and payload.nbytes != stored_size:
+                raise CorruptChunkError(f"chunk {cid[:12]} has a payload of the wrong size; run `modelpress store verify`")
             if payload is not None:
                 codec_for(codec).decode_into(payload, out, params,
-                                             base=(lambda: self._chunk_bytes(base)) if base else None)
+                                             base=(lambda: self._chunk_bytes(base, depth + 1)) if base else None)
         except CorruptChunkError:
             raise
         except FormatError as exc:
@@ -320,23 +342,29 @@ class Store:
         return self._materialise(records, threads)
 
     def _materialise(self, records: list[TensorRecord], threads: int | None) -> dict[str, torch.Tensor]:
-        sizes = [layout.element_size(r.dtype) * _numel(r.shape) for r in records]
-        arena = torch.empty(sum(layout.aligned(n) for n in sizes), dtype=torch.uint8)
-        view = memoryview(arena.numpy())
-        jobs, out, offset = [], {}, 0
-        for record, nbytes in zip(records, sizes):
-            start = offset
-            for cid in record.chunks:
-                codec, params, raw_size, _, base = self.catalog.chunk(cid)
-                if start + raw_size > offset + nbytes:
-                    raise FormatError(f"tensor {record.name!r}: chunks hold more bytes than its shape; the store is corrupt")
-                jobs.append((cid, view[start:start + raw_size], codec, params, base))
-                start += raw_size
-            if start != offset + nbytes:
-                raise FormatError(f"tensor {record.name!r}: chunks hold {start - offset} bytes, its shape needs {nbytes}")
-            flat = arena[offset:offset + nbytes].view(layout.torch_dtype(record.dtype))
-            out[record.name] = flat.reshape(record.shape)
+        plan, offset = [], 0  # (record, nbytes, offset, chunk rows): everything checked before allocating
+        for record in records:
+            nbytes = layout.element_size(record.dtype) * _numel(record.shape)
+            rows = [self.catalog.chunk(cid) for cid in record.chunks]
+            if sum(row[2] for row in rows) != nbytes:
+                raise FormatError(f"tensor {record.name!r}: chunks hold {sum(row[2] for row in rows)} bytes, its shape "
+                                  f"needs {nbytes}; the store is corrupt")
+            plan.append((record, nbytes, offset, rows))
             offset += layout.aligned(nbytes)
+        try:
+            arena = torch.empty(offset, dtype=torch.uint8)
+        except RuntimeError:
+            raise StoreError(f"cannot allocate {offset / 1e9:.1f} GB to load these tensors: ask for fewer "
+                             "(names=...) or open() the version lazily") from None
+        view = memoryview(arena.numpy())
+        jobs, out = [], {}
+        for record, nbytes, start, rows in plan:
+            pos = start
+            for cid, (codec, params, raw_size, stored_size, base) in zip(record.chunks, rows):
+                jobs.append((cid, view[pos:pos + raw_size], codec, params, base, 0, stored_size))
+                pos += raw_size
+            flat = arena[start:start + nbytes].view(layout.torch_dtype(record.dtype))
+            out[record.name] = flat.reshape(record.shape)
         with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
             for future in [pool.submit(self._decode_into, *job) for job in jobs]:
                 future.result()
@@ -400,10 +428,10 @@ class Store:
             x, y = ta.get(name), tb.get(name)
             if x is None or y is None:
                 rows.append({"tensor": name, "status": "added" if x is None else "removed"})
-            elif x.chunks == y.chunks:
-                rows.append({"tensor": name, "status": "same"})
             elif x.shape != y.shape or x.dtype != y.dtype:
                 rows.append({"tensor": name, "status": "changed", "detail": f"{x.dtype}{list(x.shape)} -> {y.dtype}{list(y.shape)}"})
+            elif x.chunks == y.chunks:
+                rows.append({"tensor": name, "status": "same"})
             else:
                 va = self._materialise([x], None)[name].double()
                 vb = self._materialise([y], None)[name].double()
@@ -422,6 +450,8 @@ class Store:
         for cid in ids:
             try:
                 self._chunk_bytes(cid)
+                if file_hash(chunk_path(self.root, cid)) != self.catalog.file_hash(cid):  # a flip that decodes the same
+                    raise CorruptChunkError(f"chunk {cid[:12]}'s file does not match its recorded hash")
             except CorruptChunkError:
                 corrupt.append(cid)
             except FormatError as exc:
@@ -440,17 +470,29 @@ class Store:
                 db.executemany("DELETE FROM chunks WHERE id=?", [(c,) for c in unused])
             known = set(self.catalog.all_chunk_ids())
             removed = freed = 0
-            for path in (self.root / "chunks").glob("*/*"):
-                if path.name not in known:
-                    freed += path.stat().st_size
-                    path.unlink()
-                    removed += 1
+            for folder in (self.root / "chunks", self.root / "tmp", self.root / "cache"):
+                if folder.is_symlink():  # never follow a link out of the store
+                    raise StoreError(f"{folder} is a symbolic link; gc only works on a plain store folder")
+            for sub in (self.root / "chunks").iterdir():
+                if sub.is_symlink() or not sub.is_dir():
+                    continue  # not ours: leave it alone rather than follow it
+                for path in sub.iterdir():
+                    if path.name not in known and (path.is_symlink() or path.is_file()):
+                        freed += path.lstat().st_size
+                        path.unlink()
+                        removed += 1
             temporaries = 0
             for path in (self.root / "tmp").iterdir():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 temporaries += 1
-            shutil.rmtree(self.root / "cache", ignore_errors=True)
-            (self.root / "cache").mkdir(exist_ok=True)
+            for path in (self.root / "cache").iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         return GcReport(removed, freed, temporaries)
 
 
