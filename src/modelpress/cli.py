@@ -110,6 +110,15 @@ def _layers_table(model, console, limit: int | None = None) -> None:
     console.print(table)
 
 
+def _calibration(n: int | None):
+    """`--calibration N`: N corpus sentences (disjoint from the evaluation sentences), or none."""
+    if n is None:
+        return None
+    from modelpress.calibration import calibration_sentences
+
+    return calibration_sentences(n)
+
+
 def cmd_compress(args) -> int:
     from modelpress.compress import compress, resolve_recipe
     from modelpress.errors import OutputExistsError
@@ -126,7 +135,8 @@ def cmd_compress(args) -> int:
         model = load_sentence_encoder(args.model)
     with _progress() as progress:
         task = progress.add_task(f"compressing with {recipe.name}", total=len(recipe.stages))
-        compress(model, recipe, progress=lambda msg: progress.update(task, description=msg, advance=1))
+        compress(model, recipe, calibration=_calibration(args.calibration),
+                 progress=lambda msg: progress.update(task, description=msg, advance=1))
     save(model, out, recipe, overwrite=args.overwrite)
     console.print(f"saved {recipe.name} model to {out}")
     if args.store:
@@ -203,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=int, default=2000, help="evaluation sentences (default 2000)")
     p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2)")
     p.add_argument("--json", help="also write the evaluation as JSON to this file")
+    p.add_argument("--calibration", type=int, metavar="N",
+                   help="calibrate data-aware passes (gptq) on N corpus sentences, e.g. 128")
     p.add_argument("--store", help="also put the result into this store folder (created if missing)")
     p.add_argument("--name", help="model name in the store (default: <model>-<recipe>)")
     p.set_defaults(fn=cmd_compress)

@@ -5,6 +5,7 @@ from modelpress.encodings.dense import DenseTensor
 from modelpress.encodings.packing import SUPPORTED_BITS, pack_codes, packed_row_bytes, unpack_codes
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme, quantize
 from modelpress.encodings.range_search import mse_params
+from modelpress.encodings.sparse import SparseLayout, SparseTensor, sparsify
 
 __all__ = [
     "ENCODINGS",
@@ -12,6 +13,8 @@ __all__ = [
     "DenseTensor",
     "QuantizedTensor",
     "QuantScheme",
+    "SparseLayout",
+    "SparseTensor",
     "PER_CHANNEL",
     "PER_TENSOR",
     "SUPPORTED_BITS",
@@ -21,5 +24,6 @@ __all__ = [
     "packed_row_bytes",
     "quantize",
     "register_encoding",
+    "sparsify",
     "unpack_codes",
 ]

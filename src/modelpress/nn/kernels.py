@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from modelpress.encodings import Encoding, QuantizedTensor
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
 from modelpress.errors import ConfigError
+from modelpress.nn.sparse import prepare_sparse_csr, supports_sparse_csr
 
 __all__ = ["Kernel", "supports", "prepare", "select_kernel", "WEIGHT_ONLY_KERNELS"]
 
@@ -31,9 +32,11 @@ class Kernel(str, Enum):
     INT8_WEIGHT_MM = "int8_mm"  # torch.ops.aten._weight_int8pack_mm (int8 symmetric per-channel)
     INT4_WEIGHT_MM = "int4_mm"  # torch.ops.aten._weight_int4pack_mm_for_cpu (4-bit groups)
     DYNAMIC_INT8 = "dynamic_int8"  # fbgemm: activations quantised per call, int8 x int8 GEMM
+    SPARSE_CSR = "sparse_csr"  # torch.sparse CSR matmul of a SparseTensor weight (see nn/sparse.py)
 
 
-WEIGHT_ONLY_KERNELS = (Kernel.DENSE, Kernel.INT8_WEIGHT_MM, Kernel.INT4_WEIGHT_MM, Kernel.DECODE_PER_CALL)
+WEIGHT_ONLY_KERNELS = (Kernel.DENSE, Kernel.INT8_WEIGHT_MM, Kernel.INT4_WEIGHT_MM, Kernel.DECODE_PER_CALL,
+                       Kernel.SPARSE_CSR)
 
 
 def _is_quant(enc: Encoding, bits: int) -> bool:
@@ -50,6 +53,8 @@ def supports(kernel: Kernel, enc: Encoding) -> bool:
     if kernel is Kernel.INT4_WEIGHT_MM:
         # torch packs int4 weights in tiles of 16 output channels
         return _is_quant(enc, 4) and enc.scheme.group_size in (32, 64, 128, 256) and enc.shape[0] % 16 == 0
+    if kernel is Kernel.SPARSE_CSR:
+        return supports_sparse_csr(enc)
     return False
 
 
@@ -72,6 +77,8 @@ def prepare(kernel: Kernel, enc: Encoding, bias: torch.Tensor | None = None) -> 
         return lambda x: F.linear(x, enc.decode(x.dtype), bias)
     if kernel is Kernel.DYNAMIC_INT8:
         return _prepare_dynamic_int8(enc, bias)
+    if kernel is Kernel.SPARSE_CSR:
+        return prepare_sparse_csr(enc, bias)
     matmul = _prepare_weight_only(kernel, enc)
     if bias is None:
         return matmul
@@ -140,7 +147,7 @@ def select_kernel(enc: Encoding, candidates: tuple[Kernel, ...] = WEIGHT_ONLY_KE
     if len(eligible) == 1:
         return eligible[0]
     key = (tuple(eligible), enc.meta().get("bits"), enc.meta().get("group_size"), tuple(enc.shape), rows,
-           torch.get_num_threads())
+           torch.get_num_threads(), round(getattr(enc, "density", 1.0), 2))  # sparse speed depends on density
     if key not in _TIMINGS:
         x = torch.randn(rows, enc.shape[-1])
         times = {k: _time(prepare(k, enc), x) for k in eligible}

@@ -2,7 +2,10 @@
 
 from modelpress.passes.base import PASSES, PassContext, Target, pass_for, register_pass
 from modelpress.passes.quantize import DynamicInt8Config, RangeSearch, RTNConfig
+from modelpress.passes.gptq import GPTQConfig
 from modelpress.passes.qat import QATConfig, convert_qat, prepare_qat
+from modelpress.passes.prune import GradualConfig, GradualPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from modelpress.passes.structured import StructuredConfig
 
 __all__ = [
     "PASSES",
@@ -13,7 +16,14 @@ __all__ = [
     "DynamicInt8Config",
     "RangeSearch",
     "RTNConfig",
+    "GPTQConfig",
     "QATConfig",
     "convert_qat",
     "prepare_qat",
+    "GradualConfig",
+    "GradualPruner",
+    "MagnitudeConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "StructuredConfig",
 ]
