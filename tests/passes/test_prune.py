@@ -5,7 +5,6 @@ sparsity 0, prune + quantise in one pass, gradual pruning, configs, save/load.""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
 from modelpress.passes import GradualConfig, GradualPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from modelpress.passes.gptq import gptq_quantize, output_error
 from modelpress.passes.prune import (
-    Scope,
     cubic_sparsity,
     global_masks,
     nm_mask,
