@@ -123,11 +123,11 @@ def codec_rows(repeats: int) -> list[dict]:
 LOAD_SCRIPT = r"""
 import os, sys, time, resource, json
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # touching is a memory scan; OpenMP threads only add noise (decoders use their own pool)
 kind, path = sys.argv[1], sys.argv[2]
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 def touch(state):  # read every element without allocating a copy
     return sum(float(t.sum()) for t in state.values() if t.numel())
 if kind == "safetensors":
@@ -142,12 +142,15 @@ else:
     from modelpress.store import Store
     store = Store(path)
     load = lambda: store.get(kind)
+float(torch.ones(1 << 20).sum())  # first torch op initialises thread pools: keep it out of the measurement
+with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: ru_maxrss would carry the parent's peak over fork+exec
+    f.write("5")
 before = rss()
 start = time.perf_counter()
 state = load()
 touch(state)
 elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = rss("VmHWM")
 print(json.dumps({"seconds": elapsed, "growth": max(0, peak - before),
                   "bytes": sum(t.numel() * t.element_size() for t in state.values())}))
 """
