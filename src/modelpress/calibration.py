@@ -40,6 +40,7 @@ __all__ = [
     "calibration_sentences",
     "find_blocks",
     "prepare_batches",
+    "real_tokens",
     "run_blockwise",
 ]
 

@@ -444,3 +444,13 @@ def test_cli_without_calibration_is_one_line_naming_the_option(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--calibration 128" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_callers_thread_count_is_restored():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compress(TinyTransformer(), gptq_recipe(), calibration=batches(1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -23,7 +23,9 @@ order ("static groups"), so the result is a plain `QuantizedTensor` with no colu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -229,6 +231,25 @@ def output_error(W: torch.Tensor, W_q: torch.Tensor, H: torch.Tensor) -> float:
 # The pass (module surgery)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run GPTQ's maths on one intra-op thread, restoring the caller's setting afterwards.
+
+    The column loop and the group-parameter searches are many thousands of small sequential
+    tensor ops. Each op large enough to enter a parallel region waits for every worker thread,
+    and on a shared, busy CPU a descheduled worker costs a scheduler time slice: measured on the
+    2-core development machine under load, 16 ms per op on two threads against 2-30 us on one,
+    which made GPTQ of MiniLM take minutes instead of seconds. Calibration forwards (few, large
+    ops) keep the caller's thread count.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @register_pass("gptq", GPTQConfig, (nn.Linear,))
 def gptq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     for t in targets:  # fail on a bad group size before spending time on calibration
@@ -236,43 +257,54 @@ def gptq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
             t.config.scheme.group_columns(t.module.out_features, t.module.in_features)
         except ConfigError as exc:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
+    layers = _Quantiser(context.log)
+    try:
+        run_blockwise(model, targets, context.calibration, layers, context.log, pass_name="gptq")
+    finally:  # also when calibration fails part-way: a quantised layer never passes for a float one
+        layers.swap_in(model)
 
-    replacements: list[tuple[Target, QuantizedTensor]] = []
 
-    def process(group: list[tuple[Target, LayerStats]]) -> None:
+@dataclass
+class _Quantiser:
+    """Quantises each group of layers calibration hands over; swaps the compressed modules in at the end."""
+
+    log: list[str]
+    done: list[tuple[Target, QuantizedTensor]] = field(default_factory=list)
+
+    def __call__(self, group: list[tuple[Target, LayerStats]]) -> None:
         # Layers that read one input (q, k, v) share H; with the same config their rows are
         # quantised in one call, which gives each row the same result as separate calls.
-        batches: dict[GPTQConfig, list[tuple[Target, LayerStats]]] = {}
+        by_config: dict[GPTQConfig, list[tuple[Target, LayerStats]]] = {}
         for target, stats in group:
-            batches.setdefault(target.config, []).append((target, stats))
-        for cfg, layers in batches.items():
-            stats = layers[0][1]
-            H = stats.hessian  # (C, C) sum of x x^T: GPTQ needs H only up to a factor
-            W = torch.cat([t.module.weight.detach().float() for t, _ in layers])  # (sum R, C)
-            result = gptq_quantize(W, H, cfg.scheme, cfg.search, cfg.damp, cfg.block_size, cfg.act_order)
-            start = 0
-            for target, _ in layers:
-                stop = start + target.module.out_features
-                apply(target, cfg, result.rows(start, stop), H, stats.tokens)
-                start = stop
+            by_config.setdefault(target.config, []).append((target, stats))
+        with _one_thread():
+            for cfg, layers in by_config.items():
+                self.quantise(cfg, [t for t, _ in layers], layers[0][1])
 
-    def apply(target: Target, cfg: GPTQConfig, result: GPTQResult, H: torch.Tensor, tokens: int) -> None:
+    def quantise(self, cfg: GPTQConfig, targets: list[Target], stats: LayerStats) -> None:
+        H = stats.hessian  # (C, C) sum of x x^T: GPTQ needs H only up to a factor
+        W = torch.cat([t.module.weight.detach().float() for t in targets])  # (sum R, C)
+        result = gptq_quantize(W, H, cfg.scheme, cfg.search, cfg.damp, cfg.block_size, cfg.act_order)
+        start = 0
+        for target in targets:
+            stop = start + target.module.out_features
+            self.apply(target, cfg, result.rows(start, stop), H, stats.tokens)
+            start = stop
+
+    def apply(self, target: Target, cfg: GPTQConfig, result: GPTQResult, H: torch.Tensor, tokens: int) -> None:
         layer = target.module
         encoding = result.encoding(cfg.scheme)
         error = output_error(layer.weight.detach().float(), result.weight, H)
         # Later layers are calibrated on this layer's quantised output. The weight is rebound,
         # not overwritten, so a tensor tied to it elsewhere (an embedding) keeps its values.
         layer.weight = nn.Parameter(encoding.decode(layer.weight.dtype), requires_grad=False)
-        replacements.append((target, encoding))
+        self.done.append((target, encoding))
         notes = [cfg.search.value] + (["act_order"] if cfg.act_order else [])
         if result.damp != cfg.damp:
             notes.append(f"damp raised to {result.damp:g}")
-        context.log.append(f"{target.name}: {cfg.scheme.describe()} gptq ({', '.join(notes)}; {tokens} tokens, "
-                           f"relative output error {error:.2e})")
+        self.log.append(f"{target.name}: {cfg.scheme.describe()} gptq ({', '.join(notes)}; {tokens} tokens, "
+                        f"relative output error {error:.2e})")
 
-    try:
-        run_blockwise(model, targets, context.calibration, process, context.log, pass_name="gptq")
-    finally:  # also when calibration fails part-way: a quantised layer never passes for a float one
-        for target, encoding in replacements:
-            new = CompressedLinear.from_linear(target.module, encoding, target.config.kernel)
-            model.set_submodule(target.name, new)
+    def swap_in(self, model: nn.Module) -> None:
+        for target, encoding in self.done:
+            model.set_submodule(target.name, CompressedLinear.from_linear(target.module, encoding, target.config.kernel))
