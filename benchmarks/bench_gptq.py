@@ -123,15 +123,7 @@ def worker(spec: dict, embeddings_path: str) -> dict:
 # ------------------------------------------------------------------------------------ parent
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def run_worker(spec: dict, workdir: Path) -> tuple[dict, torch.Tensor]:
     from safetensors.torch import load_file

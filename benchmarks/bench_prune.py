@@ -39,15 +39,7 @@ RESULTS, RESULTS_JSON = HERE / "results_prune.md", HERE / "results_prune.json"
 ENCODER_LINEARS = {"include": ["model.encoder.*"], "types": ["Linear"]}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def encoder_linears(model) -> dict:
     return {n: m for n, m in model.named_modules() if n.startswith("model.encoder.") and

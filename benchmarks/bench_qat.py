@@ -48,15 +48,7 @@ QAT = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 class PeerFakeQuant(nn.Module):
     """The peer: PyTorch's learnable per-channel fake quantiser (LSQ+ with integer zero points), same start."""

@@ -37,15 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MARK_BEGIN, MARK_END = "<!-- bench_quant:begin -->", "<!-- bench_quant:end -->"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def build_models(encoder, workdir: Path, presets: list[str], with_peers: bool):
     """(name, encode function, weights bytes, note) for fp32, each preset and each peer."""
