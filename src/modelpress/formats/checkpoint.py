@@ -29,6 +29,7 @@ from torch import nn
 from modelpress import __version__
 from modelpress.encodings import encoding_from_parts
 from modelpress.errors import ConfigError, FormatError, ModelNotFoundError, OutputExistsError
+from modelpress.formats.entropy import ENTROPY_KEY, entropy_code, entropy_decode
 from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
 
 __all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -85,14 +86,23 @@ def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return modules, {k: v.detach().contiguous().clone() for k, v in tensors.items()}
 
 
-def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False) -> Path:
-    """Write `model` (compressed or not) to the folder `path`, atomically: all or nothing."""
+def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False,
+         entropy: bool = True) -> Path:
+    """Write `model` (compressed or not) to the folder `path`, atomically: all or nothing.
+
+    With `entropy` (the default), integer arrays of encodings (codes, cluster indices, bitmasks)
+    are entropy-coded where that saves bytes (see `formats/entropy.py`).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output folder {str(path)!r} already exists: choose another path or pass overwrite")
     manifest, tensors, files = describe(model, recipe)
+    if entropy:
+        tensors, coded = entropy_code(tensors, {k for k in tensors if PART_SEPARATOR in k})
+        if coded:
+            manifest = {**manifest, ENTROPY_KEY: coded}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -161,6 +171,13 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
             raise _bad(path, f"module {name!r} has an invalid entry")
         if not isinstance(entry.get("weight"), dict):
             raise _bad(path, f"module {name!r} has no weight encoding")
+    if "simplified" in manifest:  # BatchNorms folded / Dropouts dropped (passes/simplify.py)
+        from modelpress.passes.simplify import check_simplified
+
+        try:
+            check_simplified(manifest["simplified"])
+        except FormatError as exc:
+            raise _bad(path, str(exc)) from None
     return manifest
 
 
@@ -174,9 +191,12 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
     if _sha256(file) != manifest["weights_sha256"]:
         raise FormatError(f"{file}: checksum does not match the manifest; the file is corrupt or was modified, re-save it")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise FormatError(f"{file}: unreadable safetensors ({exc}); re-save the model") from None
+    if ENTROPY_KEY in manifest:
+        tensors = entropy_decode(tensors, manifest[ENTROPY_KEY], file)
+    return tensors
 
 
 def _build_skeleton(path: Path, manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
@@ -260,6 +280,13 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
     source in error messages.
     """
     skeleton = _build_skeleton(path, manifest, model)
+    if "simplified" in manifest:  # a simplified model: BatchNorms/Dropouts to Identity, folded biases added
+        from modelpress.passes.simplify import apply_simplified
+
+        try:
+            apply_simplified(skeleton, manifest["simplified"])
+        except FormatError as exc:
+            raise _bad(path, str(exc)) from None
     if "shapes" in manifest:  # structurally pruned layers: shrink the skeleton's before filling it
         from modelpress.passes.structured import apply_shapes
 
@@ -320,4 +347,7 @@ def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict
         "modules": modules,
         "shapes": record_shapes(model),  # layer widths, so that structurally pruned models rebuild
     }
+    simplified = getattr(model, "modelpress_simplified", None)  # set by passes/simplify.py
+    if simplified:
+        manifest["simplified"] = {key: list(names) for key, names in simplified.items()}
     return manifest, tensors, files
