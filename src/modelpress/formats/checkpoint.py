@@ -30,6 +30,7 @@ from modelpress import __version__
 from modelpress.encodings import encoding_from_parts
 from modelpress.errors import ConfigError, FormatError, ModelNotFoundError, OutputExistsError
 from modelpress.formats.entropy import ENTROPY_KEY, entropy_code, entropy_decode
+from modelpress.formats.narrow import NARROW_KEY, narrow_floats, widen_floats
 from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
 
 __all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -87,11 +88,12 @@ def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 
 def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False,
-         entropy: bool = True) -> Path:
+         entropy: bool = True, float_params: str | None = None) -> Path:
     """Write `model` (compressed or not) to the folder `path`, atomically: all or nothing.
 
     With `entropy` (the default), integer arrays of encodings (codes, cluster indices, bitmasks)
-    are entropy-coded where that saves bytes (see `formats/entropy.py`).
+    are entropy-coded where that saves bytes (see `formats/entropy.py`). `float_params`
+    ("float16" or "bfloat16") stores the plain float32 parameters narrower (`formats/narrow.py`).
     """
     from safetensors.torch import save_file
 
@@ -99,6 +101,9 @@ def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output folder {str(path)!r} already exists: choose another path or pass overwrite")
     manifest, tensors, files = describe(model, recipe)
+    if float_params is not None:
+        tensors, narrowed = narrow_floats(tensors, {k for k in tensors if PART_SEPARATOR not in k}, float_params)
+        manifest = {**manifest, NARROW_KEY: narrowed}
     if entropy:
         tensors, coded = entropy_code(tensors, {k for k in tensors if PART_SEPARATOR in k})
         if coded:
@@ -196,6 +201,8 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
         raise FormatError(f"{file}: unreadable safetensors ({exc}); re-save the model") from None
     if ENTROPY_KEY in manifest:
         tensors = entropy_decode(tensors, manifest[ENTROPY_KEY], file)
+    if NARROW_KEY in manifest:
+        tensors = widen_floats(tensors, manifest[NARROW_KEY], file)
     return tensors
 
 

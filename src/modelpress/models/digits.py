@@ -16,7 +16,8 @@ from torch import nn
 
 from modelpress.errors import ConfigError
 
-__all__ = ["Digits", "DigitsCNN", "load_digits_data", "train", "accuracy", "TEST_SIZE", "SPLIT_SEED"]
+__all__ = ["Digits", "DigitsCNN", "DigitsLeNet5", "DigitsMLP", "load_digits_data", "train", "accuracy", "TEST_SIZE",
+           "SPLIT_SEED"]
 
 TEST_SIZE = 360
 SPLIT_SEED = 0
@@ -66,6 +67,53 @@ class DigitsCNN(nn.Module):
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (B, 32, 4, 4)
         h = F.relu(self.fc1(h.flatten(1)))  # (B, 64)
         return self.fc2(h)
+
+
+class DigitsMLP(nn.Module):
+    """LeNet-300-100 on 8x8 digits: linear 64->300->100->10 with ReLU (50,890 parameters).
+
+    The fully connected network of the Deep Compression paper (there on 28x28 MNIST), here on
+    the 64 pixels of scikit-learn's digits.
+    """
+
+    def __init__(self, seed: int | None = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.fc1 = nn.Linear(64, 300)
+            self.fc2 = nn.Linear(300, 100)
+            self.fc3 = nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8) -> (B, 10) logits
+        h = F.relu(self.fc1(x.flatten(1)))
+        h = F.relu(self.fc2(h))
+        return self.fc3(h)
+
+
+class DigitsLeNet5(nn.Module):
+    """A LeNet-5-style CNN for 8x8 digits (42,794 parameters; fully connected layers dominate, as in LeNet-5).
+
+    conv 1->6 3x3, conv 6->16 3x3, 2x2 max-pool, linear 256->120->84->10, ReLU between.
+    """
+
+    def __init__(self, seed: int | None = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+            self.conv2 = nn.Conv2d(6, 16, 3, padding=1)
+            self.fc1 = nn.Linear(16 * 4 * 4, 120)
+            self.fc2 = nn.Linear(120, 84)
+            self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8) -> (B, 10) logits
+        h = F.relu(self.conv1(x))  # (B, 6, 8, 8)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (B, 16, 4, 4)
+        h = F.relu(self.fc1(h.flatten(1)))
+        h = F.relu(self.fc2(h))
+        return self.fc3(h)
 
 
 def train(
