@@ -578,3 +578,20 @@ def test_digits_cnn_at_90_percent_sparsity_loses_at_most_half_a_point(digits, on
     loaded = modelpress.load(path, model=copy.deepcopy(model))
     assert accuracy(loaded, data) == accuracy(pruned, data)
     assert (path / "weights.safetensors").stat().st_size < 0.25 * 4 * total
+
+
+@pytest.mark.parametrize("layout", ["bitmask", "csr"])
+def test_magnitude_stores_positions_in_the_layout_asked_for(layout):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    dense = model[0].weight.detach().clone()
+    modelpress.compress(model, {"stages": [{"pass": "magnitude", "targets": {"types": ["Linear"]},
+                                            "config": {"sparsity": 0.9, "layout": layout}}]})
+    enc = model[0].encoding
+    assert isinstance(enc, SparseTensor) and enc.layout is SparseLayout(layout)
+    assert torch.equal(enc.decode(), dense * enc.mask())
+
+
+def test_unknown_layout_is_a_config_error():
+    with pytest.raises(ConfigError, match="layout 'zip' is not valid"):
+        MagnitudeConfig(sparsity=0.5, layout="zip")

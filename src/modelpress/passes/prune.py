@@ -32,7 +32,7 @@ from torch import nn
 
 from modelpress.encodings import DenseTensor, Encoding, QuantScheme, quantize
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, as_matrix, quantize_with_params
-from modelpress.encodings.sparse import SparseTensor, nm_pattern, sparsify
+from modelpress.encodings.sparse import SparseLayout, SparseTensor, nm_pattern, sparsify
 from modelpress.errors import ConfigError
 from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
 from modelpress.passes.base import PassContext, Target, register_pass
@@ -103,9 +103,15 @@ class SparsityConfig:
     group_size: int | str = "channel"  # groups of kept values along a row
     search: RangeSearch = RangeSearch.MSE  # how quantisation ranges are chosen
     kernel: Kernel = Kernel.AUTO
+    # how positions are stored: "auto" picks the fewest raw bytes; "bitmask" is the one to pick when
+    # the checkpoint is entropy-coded (a coded bitmask costs about the entropy of the positions)
+    layout: str = "auto"
     version: int = 1
 
     def __post_init__(self) -> None:
+        if self.layout != "auto" and self.layout not in {m.value for m in SparseLayout}:
+            raise ConfigError(f"layout {self.layout!r} is not valid: use 'auto' or one of "
+                              f"{[m.value for m in SparseLayout]}")
         object.__setattr__(self, "search", _enum(RangeSearch, self.search, "search"))
         object.__setattr__(self, "kernel", _enum(Kernel, self.kernel, "kernel"))
         if self.kernel not in SPARSE_KERNELS:
@@ -247,12 +253,13 @@ class SparseGPTResult:
     zero: torch.Tensor | None  # (R, G, 1) in code units
     damp: float
 
-    def encoding(self, nm: tuple[int, int] | None, scheme: QuantScheme | None) -> SparseTensor:
+    def encoding(self, nm: tuple[int, int] | None, scheme: QuantScheme | None, layout: str | None = None) -> SparseTensor:
         """The result as a SparseTensor; quantised values re-encode exactly to `weight`'s kept entries."""
         if scheme is None:
-            return sparsify(self.weight, self.mask, nm=nm)
+            return sparsify(self.weight, self.mask, nm=nm, layout=layout)
         zero = None if scheme.symmetric else self.zero
-        return sparsify(self.weight, self.mask, nm=nm, encode_values=lambda v: quantize(v, scheme, self.scale, zero))
+        return sparsify(self.weight, self.mask, nm=nm, layout=layout,
+                        encode_values=lambda v: quantize(v, scheme, self.scale, zero))
 
 
 def _block_keep(width: int, cfg_sparsity: float) -> int:
@@ -422,7 +429,8 @@ def _replace(model: nn.Module, target: Target, mask: torch.Tensor) -> SparseTens
     cfg: SparsityConfig = target.config
     W = target.module.weight.detach().float()
     try:
-        enc = sparsify(W, mask.reshape(W.shape), nm=cfg.nm, encode_values=_value_encoder(cfg, target.name))
+        enc = sparsify(W, mask.reshape(W.shape), nm=cfg.nm, encode_values=_value_encoder(cfg, target.name),
+                       layout=None if cfg.layout == "auto" else cfg.layout)
     except ConfigError as exc:
         raise ConfigError(f"layer {target.name!r}: {exc}") from None
     return _install(model, target, enc)
@@ -501,7 +509,7 @@ def sparsegpt(model: nn.Module, targets: list[Target], context: PassContext) -> 
         W = _matrix(t.module)
         H = stats.hessian * (2.0 / max(stats.tokens, 1))  # (C, C)
         result = sparsegpt_prune(W, H, cfg.target_sparsity, cfg.nm, cfg.scheme, cfg.search, cfg.damp, cfg.block_size)
-        enc = _install(model, t, result.encoding(cfg.nm, cfg.scheme))
+        enc = _install(model, t, result.encoding(cfg.nm, cfg.scheme, None if cfg.layout == "auto" else cfg.layout))
         error = output_error(W, result.weight, H)
         _log(context, t, enc, "sparsegpt", f" ({stats.tokens} tokens, relative output error {error:.2e})")
 
