@@ -77,6 +77,20 @@ def test_keep_units_drops_the_least_important(ratio, expect):
     assert keep_units(importance, ratio).tolist() == expect
 
 
+@pytest.mark.parametrize("n, ratio, multiple, kept", [(1536, 0.3, 16, 1072), (1536, 0.3, 1, 1075), (1536, 0.25, 64, 1152),
+                                                     (10, 0.5, 16, 5), (40, 0.5, 16, 16)])
+def test_keep_units_rounds_the_kept_count_down_to_a_multiple(n, ratio, multiple, kept):
+    importance = torch.randperm(n).float()
+    chosen = keep_units(importance, ratio, multiple)
+    assert len(chosen) == kept
+    assert set(chosen.tolist()) == set(torch.argsort(importance, descending=True)[:kept].tolist())
+
+
+def test_multiple_of_must_be_positive():
+    with pytest.raises(ConfigError, match="multiple_of 0 is not valid"):
+        StructuredConfig(multiple_of=0)
+
+
 def test_slices_equal_plain_indexing():
     lin = nn.Linear(6, 5)
     rows, cols = torch.tensor([0, 3, 4]), torch.tensor([1, 5])
