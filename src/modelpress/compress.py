@@ -38,7 +38,11 @@ def compress(
     calibration: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Apply `recipe` to `model` in place and return it; each module is rewritten by at most one stage."""
+    """Apply `recipe` to `model` in place and return it.
+
+    Each module is rewritten by at most one stage, plus any later stages of refining passes (which
+    may rewrite what an earlier stage produced, e.g. cluster the kept values of a pruned layer).
+    """
     recipe = resolve_recipe(recipe)
     context = PassContext(calibration=calibration)
     taken: set[str] = set()

@@ -12,6 +12,17 @@ A recipe is plain data, writable as YAML:
 
 `include`/`ignore`/override keys are fnmatch patterns over module names (as in
 `model.named_modules()`); `types` are class names. Parsing goes through allow-lists only.
+
+Each module is rewritten by the first stage that selects it; later stages skip it, except
+stages of a *refining* pass (registered with `refines=True`), which may select modules an
+earlier stage already compressed, among the types the pass handles. Pruning then clustering the
+kept values is two stages:
+
+    stages:
+      - pass: magnitude
+        config: {sparsity: 0.5}
+      - pass: kmeans          # refines: picks up the pruned CompressedLinear layers
+        config: {bits: 4}
 """
 
 from __future__ import annotations
@@ -33,6 +44,11 @@ __all__ = ["Selector", "Stage", "Recipe", "RECIPE_VERSION"]
 RECIPE_VERSION = 1
 
 
+# A compressed module also answers to the class name of the layer it replaced, so that
+# `types: [Linear]` in a refining stage finds the Linear layers an earlier stage compressed.
+_REPLACED = {"CompressedLinear": "Linear", "CompressedConv2d": "Conv2d", "CompressedEmbedding": "Embedding"}
+
+
 @dataclass(frozen=True)
 class Selector:
     """Which modules a stage rewrites: name patterns and class names, minus ignored patterns."""
@@ -42,7 +58,8 @@ class Selector:
     ignore: tuple[str, ...] = ()
 
     def matches(self, name: str, module: nn.Module) -> bool:
-        if self.types and type(module).__name__ not in self.types:
+        cls = type(module).__name__
+        if self.types and cls not in self.types and _REPLACED.get(cls) not in self.types:
             return False
         if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return False
@@ -91,12 +108,16 @@ class Stage:
         return cfg
 
     def resolve(self, model: nn.Module, taken: set[str]) -> list[Target]:
-        """Modules this stage rewrites: matching, of a type the pass handles, not taken by an earlier stage."""
+        """Modules this stage rewrites: matching, of a type the pass handles, and not taken by an
+        earlier stage unless the pass refines (then taken modules of its types are selected too)."""
         spec = pass_for(self.pass_name)
         return [
             Target(name, module, self.config_for(name))
             for name, module in model.named_modules()
-            if name and name not in taken and isinstance(module, spec.module_types) and self.targets.matches(name, module)
+            if name
+            and (spec.refines or name not in taken)
+            and isinstance(module, spec.module_types)
+            and self.targets.matches(name, module)
         ]
 
     @classmethod
@@ -142,7 +163,12 @@ class Stage:
 
 @dataclass(frozen=True)
 class Recipe:
-    """An ordered list of stages; each module is rewritten by the first stage that selects it."""
+    """An ordered list of stages; each module is rewritten by the first stage that selects it.
+
+    Later stages skip a module once a stage has taken it, except stages of a refining pass
+    (`register_pass(..., refines=True)`, e.g. `kmeans`), which may rewrite it again: they select
+    already-compressed modules of the types they declare, e.g. a pruned layer to cluster its kept values.
+    """
 
     stages: tuple[Stage, ...]
     name: str = "custom"

@@ -5,6 +5,12 @@ as the matrix (out, in/groups * kh * kw), one row per output channel (`encodings
 so per-channel and per-group schemes work as they do for Linear layers. The module decodes the
 weight once, on first use, to a dense fp32 copy and runs `F.conv2d` on it: PyTorch has no
 low-bit convolution kernel for CPUs, and a conv weight is small next to its activations.
+
+A `LowRankTensor` weight W = left (R, r) @ right (r, Cin*kh*kw) runs as two convolutions when
+that is cheaper (r (R + Cin*kh*kw) < R Cin*kh*kw, `factored_is_cheaper`) and groups == 1: `right`
+as r filters (r, Cin, kh, kw) with the conv's stride, padding and dilation, then `left` as a 1x1
+conv from r to R channels, with the bias. That is the same sum of products, grouped differently
+(tests compare it with the decoded weight's conv). Otherwise the weight is decoded once.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.encodings import Encoding, QuantizedTensor
+from modelpress.encodings import Encoding, LowRankTensor, QuantizedTensor
 from modelpress.errors import ConfigError
 
 __all__ = ["CompressedConv2d", "PADDING_NAMES", "CONV_GEOMETRY", "conv_geometry"]
@@ -83,6 +89,7 @@ class CompressedConv2d(nn.Module):
         self.encoding = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._dense: torch.Tensor | None = None
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (r, Cin, kh, kw), (R, r, 1, 1)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight: Encoding) -> "CompressedConv2d":
@@ -92,15 +99,33 @@ class CompressedConv2d(nn.Module):
             raise ConfigError(f"encoded weight has shape {weight.shape}, the conv expects {tuple(conv.weight.shape)}")
         return cls(weight, None if conv.bias is None else conv.bias.data, **geometry)
 
+    @property
+    def runs_factors(self) -> bool:
+        """Whether forward runs a low-rank weight as two convolutions (see the module docstring)."""
+        return isinstance(self.encoding, LowRankTensor) and self.encoding.factored_is_cheaper and self.groups == 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.data
+        if self.runs_factors:
+            return self._low_rank(x, bias)
         if self._dense is None:
             self._dense = self.encoding.decode(torch.float32).contiguous()
-        bias = None if self.bias is None else self.bias.data
         return F.conv2d(x, self._dense, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _low_rank(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._factors is None:
+            left, right = self.encoding.factors(torch.float32)  # (R, r), (r, Cin*kh*kw)
+            rank = left.shape[1]
+            self._factors = (right.reshape(rank, *self.encoding.shape[1:]).contiguous(),
+                             left.reshape(*left.shape, 1, 1).contiguous())
+        right, left = self._factors
+        h = F.conv2d(x, right, None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
+        return F.conv2d(h, left, bias)  # (B, R, H', W')
+
     def release(self) -> None:
-        """Drop the decoded copy; the next call decodes again."""
+        """Drop the decoded copy (or factors); the next call decodes again."""
         self._dense = None
+        self._factors = None
 
     @property
     def weight(self) -> torch.Tensor:

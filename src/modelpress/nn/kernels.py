@@ -6,6 +6,10 @@ and int4 kernels are 10-30x slower than fp32 matmul, while fbgemm's dynamic int8
 process and shape, and keeps the fastest. Weight-only kernels all compute the same product as
 decode-then-matmul (tests prove it); `DYNAMIC_INT8` also quantises activations, which changes
 the numbers, so it is never picked automatically, only when a recipe asks for it.
+
+`LOW_RANK` runs a `LowRankTensor` weight as two thin products, (x right^T) left^T. AUTO picks it
+by arithmetic, not by timing: when r (R + C) < R C it does fewer multiply-adds and keeps fewer
+floats than the decoded weight, otherwise decode-once dense does.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from modelpress.encodings import Encoding, QuantizedTensor
+from modelpress.encodings import Encoding, LowRankTensor, QuantizedTensor
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
 from modelpress.errors import ConfigError
 from modelpress.nn.sparse import prepare_sparse_csr, supports_sparse_csr
@@ -33,10 +37,11 @@ class Kernel(str, Enum):
     INT4_WEIGHT_MM = "int4_mm"  # torch.ops.aten._weight_int4pack_mm_for_cpu (4-bit groups)
     DYNAMIC_INT8 = "dynamic_int8"  # fbgemm: activations quantised per call, int8 x int8 GEMM
     SPARSE_CSR = "sparse_csr"  # torch.sparse CSR matmul of a SparseTensor weight (see nn/sparse.py)
+    LOW_RANK = "low_rank"  # (x right^T) left^T with a LowRankTensor's factors decoded once to fp32
 
 
 WEIGHT_ONLY_KERNELS = (Kernel.DENSE, Kernel.INT8_WEIGHT_MM, Kernel.INT4_WEIGHT_MM, Kernel.DECODE_PER_CALL,
-                       Kernel.SPARSE_CSR)
+                       Kernel.SPARSE_CSR, Kernel.LOW_RANK)
 
 
 def _is_quant(enc: Encoding, bits: int) -> bool:
@@ -55,6 +60,8 @@ def supports(kernel: Kernel, enc: Encoding) -> bool:
         return _is_quant(enc, 4) and enc.scheme.group_size in (32, 64, 128, 256) and enc.shape[0] % 16 == 0
     if kernel is Kernel.SPARSE_CSR:
         return supports_sparse_csr(enc)
+    if kernel is Kernel.LOW_RANK:
+        return isinstance(enc, LowRankTensor) and len(enc.shape) == 2
     return False
 
 
@@ -79,6 +86,9 @@ def prepare(kernel: Kernel, enc: Encoding, bias: torch.Tensor | None = None) -> 
         return _prepare_dynamic_int8(enc, bias)
     if kernel is Kernel.SPARSE_CSR:
         return prepare_sparse_csr(enc, bias)
+    if kernel is Kernel.LOW_RANK:
+        left, right = (f.contiguous() for f in enc.factors(torch.float32))  # (R, r), (r, C)
+        return lambda x: F.linear(F.linear(x, right), left, bias)
     matmul = _prepare_weight_only(kernel, enc)
     if bias is None:
         return matmul
@@ -142,8 +152,16 @@ def _time(fn: Prepared, x: torch.Tensor, repeats: int = 3) -> float:
 
 
 def select_kernel(enc: Encoding, candidates: tuple[Kernel, ...] = WEIGHT_ONLY_KERNELS, rows: int = 512) -> Kernel:
-    """The fastest candidate kernel for this encoding, measured on a (rows, in_features) input."""
+    """The fastest candidate kernel for this encoding, measured on a (rows, in_features) input.
+
+    A low-rank weight is not timed: LOW_RANK where the factors are cheaper, else decode-once dense.
+    """
     eligible = [k for k in candidates if supports(k, enc)]
+    if isinstance(enc, LowRankTensor):  # by arithmetic (module docstring): the cheaper of the two products
+        preferred = (Kernel.LOW_RANK,) if enc.factored_is_cheaper else ()
+        for kernel in preferred + (Kernel.DENSE,):
+            if kernel in eligible:
+                return kernel
     if len(eligible) == 1:
         return eligible[0]
     key = (tuple(eligible), enc.meta().get("bits"), enc.meta().get("group_size"), tuple(enc.shape), rows,

@@ -6,6 +6,9 @@ from modelpress.passes.gptq import GPTQConfig
 from modelpress.passes.qat import QATConfig, convert_qat, prepare_qat
 from modelpress.passes.prune import GradualConfig, GradualPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from modelpress.passes.structured import StructuredConfig
+from modelpress.passes.cluster import KMeansConfig, finetune_centroids
+from modelpress.passes.simplify import SimplifyConfig  # simplify() itself: modelpress.passes.simplify.simplify
+from modelpress.passes.lowrank import LowRankConfig
 
 __all__ = [
     "PASSES",
@@ -26,4 +29,8 @@ __all__ = [
     "SparseGPTConfig",
     "WandaConfig",
     "StructuredConfig",
+    "KMeansConfig",
+    "finetune_centroids",
+    "SimplifyConfig",
+    "LowRankConfig",
 ]

@@ -3,6 +3,10 @@
 A pass function takes the model and its resolved targets (module name, module, per-layer
 config) and rewrites those modules in place. Recipes name passes by the string under which they
 were registered; `register_pass` ties that name to the config type and the function.
+
+A *refining* pass (`refines=True`) may also rewrite modules that an earlier recipe stage already
+compressed (its `module_types` say which, e.g. CompressedLinear): k-means clustering of the kept
+values of a pruned layer is one. Every other pass only ever sees modules no earlier stage took.
 """
 
 from __future__ import annotations
@@ -45,18 +49,24 @@ class PassSpec:
     config_type: type
     fn: PassFn
     module_types: tuple[type, ...]  # module types the pass can rewrite
+    refines: bool = False  # may select modules an earlier stage already rewrote
 
 
 PASSES: dict[str, PassSpec] = {}
 
 
-def register_pass(name: str, config_type: type, module_types: tuple[type, ...]) -> Callable[[PassFn], PassFn]:
-    """Decorator: register `fn` as the pass `name`, configured by `config_type`."""
+def register_pass(
+    name: str, config_type: type, module_types: tuple[type, ...], refines: bool = False
+) -> Callable[[PassFn], PassFn]:
+    """Decorator: register `fn` as the pass `name`, configured by `config_type`.
+
+    `refines=True` lets the pass select modules earlier stages already rewrote (see the module docstring).
+    """
 
     def wrap(fn: PassFn) -> PassFn:
         if name in PASSES:
             raise ValueError(f"pass {name!r} registered twice")
-        PASSES[name] = PassSpec(name, config_type, fn, module_types)
+        PASSES[name] = PassSpec(name, config_type, fn, module_types, refines)
         return fn
 
     return wrap
