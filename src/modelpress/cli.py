@@ -200,13 +200,72 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from modelpress.compress import resolve_recipe
+    from modelpress.errors import ConfigError, OutputExistsError
+    from modelpress.sensitivity import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
+                                        plan_mixed_precision)
+
+    console = _console()
+    recipe = resolve_recipe(args.recipe)  # fail on bad arguments before loading anything
+    if args.sentences < MIN_SENTENCES:
+        raise ConfigError(f"--sentences {args.sentences} is too few: give at least {MIN_SENTENCES} "
+                          "(overlap@10 needs 10 neighbours), e.g. 256")
+    if args.budget is not None and not 0 < args.budget < 64:
+        raise ConfigError(f"--budget {args.budget:g} is not valid: give bits per weight in (0, 64), e.g. 5")
+    if args.write_recipe and args.budget is None:
+        raise ConfigError("--write-recipe needs --budget BITS: the mixed-precision recipe is planned for a size budget")
+    if args.write_recipe and Path(args.write_recipe).exists():
+        raise OutputExistsError(f"{args.write_recipe!r} already exists: choose another --write-recipe path")
+    with _stderr_console().status(f"loading {args.model}"):
+        model = _load_original(args.model)
+    sentences = _eval_sentences(args.sentences)
+    with _progress() as progress:
+        task = progress.add_task(f"measuring layers of {recipe.name}", total=None)
+        rows = layer_sensitivity(model, recipe, sentences, calibration=_calibration(args.calibration),
+                                 upgrades=default_upgrades if args.budget is not None else None,
+                                 progress=lambda msg: progress.update(task, description=msg))
+    _sensitivity_table(rows, console, recipe.name, len(sentences))
+    if args.budget is not None:
+        _print_plan(plan_mixed_precision(rows, budget_bits=args.budget), rows, args.budget, console)
+    if args.write_recipe:
+        Path(args.write_recipe).write_text(mixed_precision_recipe(rows, recipe, budget_bits=args.budget).to_yaml())
+        console.print(f"wrote {args.write_recipe}")
+    return 0
+
+
+def _print_plan(plan, rows, budget: float, console) -> None:
+    base_bits = 8.0 * sum(r.base.bytes for r in rows) / plan.params
+    console.print(f"mixed precision within {budget:g} bits per weight: {len(plan.upgraded)} of {len(rows)} layers "
+                  f"upgraded, {base_bits:.3f} -> {plan.bits_per_weight:.3f} bits per weight; summed single-layer "
+                  f"damage {sum(r.damage for r in rows):.5f} -> {plan.damage:.5f}")
+    for row, option in plan.choices:
+        if option is not row.base:
+            console.print(f"  {row.name}: {row.base.encoding} -> {option.encoding}")
+
+
+def _sensitivity_table(rows, console, name: str, n_sentences: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"each layer alone with {name}, most damaging first ({n_sentences} sentences)")
+    for col in ("layer", "bits", "mean cos", "overlap@10", "bytes", "saved"):
+        table.add_column(col, justify="left" if col in ("layer", "bits") else "right")
+    for r in rows:
+        table.add_row(r.name, r.base.encoding, f"{r.base.mean_cosine:.5f}", f"{r.base.overlap_at_10:.3f}",
+                      f"{r.base.bytes:,}", f"{r.bytes_saved:,}")
+    params = sum(r.params for r in rows)
+    table.add_row("all layers", f"{8.0 * sum(r.base.bytes for r in rows) / params:.3f} bits/weight", "", "",
+                  f"{sum(r.base.bytes for r in rows):,}", f"{sum(r.bytes_saved for r in rows):,}")
+    console.print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpress", description="Compress models for CPUs and edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress a model with a recipe or preset and save it")
     p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
-    p.add_argument("--recipe", default="int8", help="preset name (int8, w8a8, int4, int3) or recipe YAML file")
+    p.add_argument("--recipe", default="int8", help="preset name (int8, w8a8, w8a8-smooth, int4, int3) or recipe YAML file")
     p.add_argument("--out", required=True, help="folder to write the compressed model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--eval", action="store_true", help="evaluate against the original and print the report")
@@ -214,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2)")
     p.add_argument("--json", help="also write the evaluation as JSON to this file")
     p.add_argument("--calibration", type=int, metavar="N",
-                   help="calibrate data-aware passes (gptq) on N corpus sentences, e.g. 128")
+                   help="calibrate data-aware passes (gptq, awq, w8a8-smooth) on N corpus sentences, e.g. 128")
     p.add_argument("--store", help="also put the result into this store folder (created if missing)")
     p.add_argument("--name", help="model name in the store (default: <model>-<recipe>)")
     p.set_defaults(fn=cmd_compress)
@@ -235,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="print the built-in recipes as YAML")
     p.set_defaults(fn=cmd_presets)
+
+    p = sub.add_parser("sensitivity", help="measure how much each layer alone loses under a recipe; plan mixed precision")
+    p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
+    p.add_argument("--recipe", default="int4", help="preset name or recipe YAML file (default int4)")
+    p.add_argument("--sentences", type=int, default=256, help="held-out evaluation sentences (default 256)")
+    p.add_argument("--calibration", type=int, metavar="N", help="calibrate data-aware passes (gptq) on N sentences")
+    p.add_argument("--budget", type=float, metavar="BITS",
+                   help="plan mixed precision: bits per weight of the selected layers (above the recipe's own)")
+    p.add_argument("--write-recipe", metavar="OUT.yaml", help="write the mixed-precision recipe (needs --budget)")
+    p.set_defaults(fn=cmd_sensitivity)
 
     from modelpress.store_cli import add_store_commands
 
