@@ -1,12 +1,12 @@
 """GPTQ benchmark on the bundled all-MiniLM-L6-v2: round-to-nearest (min-max and MSE-searched
-ranges) against GPTQ (with and without act_order) at the same size, in one run.
+ranges) against GPTQ (with and without act_order) and AWQ at the same size, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_gptq.py [--sentences 2000] [--calibration 128]
 
 Every method quantises the Linear layers with its technique (asymmetric, groups of 64) and the
 embedding tables with the same-bit RTN MSE stage, so all rows of one bit width have the same size.
 Fidelity is against fp32 on `corpus_splits(2000, 128).evaluation` held-out sentences; GPTQ
-calibrates on `calibration_sentences(128)`, which the script checks are disjoint from them.
+and AWQ calibrate on `calibration_sentences(128)`, which the script checks are disjoint from them.
 
 Each method runs in its own subprocess, so that its memory is measured alone: after loading the
 model and building the calibration sentences, the worker resets the kernel's peak-RSS mark
@@ -42,7 +42,9 @@ METHODS = [
     ("RTN MSE search", {"pass": "rtn", "config": {"search": "mse"}}),
     ("GPTQ", {"pass": "gptq", "config": {"search": "mse"}}),
     ("GPTQ act_order", {"pass": "gptq", "config": {"search": "mse", "act_order": True}}),
+    ("AWQ", {"pass": "awq", "config": {"search": "mse"}}),
 ]
+CALIBRATED = ("gptq", "awq")  # the methods that take calibration sentences
 GROUP_SIZE = 64
 
 
@@ -89,7 +91,7 @@ def worker(spec: dict, embeddings_path: str) -> dict:
     torch.set_num_threads(spec["threads"])
     model = modelpress.load_sentence_encoder("minilm")
     evaluation = list(corpus_splits(spec["sentences"], spec["calibration"]).evaluation)
-    calibration = calibration_sentences(spec["calibration"]) if spec["method"]["pass"] == "gptq" else None
+    calibration = calibration_sentences(spec["calibration"]) if spec["method"]["pass"] in CALIBRATED else None
     linear, embedding = stages(spec["method"], spec["bits"])
     # The recipe [linear, embedding] applied as two compress() calls (the same result: stages run in
     # order), so that the Linear stage - calibration and GPTQ - is measured on its own.
@@ -196,7 +198,7 @@ def render(rows, args, fp32_bytes: int, load_start: float, load_end: float) -> s
         "",
         f"all-MiniLM-L6-v2; Linear layers by each method, asymmetric, groups of {GROUP_SIZE}; embeddings by "
         f"RTN MSE at the same bits, so sizes match. Fidelity against fp32 on {args.sentences} held-out sentences "
-        f"(overlap@10 over 200 queries). GPTQ calibrates on {args.calibration} corpus sentences disjoint from "
+        f"(overlap@10 over 200 queries). GPTQ and AWQ calibrate on {args.calibration} corpus sentences disjoint from "
         "them. Time and memory are those of the Linear stage (for GPTQ: calibration capture and quantisation), "
         "run as its own `compress` call: wall and CPU seconds, and peak resident memory during the call minus "
         f"the resident memory just before it (fp32 weights file: {fp32_bytes / 1e6:.1f} MB; measured with "

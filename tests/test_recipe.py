@@ -94,8 +94,8 @@ def test_defaults():
 
 def test_preset_registry():
     assert DEFAULT_PRESET in PRESETS
-    assert sorted(PRESETS) == ["int3", "int4", "int8", "w8a8"]
-    with pytest.raises(RecipeError, match=r"unknown preset 'int5': use one of \['int3', 'int4', 'int8', 'w8a8'\]"):
+    assert sorted(PRESETS) == ["int3", "int4", "int8", "w8a8", "w8a8-smooth"]
+    with pytest.raises(RecipeError, match=r"unknown preset 'int5': use one of \['int3', 'int4', 'int8', 'w8a8', 'w8a8-smooth'\]"):
         preset("int5")
 
 
@@ -276,7 +276,7 @@ def test_resolve_directory(tmp_path):
 
 
 def test_resolve_unknown_preset():
-    with pytest.raises(RecipeError, match=r"unknown preset 'int2': use one of \['int3', 'int4', 'int8', 'w8a8'\] or a recipe"):
+    with pytest.raises(RecipeError, match=r"unknown preset 'int2': use one of \['int3', 'int4', 'int8', 'w8a8', 'w8a8-smooth'\] or a recipe"):
         compress(model(), "int2")
 
 

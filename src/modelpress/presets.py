@@ -26,6 +26,25 @@ PRESETS: dict[str, dict] = {
              "optional": True},
         ],
     },
+    # W8A8 with SmoothQuant (needs calibration: --calibration 128). Measured on MiniLM
+    # (benchmarks/results_awq_smoothquant.md): the FFN output projections (inputs: GELU outputs,
+    # one-sided and sparse; smoothing them from calibration maxima fails on held-out sentences)
+    # carry most of w8a8's loss, so they stay weight-only int8. The value projections, attention
+    # outputs (folded into the values) and FFN inputs are smoothed with alpha 0.6; smoothing q and
+    # k as well gains nothing measurable and costs two more input multiplies per block.
+    "w8a8-smooth": {
+        "name": "w8a8-smooth",
+        "stages": [
+            {"pass": "rtn", "targets": {"types": ["Linear"], "include": ["*.layer.*.output.dense"],
+                                        "ignore": ["*.attention.output.dense"]},
+             "config": {"bits": 8, "group_size": "channel"}, "optional": True},
+            {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"group_size": "channel"},
+             "overrides": {pattern: {"smooth_alpha": 0.6} for pattern in
+                           ("*.attention.self.value", "*.attention.output.dense", "*.intermediate.dense")}},
+            {"pass": "rtn", "targets": {"types": ["Embedding"]}, "config": {"bits": 8, "group_size": "channel"},
+             "optional": True},
+        ],
+    },
     # 4-bit asymmetric groups with error-minimising ranges, ~7x smaller. Linear layers carry the
     # fidelity loss (measured on MiniLM: g64 alone gives mean cosine 0.970, g32 0.978), so they use
     # groups of 32; embedding rows lose little at g64 (0.9975).

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from modelpress.encodings import Encoding, LowRankTensor, QuantizedTensor
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
+from modelpress.encodings.scaled import ChannelScaledTensor
 from modelpress.errors import ConfigError
 from modelpress.nn.sparse import prepare_sparse_csr, supports_sparse_csr
 
@@ -53,6 +54,8 @@ def supports(kernel: Kernel, enc: Encoding) -> bool:
     if kernel in (Kernel.DENSE, Kernel.DECODE_PER_CALL):
         return True
     if kernel in (Kernel.INT8_WEIGHT_MM, Kernel.DYNAMIC_INT8):
+        if kernel is Kernel.DYNAMIC_INT8 and isinstance(enc, ChannelScaledTensor):
+            enc = enc.inner  # its input multiply runs before the int8 GEMM (see _prepare_dynamic_int8)
         ok_gran = (PER_CHANNEL,) if kernel is Kernel.INT8_WEIGHT_MM else (PER_CHANNEL, PER_TENSOR)
         return _is_quant(enc, 8) and enc.scheme.symmetric and enc.scheme.group_size in ok_gran
     if kernel is Kernel.INT4_WEIGHT_MM:
@@ -119,9 +122,16 @@ def _flat(x: torch.Tensor, fn: Prepared) -> torch.Tensor:
 
 
 def _prepare_dynamic_int8(enc: QuantizedTensor, bias: torch.Tensor | None) -> Prepared:
-    """fbgemm's prepacked int8 GEMM; activations get a per-call uint8 range (full 8 bits)."""
+    """fbgemm's prepacked int8 GEMM; activations get a per-call uint8 range (full 8 bits).
+
+    A channel-scaled weight (SmoothQuant/AWQ scale with no op to absorb it) multiplies x by its
+    input scale first: one elementwise pass over x, before fbgemm quantises it.
+    """
     import warnings
 
+    if isinstance(enc, ChannelScaledTensor):
+        run, inverse = _prepare_dynamic_int8(enc.inner, bias), enc.input_scale
+        return lambda x: run(x.float() * inverse)  # (..., C) * (C,)
     codes = _signed_int8(enc)
     scale = enc.scale.float().reshape(-1).double()
     with warnings.catch_warnings():  # the quantized-tensor constructor is deprecated; the op is not

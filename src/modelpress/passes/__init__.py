@@ -3,6 +3,7 @@
 from modelpress.passes.base import PASSES, PassContext, Target, pass_for, register_pass
 from modelpress.passes.quantize import DynamicInt8Config, RangeSearch, RTNConfig
 from modelpress.passes.gptq import GPTQConfig
+from modelpress.passes.awq import AWQConfig
 from modelpress.passes.qat import QATConfig, convert_qat, prepare_qat
 from modelpress.passes.prune import GradualConfig, GradualPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from modelpress.passes.structured import StructuredConfig
@@ -20,6 +21,7 @@ __all__ = [
     "RangeSearch",
     "RTNConfig",
     "GPTQConfig",
+    "AWQConfig",
     "QATConfig",
     "convert_qat",
     "prepare_qat",

@@ -1,4 +1,5 @@
-"""Round-to-nearest weight quantisation (min-max or error-minimising ranges) and dynamic int8 (W8A8)."""
+"""Round-to-nearest weight quantisation (min-max or error-minimising ranges) and dynamic int8 (W8A8),
+optionally smoothed (SmoothQuant)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from enum import Enum
 import torch
 from torch import nn
 
+from modelpress.calibration import LayerStats, calibration_sentences, run_blockwise
 from modelpress.encodings import QuantScheme, quantize
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, _grouped, as_matrix, minmax_params
 from modelpress.encodings.range_search import mse_params
-from modelpress.errors import ConfigError
+from modelpress.errors import CalibrationError, ConfigError
 from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, Kernel
 from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.passes.channel_scales import FoldMode, migrate, share_groups, target_sites, with_input_scale
 
-__all__ = ["RangeSearch", "RTNConfig", "DynamicInt8Config", "quantize_weight"]
+__all__ = ["RangeSearch", "RTNConfig", "DynamicInt8Config", "quantize_weight", "smooth", "smooth_scale"]
 
 
 class RangeSearch(str, Enum):
@@ -52,17 +55,29 @@ class DynamicInt8Config:
 
     `weight_bits=7` keeps every u8 x s8 pair sum inside int16 on AVX2 CPUs without VNNI, so the
     kernel can give activations their full 8-bit range; 8 forces fbgemm's reduced 7-bit activations.
+
+    `smooth_alpha` turns on SmoothQuant (Xiao et al., 2023): per input channel j,
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) from calibration, the weight W diag(s) is quantised
+    and the input x diag(1/s), which moves range from outlier activation channels into the
+    weights. It needs calibration data (`compress(..., calibration=...)`); a sentence encoder given
+    none is smoothed on `calibration_sentences(128)`.
     """
 
     group_size: int | str = "channel"
     weight_bits: int = 7
     search: RangeSearch = RangeSearch.MSE
+    smooth_alpha: float | None = None  # SmoothQuant migration strength; None: no smoothing, no calibration
+    fold: FoldMode = FoldMode.AUTO  # where smoothing scales go (see passes/channel_scales.py)
     version: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "search", RangeSearch(self.search))
+        object.__setattr__(self, "fold", FoldMode(self.fold))
         if self.weight_bits not in (7, 8):
             raise ConfigError(f"weight_bits {self.weight_bits} is not valid for dynamic int8: use 7 or 8")
+        alpha = self.smooth_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+            raise ConfigError(f"smooth_alpha {alpha!r} is not valid: use a number in [0, 1] (e.g. 0.5) or null")
         if QuantScheme(8, True, self.group_size).group_size not in (PER_CHANNEL, PER_TENSOR):
             raise ConfigError("dynamic int8 takes group_size 'channel' or 'tensor' (fbgemm has no groups)")
 
@@ -111,9 +126,69 @@ def rtn(model: nn.Module, targets: list[Target], context: PassContext) -> None:
 
 @register_pass("dynamic_int8", DynamicInt8Config, (nn.Linear,))
 def dynamic_int8(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    smoothed = [t for t in targets if t.config.smooth_alpha is not None]
+    inverses = smooth(model, smoothed, context) if smoothed else {}
     for t in targets:
         cfg: DynamicInt8Config = t.config
         max_code = 63 if cfg.weight_bits == 7 else None
         enc = quantize_weight(t.module.weight.data, cfg.scheme, cfg.search, max_code)
+        enc = with_input_scale(enc, inverses.get(t.name))
         _replace(model, t.name, CompressedLinear.from_linear(t.module, enc, Kernel.DYNAMIC_INT8))
-        context.log.append(f"{t.name}: W8A8 dynamic, weights int{cfg.weight_bits} {cfg.scheme.describe()}")
+        note = "" if cfg.smooth_alpha is None else f", smoothed (alpha {cfg.smooth_alpha:g})"
+        context.log.append(f"{t.name}: W8A8 dynamic, weights int{cfg.weight_bits} {cfg.scheme.describe()}{note}")
+
+
+# ---------------------------------------------------------------------------------------------
+# SmoothQuant
+
+SMOOTH_MIN = 1e-5  # bounds of a smoothing scale, as in the SmoothQuant reference code
+DEFAULT_CALIBRATION = 128  # corpus sentences a sentence encoder is smoothed on when no calibration is given
+
+
+def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (C,); 1 where a channel's input or weights are all zero."""
+    x_max, w_max = x_max.double(), w_max.double()
+    s = x_max.pow(alpha) / w_max.pow(1 - alpha)
+    dead = (x_max == 0) | (w_max == 0)
+    return torch.where(dead, torch.ones_like(s), s).clamp(SMOOTH_MIN, 1 / SMOOTH_MIN).float()
+
+
+def smooth(model: nn.Module, targets: list[Target], context: PassContext) -> dict[str, torch.Tensor]:
+    """Measure max|X_j| of every target on the float model, migrate s into the weights and absorbers.
+
+    Returns 1/s for each layer whose scale no op absorbs (it multiplies its input itself).
+    """
+    calibration = context.calibration
+    if calibration is None:
+        if not callable(getattr(model, "tokenize", None)):
+            raise CalibrationError(
+                "dynamic_int8 with smooth_alpha needs calibration data: call compress(..., calibration=...) with "
+                "input batches, add --calibration 128 to `modelpress compress`, or set smooth_alpha: null (w8a8)"
+            )
+        # A sentence encoder gets the corpus sentences `--calibration N` would give (disjoint from
+        # every evaluation set), so that the w8a8-smooth preset works without arguments.
+        calibration = calibration_sentences(DEFAULT_CALIBRATION)
+        context.log.append(f"dynamic_int8 smoothing: no calibration given, using calibration_sentences"
+                           f"({DEFAULT_CALIBRATION}) (pass calibration= or --calibration N to choose)")
+    sites = target_sites(model, targets)
+    found: list[tuple[list[str], float, torch.Tensor]] = []
+
+    def record(group: list[tuple[Target, LayerStats]]) -> None:
+        by_name = {t.name: (t, stats) for t, stats in group}
+        for names in share_groups(list(by_name), sites):
+            alphas = {by_name[n][0].config.smooth_alpha for n in names}
+            if len(alphas) > 1:
+                raise ConfigError(f"layers {', '.join(names)} share one channel scale but have smooth_alpha "
+                                  f"{sorted(alphas)}: give them one value, or use fold: explicit")
+            found.append((names, alphas.pop(), by_name[names[0]][1].abs_max))
+
+    # Scaling leaves the float model's outputs unchanged: measure everything before changing anything.
+    run_blockwise(model, targets, calibration, record, context.log, pass_name="dynamic_int8 smoothing",
+                  hessian=False, sequential=False)
+    inverses = {}
+    for names, alpha, x_max in found:
+        w_max = torch.stack([model.get_submodule(n).weight.detach().abs().amax(0) for n in names]).amax(0)  # (C,)
+        inverse = migrate(model, names, sites[names[0]], smooth_scale(x_max, w_max.float(), alpha))
+        if inverse is not None:
+            inverses.update(dict.fromkeys(names, inverse))
+    return inverses

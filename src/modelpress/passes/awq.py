@@ -1,0 +1,197 @@
+"""AWQ-style activation-aware weight quantisation (Lin et al., 2023): scale salient input channels
+up before round-to-nearest, so that the weights multiplying large activations lose less.
+
+For a Linear with input statistics from calibration (mean |x_j| per input channel, H = sum x x^T),
+each candidate alpha on a grid in [0, 1) gives the per-input-channel scale
+
+    s = mean|x|^alpha,  normalised so that sqrt(max(s) min(s)) = 1,
+
+the weight W diag(s) is quantised with the error-minimising RTN (`range_search`), and the layer's
+output error over the calibration tokens is
+
+    err(alpha) = tr(D H D^T),   D = W - Q(W diag(s)) diag(1/s)    (= ||X W^T - X W_eff^T||^2).
+
+The alpha with the least error is kept. alpha = 0 is s = 1, plain RTN, so AWQ is never worse than
+RTN on the calibration data. Layers that share an absorber of 1/s (`channel_scales.find_sites`)
+share one scale, searched on the sum of their errors; every other layer gets its own. 1/s is
+then folded into the absorber, or kept with the weight as an explicit input multiply, which a
+decode-once kernel applies for free at decode time.
+
+Unlike GPTQ, every scale of a block is searched on the float block (its calibration statistics
+are measured before anything is changed, and scaling leaves the float model's outputs unchanged),
+and the weights are quantised after all scales are placed; the encodings are plain
+`QuantizedTensor`s (wrapped in `ChannelScaledTensor` where the layer keeps its multiply).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modelpress.calibration import LayerStats, run_blockwise
+from modelpress.encodings import QuantizedTensor, QuantScheme
+from modelpress.errors import ConfigError
+from modelpress.nn import CompressedLinear, Kernel
+from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.passes.channel_scales import FoldMode, Site, migrate, share_groups, target_sites, with_input_scale
+from modelpress.passes.gptq import _one_thread
+from modelpress.passes.quantize import RangeSearch, quantize_weight
+
+__all__ = ["AWQConfig", "AWQResult", "awq_scale", "awq_search", "output_error_sum"]
+
+MIN_MEAN = 1e-4  # floor of mean|x| before the power: a never-active channel gets a small, finite scale
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """Weight-only quantisation of Linear layers with activation-aware per-input-channel scales."""
+
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int | str = 64
+    grid: int = 20  # alphas searched: 0, 1/grid, ..., (grid - 1)/grid
+    search: RangeSearch = RangeSearch.MSE  # how each group's range is chosen for W diag(s)
+    fold: FoldMode = FoldMode.AUTO  # auto: the architecture's producer map; explicit: every layer multiplies
+    kernel: Kernel = Kernel.AUTO
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "search", RangeSearch(self.search))
+        object.__setattr__(self, "fold", FoldMode(self.fold))
+        object.__setattr__(self, "kernel", Kernel(self.kernel))
+        if self.kernel is Kernel.DYNAMIC_INT8:
+            raise ConfigError("kernel dynamic_int8 quantises activations: AWQ is weight-only, use kernel auto")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 1000:
+            raise ConfigError(f"grid {self.grid!r} is not valid: use a number of alphas between 1 and 1000 (e.g. 20)")
+        if self.version != 1:
+            raise ConfigError(f"AWQ config version {self.version!r} is not supported: this modelpress reads version 1")
+        self.scheme  # validates bits and group size
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.symmetric, self.group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm (pure: tensors in, tensors out)
+
+
+@dataclass(frozen=True)
+class AWQResult:
+    scale: torch.Tensor  # (C,) the chosen s
+    alpha: float
+    error: float  # sum over the layers of tr(D H D^T) at the chosen alpha
+    unscaled_error: float  # the same at alpha = 0 (plain RTN)
+    encodings: list[QuantizedTensor] = field(default_factory=list)  # each layer's Q(W diag(s))
+
+
+def awq_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^alpha (C,), normalised to sqrt(max s * min s) = 1."""
+    s = mean_abs.double().clamp_min(MIN_MEAN).pow(alpha)
+    return (s / (s.max() * s.min()).sqrt()).float()
+
+
+def output_error_sum(weights: list[torch.Tensor], effective: list[torch.Tensor], H: torch.Tensor) -> float:
+    """sum over layers of tr(D H D^T), D = W - W_eff: the squared output error over the calibration tokens."""
+    total = 0.0
+    for W, W_eff in zip(weights, effective):
+        D = (W - W_eff).to(H.dtype)  # (R, C)
+        total += float(((D @ H) * D).sum(dtype=torch.float64))
+    return total
+
+
+def awq_search(
+    weights: list[torch.Tensor], H: torch.Tensor, mean_abs: torch.Tensor, scheme: QuantScheme,
+    search: RangeSearch = RangeSearch.MSE, grid: int = 20,
+) -> AWQResult:
+    """The scale s = awq_scale(mean_abs, alpha), alpha in {0, 1/grid, ...}, least output error for all `weights`.
+
+    weights: the (R_i, C) layers that share one input and one scale; H (C, C) = sum x x^T.
+    """
+    best: AWQResult | None = None
+    unscaled = float("nan")
+    for i in range(grid):
+        alpha = i / grid
+        s = awq_scale(mean_abs, alpha)
+        encodings = [quantize_weight(W * s, scheme, search) for W in weights]  # Q(W diag(s))
+        error = output_error_sum(weights, [e.decode(torch.float32) / s for e in encodings], H)
+        if i == 0:
+            unscaled = error
+        if best is None or error < best.error:
+            best = AWQResult(s, alpha, error, unscaled, encodings)
+    return AWQResult(best.scale, best.alpha, best.error, unscaled, best.encodings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass (module surgery)
+
+
+@register_pass("awq", AWQConfig, (nn.Linear,))
+def awq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    for t in targets:  # fail on a bad group size before spending time on calibration
+        try:
+            t.config.scheme.group_columns(t.module.out_features, t.module.in_features)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {t.name!r}: {exc}") from None
+    sites = target_sites(model, targets)
+    searcher = _Searcher(model, sites, context.log)
+    # Scaling leaves the float model's outputs unchanged, so every statistic is measured on the
+    # float model (sequential=False) and nothing changes until all scales are known.
+    run_blockwise(model, targets, context.calibration, searcher, context.log, pass_name="awq", sequential=False)
+    inverses = searcher.place()
+    for t in targets:
+        linear = model.get_submodule(t.name)
+        cfg: AWQConfig = t.config
+        with _one_thread():
+            encoding = quantize_weight(linear.weight.detach().float(), cfg.scheme, cfg.search)
+        model.set_submodule(t.name, CompressedLinear.from_linear(
+            linear, with_input_scale(encoding, inverses.get(t.name)), cfg.kernel))
+
+
+@dataclass
+class _Searcher:
+    """Searches the scales of each calibration group as it comes; places them all at the end."""
+
+    model: nn.Module
+    sites: dict[str, Site]
+    log: list[str]
+    found: list[tuple[list[str], torch.Tensor]] = field(default_factory=list)
+
+    def __call__(self, group: list[tuple[Target, LayerStats]]) -> None:
+        by_name = {t.name: (t, stats) for t, stats in group}
+        for names in share_groups(list(by_name), self.sites):
+            cfg = _one_config([by_name[n][0] for n in names])
+            stats = by_name[names[0]][1]
+            weights = [self.model.get_submodule(n).weight.detach().float() for n in names]
+            with _one_thread():  # thousands of mid-sized ops: see gptq._one_thread
+                result = awq_search(weights, stats.hessian, stats.mean_abs, cfg.scheme, cfg.search, cfg.grid)
+            self.found.append((names, result.scale))
+            total = output_error_sum(weights, [torch.zeros_like(W) for W in weights], stats.hessian)
+            site = self.sites[names[0]]
+            where = f"into {site.producer}" if site.producer else "as an input multiply"
+            self.log.append(
+                f"{', '.join(names)}: {cfg.scheme.describe()} awq (alpha {result.alpha:.2f}, scale {where}; "
+                f"{stats.tokens} tokens, relative output error {result.error / max(total, 1e-30):.2e}, "
+                f"{result.unscaled_error / max(total, 1e-30):.2e} unscaled)"
+            )
+
+    def place(self) -> dict[str, torch.Tensor]:
+        """Fold every scale into its absorber (or keep it explicit); returns the explicit 1/s per layer."""
+        inverses = {}
+        for names, s in self.found:
+            inverse = migrate(self.model, names, self.sites[names[0]], s)
+            if inverse is not None:
+                inverses.update(dict.fromkeys(names, inverse))
+        return inverses
+
+
+def _one_config(targets: list[Target]) -> AWQConfig:
+    """The config of layers that share one scale; they must agree on it."""
+    configs = {t.config for t in targets}
+    if len(configs) > 1:
+        names = ", ".join(t.name for t in targets)
+        raise ConfigError(f"layers {names} share one channel scale but have different awq configs: "
+                          "give them the same config, or use fold: explicit")
+    return configs.pop()
