@@ -689,11 +689,47 @@ static inline const char *dec_scalar(Dec *d, size_t i0, size_t count, uint8_t *o
 }
 
 #if HAVE_AVX2_PATH
+/* 16 elements of a JOINT block from their joint symbols v (16 x u16, in order), their low-6 fields
+ * packed at q (12 bytes used, 16 readable) and, for width 4, their plane-2 and plane-3 bytes c and
+ * dd, rotated back and stored at out (16 * w bytes). */
+static inline __attribute__((always_inline, target("avx2"))) void
+join_joint16(__m256i v, const uint8_t *q, const uint8_t *c, const uint8_t *dd, int w, uint8_t *out)
+{
+    /* 16-bit lane j of each half takes bytes (b, b + 1) holding field j, shifted up so that the
+     * field sits at bits 6..11 */
+    const __m256i spread = _mm256_setr_epi8(0, 1, 0, 1, 1, 2, 2, 3, 3, 4, 3, 4, 4, 5, 5, 6,
+                                            0, 1, 0, 1, 1, 2, 2, 3, 3, 4, 3, 4, 4, 5, 5, 6);
+    const __m256i mult = _mm256_setr_epi16(64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16);
+    const __m256i m63 = _mm256_set1_epi16(63);
+    __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    __m256i bytes = _mm256_set_m128i(_mm_srli_si128(raw, 6), raw);
+    __m256i lo = _mm256_and_si256(_mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, spread), mult), 6), m63);
+    __m256i hi = _mm256_or_si256(_mm256_slli_epi16(v, 6), lo);
+    if (w == 2) {
+        __m256i y = _mm256_or_si256(_mm256_srli_epi16(hi, 1), _mm256_slli_epi16(hi, 15));
+        _mm256_storeu_si256((__m256i *)out, y);
+    } else {
+        __m128i cc = _mm_loadu_si128((const __m128i *)c), d = _mm_loadu_si128((const __m128i *)dd);
+        __m128i low[2] = {_mm_unpacklo_epi8(d, cc), _mm_unpackhi_epi8(d, cc)};
+        __m128i high[2] = {_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+        for (int half = 0; half < 2; half++) {
+            __m256i y = _mm256_set_m128i(_mm_unpackhi_epi16(low[half], high[half]),
+                                         _mm_unpacklo_epi16(low[half], high[half]));
+            y = _mm256_or_si256(_mm256_srli_epi32(y, 1), _mm256_slli_epi32(y, 31));
+            _mm256_storeu_si256((__m256i *)(out + 32 * half), y);
+        }
+    }
+}
+
 /* AVX2 decoding of whole groups; returns how many symbols it decoded (dec_scalar does the rest).
  * Four registers of eight lanes: all four decode steps first, then the four renormalisations in
- * lane order, which is dec_scalar's word order. */
+ * lane order, which is dec_scalar's word order. With `lo` (byte symbols only), symbol i is not
+ * stored but joined at once with lo[i] into element i of a width-2 output (see join2_avx2). With
+ * `jo` (joint symbols only), symbol i is joined at once with the block's low-6 string `low6`
+ * (low6_len bytes from there on) and planes pl[2..w) into element i at jo (see join_planes). */
 static inline __attribute__((always_inline, target("avx2"))) size_t
-dec_avx2_impl(Dec *d, size_t count, uint8_t *out8, uint16_t *out16, int joint)
+dec_avx2_impl(Dec *d, size_t count, uint8_t *out8, uint16_t *out16, int joint, const uint8_t *lo,
+              const uint8_t *low6, size_t low6_len, const uint8_t *const *pl, int w, uint8_t *jo)
 {
     enum { NREG = NLANES / 8 };
     const uint8_t *in = d->in, *end = d->end;
@@ -707,7 +743,8 @@ dec_avx2_impl(Dec *d, size_t count, uint8_t *out8, uint16_t *out16, int joint)
     const __m256i bias_mask = _mm256_set1_epi32(joint ? 0x7ff : 0xfff), one = _mm256_set1_epi32(joint ? 1 : 0);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     size_t i = 0;
-    while (count - i >= NLANES && end - in >= NREG * 16) { /* each register reads 16 bytes, uses at most 16 */
+    /* each register reads 16 bytes, uses at most 16; a fused joint group reads 16 low-6 bytes at 3i/4 + 12 */
+    while (count - i >= NLANES && end - in >= NREG * 16 && (!jo || i / 4 * 3 + 28 <= low6_len)) {
         for (int k = 0; k < NREG; k++) {
             E[k] = _mm256_i32gather_epi32(T, _mm256_and_si256(X[k], slot_mask), 4);
             __m256i f = _mm256_add_epi32(_mm256_srli_epi32(E[k], joint ? 21 : 20), one);
@@ -725,13 +762,29 @@ dec_avx2_impl(Dec *d, size_t count, uint8_t *out8, uint16_t *out16, int joint)
         if (joint) {
             for (int k = 0; k < NREG; k += 2) {
                 __m256i p = _mm256_packus_epi32(_mm256_and_si256(E[k], sym_mask), _mm256_and_si256(E[k + 1], sym_mask));
-                _mm256_storeu_si256((__m256i *)(out16 + i + 8 * k), _mm256_permute4x64_epi64(p, 0xd8));
+                p = _mm256_permute4x64_epi64(p, 0xd8);
+                if (jo) {
+                    size_t g = i + 8 * (size_t)k;
+                    join_joint16(p, low6 + g / 4 * 3, w == 4 ? pl[2] + g : NULL, w == 4 ? pl[3] + g : NULL, w,
+                                 jo + (size_t)w * g);
+                } else {
+                    _mm256_storeu_si256((__m256i *)(out16 + i + 8 * k), p);
+                }
             }
         } else {
             __m256i p01 = _mm256_packus_epi32(_mm256_and_si256(E[0], sym_mask), _mm256_and_si256(E[1], sym_mask));
             __m256i p23 = _mm256_packus_epi32(_mm256_and_si256(E[2], sym_mask), _mm256_and_si256(E[3], sym_mask));
             __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), order);
-            _mm256_storeu_si256((__m256i *)(out8 + i), bytes);
+            if (lo) {
+                __m256i vb = _mm256_loadu_si256((const __m256i *)(lo + i));
+                __m256i l = _mm256_unpacklo_epi8(vb, bytes), h = _mm256_unpackhi_epi8(vb, bytes);
+                l = _mm256_or_si256(_mm256_srli_epi16(l, 1), _mm256_slli_epi16(l, 15));
+                h = _mm256_or_si256(_mm256_srli_epi16(h, 1), _mm256_slli_epi16(h, 15));
+                _mm256_storeu_si256((__m256i *)(out8 + 2 * i), _mm256_permute2x128_si256(l, h, 0x20));
+                _mm256_storeu_si256((__m256i *)(out8 + 2 * i + 32), _mm256_permute2x128_si256(l, h, 0x31));
+            } else {
+                _mm256_storeu_si256((__m256i *)(out8 + i), bytes);
+            }
         }
         i += NLANES;
     }
@@ -744,12 +797,26 @@ dec_avx2_impl(Dec *d, size_t count, uint8_t *out8, uint16_t *out16, int joint)
 
 __attribute__((target("avx2"))) static size_t dec_avx2_bytes(Dec *d, size_t count, uint8_t *out)
 {
-    return dec_avx2_impl(d, count, out, NULL, 0);
+    return dec_avx2_impl(d, count, out, NULL, 0, NULL, NULL, 0, NULL, 0, NULL);
 }
 
 __attribute__((target("avx2"))) static size_t dec_avx2_joint(Dec *d, size_t count, uint16_t *out)
 {
-    return dec_avx2_impl(d, count, NULL, out, 1);
+    return dec_avx2_impl(d, count, NULL, out, 1, NULL, NULL, 0, NULL, 0, NULL);
+}
+
+/* Byte symbols joined with the low plane `lo` straight into width-2 elements at out. */
+__attribute__((target("avx2"))) static size_t dec_avx2_join2(Dec *d, size_t count, const uint8_t *lo, uint8_t *out)
+{
+    return dec_avx2_impl(d, count, out, NULL, 0, lo, NULL, 0, NULL, 0, NULL);
+}
+
+/* Joint symbols joined with the low-6 string and planes pl[2..w) straight into elements at out. */
+__attribute__((target("avx2"))) static size_t dec_avx2_jjoin(Dec *d, size_t count, const uint8_t *low6, size_t low6_len,
+                                                             const uint8_t *const *pl, int w, uint8_t *out)
+{
+    return w == 2 ? dec_avx2_impl(d, count, NULL, NULL, 1, NULL, low6, low6_len, pl, 2, out)
+                  : dec_avx2_impl(d, count, NULL, NULL, 1, NULL, low6, low6_len, pl, 4, out);
 }
 #endif
 
@@ -875,32 +942,26 @@ __attribute__((target("avx2"))) static size_t join_joint_avx2(const uint8_t *con
                                                               const uint8_t *low6, size_t n, size_t low6_len,
                                                               int w, uint8_t *out)
 {
-    /* 16-bit lane j of each half takes bytes (b, b + 1) holding field j, shifted up so that the
-     * field sits at bits 6..11 */
-    const __m256i spread = _mm256_setr_epi8(0, 1, 0, 1, 1, 2, 2, 3, 3, 4, 3, 4, 4, 5, 5, 6,
-                                            0, 1, 0, 1, 1, 2, 2, 3, 3, 4, 3, 4, 4, 5, 5, 6);
-    const __m256i mult = _mm256_setr_epi16(64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16);
-    const __m256i m63 = _mm256_set1_epi16(63);
     size_t i = 0;
     for (; i + 16 <= n && i / 4 * 3 + 16 <= low6_len; i += 16) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(low6 + i / 4 * 3));
-        __m256i bytes = _mm256_set_m128i(_mm_srli_si128(raw, 6), raw);
-        __m256i lo = _mm256_and_si256(_mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(bytes, spread), mult), 6), m63);
-        __m256i hi = _mm256_or_si256(_mm256_slli_epi16(_mm256_loadu_si256((const __m256i *)(v + i)), 6), lo);
-        if (w == 2) {
-            __m256i y = _mm256_or_si256(_mm256_srli_epi16(hi, 1), _mm256_slli_epi16(hi, 15));
-            _mm256_storeu_si256((__m256i *)(out + 2 * i), y);
-        } else {
-            __m128i c = _mm_loadu_si128((const __m128i *)(pl[2] + i)), d = _mm_loadu_si128((const __m128i *)(pl[3] + i));
-            __m128i low[2] = {_mm_unpacklo_epi8(d, c), _mm_unpackhi_epi8(d, c)};
-            __m128i high[2] = {_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
-            for (int half = 0; half < 2; half++) {
-                __m256i y = _mm256_set_m128i(_mm_unpackhi_epi16(low[half], high[half]),
-                                             _mm_unpacklo_epi16(low[half], high[half]));
-                y = _mm256_or_si256(_mm256_srli_epi32(y, 1), _mm256_slli_epi32(y, 31));
-                _mm256_storeu_si256((__m256i *)(out + 4 * (i + 8 * (size_t)half)), y);
-            }
-        }
+        join_joint16(_mm256_loadu_si256((const __m256i *)(v + i)), low6 + i / 4 * 3, w == 4 ? pl[2] + i : NULL,
+                     w == 4 ? pl[3] + i : NULL, w, out + (size_t)w * i);
+    }
+    return i;
+}
+
+/* AVX2 join of whole groups of 32 elements of two plain byte planes (width 2): element i is
+ * a[i] << 8 | b[i], rotated right by one bit. Returns how many elements it joined. */
+__attribute__((target("avx2"))) static size_t join2_avx2(const uint8_t *a, const uint8_t *b, size_t n, uint8_t *out)
+{
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i va = _mm256_loadu_si256((const __m256i *)(a + i)), vb = _mm256_loadu_si256((const __m256i *)(b + i));
+        __m256i lo = _mm256_unpacklo_epi8(vb, va), hi = _mm256_unpackhi_epi8(vb, va); /* 0-7 16-23, 8-15 24-31 */
+        lo = _mm256_or_si256(_mm256_srli_epi16(lo, 1), _mm256_slli_epi16(lo, 15));
+        hi = _mm256_or_si256(_mm256_srli_epi16(hi, 1), _mm256_slli_epi16(hi, 15));
+        _mm256_storeu_si256((__m256i *)(out + 2 * i), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(out + 2 * i + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
     }
     return i;
 }
@@ -942,7 +1003,13 @@ static void join_planes(const uint8_t *const *pl, const uint16_t *v, const uint8
         }
     } else if (w == 2) {
         const uint8_t *a = pl[0], *b = pl[1];
-        for (size_t i = 0; i < n; i++) {
+        size_t i = 0;
+#if HAVE_AVX2_PATH
+        if (use_avx2) {
+            i = join2_avx2(a, b, n, out);
+        }
+#endif
+        for (; i < n; i++) {
             put_element(out + 2 * i, (uint32_t)a[i] << 8 | b[i], 2);
         }
     } else {
@@ -1273,7 +1340,26 @@ static const char *decode_impl(const uint8_t *payload, size_t len, uint8_t *out,
             memset(blk + (size_t)k * BLOCK, pi[k].value, BLOCK);
         }
     }
-    for (size_t b0 = 0; b0 < n && !err; b0 += BLOCK) {
+#if HAVE_AVX2_PATH
+    /* the common fp16 case, plane 0 order-0 and plane 1 stored: decode and join in one pass */
+    int fuse = !err && use_avx2 && w == 2 && pi[0].mode == MODE_ORDER0
+               && (pi[1].mode == MODE_RAW || pi[1].mode == MODE_CONST);
+#else
+    int fuse = 0;
+#endif
+    for (size_t b0 = 0; fuse && b0 < n && !err; b0 += BLOCK) {
+        size_t cnt = n - b0 < BLOCK ? n - b0 : BLOCK, done = 0;
+        const uint8_t *pl[2] = {blk, pi[1].mode == MODE_RAW ? pi[1].data + b0 : blk + BLOCK};
+#if HAVE_AVX2_PATH
+        done = dec_avx2_join2(&pi[0].dec, cnt, pl[1], out + 2 * b0);
+#endif
+        err = dec_scalar(&pi[0].dec, b0 + done, cnt - done, blk + done, NULL, 0);
+        if (!err) {
+            const uint8_t *rest[2] = {blk + done, pl[1] + done};
+            join_planes(rest, NULL, NULL, 0, cnt - done, 2, out + 2 * (b0 + done));
+        }
+    }
+    for (size_t b0 = 0; !fuse && b0 < n && !err; b0 += BLOCK) {
         size_t cnt = n - b0 < BLOCK ? n - b0 : BLOCK;
         const uint8_t *pl[4] = {NULL, NULL, NULL, NULL}, *low6 = NULL;
         size_t low6_len = 0;
@@ -1292,19 +1378,35 @@ static const char *decode_impl(const uint8_t *payload, size_t len, uint8_t *out,
             } else if (q->mode == MODE_ORDER0) {
                 err = dec_run(&q->dec, b0, cnt, dst, NULL);
             } else if (q->mode == MODE_JOINT) {
-                err = dec_run(&q->dec, b0, cnt, NULL, vblk);
-                v = vblk;
+                v = vblk; /* decoded below, once the other planes of the block are ready */
             }
         }
         if (err) {
             break;
         }
+        size_t done = 0;
+        if (v) { /* joint symbols joined with the other planes as they are decoded, then the tail */
+#if HAVE_AVX2_PATH
+            if (use_avx2) {
+                done = dec_avx2_jjoin(&pi[0].dec, cnt, low6, low6_len, pl, w, out + b0 * (size_t)w);
+            }
+#endif
+            err = dec_scalar(&pi[0].dec, b0 + done, cnt - done, NULL, vblk + done, 1);
+            if (err) {
+                break;
+            }
+        }
         if (w == 1) {
             if (pl[0] != out + b0) {
                 memcpy(out + b0, pl[0], cnt);
             }
-        } else {
-            join_planes(pl, v, low6, low6_len, cnt, w, out + b0 * (size_t)w);
+        } else if (done < cnt) {
+            const uint8_t *rest[4];
+            for (int k = 0; k < 4; k++) {
+                rest[k] = pl[k] ? pl[k] + done : NULL;
+            }
+            join_planes(rest, v ? v + done : NULL, low6 ? low6 + done / 4 * 3 : NULL, low6_len - done / 4 * 3,
+                        cnt - done, w, out + (b0 + done) * (size_t)w);
         }
     }
     for (int k = 0; k < w && !err; k++) {

@@ -164,7 +164,9 @@ def add_store_commands(sub) -> None:
     p.add_argument("--tag", action="append", help="also point this tag at the new version")
     p.add_argument("-m", "--message")
     p.add_argument("--codec", action="append", metavar="PATTERN=CODEC",
-                   help="force a codec (raw, zstd, planes) for tensors matching PATTERN, e.g. '*embeddings*=raw'")
+                   help="force a codec (raw, aligned, zstd, planes, fans) for tensors matching PATTERN; 'aligned' "
+                        "stores raw bytes on page boundaries, which load by mapping (fastest load), e.g. "
+                        "'*embeddings*=aligned'")
     p = command("get", cmd_get, "list a version's tensors, or write it out as a checkpoint with --out")
     p.add_argument("name")
     p.add_argument("ref", nargs="?", default="latest")

@@ -313,6 +313,49 @@ def test_avx2_and_scalar_paths_write_the_same_payload(dtype, request):
     assert [decode(p, len(raw), width) for p, raw in zip(fast, pieces)] == pieces
 
 
+def fp16_with_low_plane(n: int, low: str) -> bytes:
+    """fp16 bit patterns: a skewed top byte after rotation (plane 0), and a low byte (plane 1) that is noise
+    ("raw") or always zero ("const")."""
+    g = np.random.default_rng(n)
+    top = g.choice([0x70, 0x71, 0x72, 0x78, 0x3C], n, p=[0.5, 0.2, 0.1, 0.1, 0.1])  # exponent, 3 mantissa bits
+    rotated = top << 8 | (g.integers(0, 256, n) if low == "raw" else 0)
+    return (rotated >> 1 | (rotated & 1) << 15).astype(np.uint16).tobytes()
+
+
+@pytest.mark.parametrize("low, modes", [("raw", [ORDER0, RAW]), ("const", [ORDER0, CONST])])
+@pytest.mark.parametrize("n", [400, 415, 416, 417, BLOCK - 1, BLOCK, BLOCK + 33, 3 * BLOCK + 5])
+def test_fp16_planes_joined_while_decoding_match_the_scalar_path(low, modes, n, request):
+    """Plane 0 order-0 with plane 1 stored: the AVX2 decoder joins the planes as it decodes symbols."""
+    raw = fp16_with_low_plane(n, low)
+    payload = encode(raw, 2)
+    assert plane_modes(payload, 2) == modes
+    assert decode(payload, len(raw), 2) == raw
+    if n < BLOCK:
+        assert reference_decode(payload, 2) == raw
+    request.getfixturevalue("scalar_only")
+    assert decode(payload, len(raw), 2) == raw
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", [1000, 1023, 1024, 1025, BLOCK - 33, BLOCK - 1, BLOCK, BLOCK + 1, BLOCK + 40, 2 * BLOCK + 17])
+def test_joint_planes_joined_while_decoding_match_the_scalar_path(dtype, n, request):
+    """Plane 0 joint: the AVX2 decoder joins each group of symbols with the low-6 string (and, for fp32, planes
+    2 and 3) as it decodes, up to where a group's low-6 bytes would run past the string; the rest is joined after.
+    (The top two mantissa bits are cleared, so that the joint mode pays even for small n.)"""
+    x = np.random.default_rng(n).normal(0, 0.04, n)
+    if dtype == "float32":
+        raw = (x.astype(np.float32).view(np.uint32) & np.uint32(~(3 << 21) & 0xFFFFFFFF)).tobytes()
+    else:
+        raw = (bf16_bits(x) & np.uint16(~(3 << 5) & 0xFFFF)).tobytes()
+    payload = encode(raw, WIDTH[dtype])
+    assert plane_modes(payload, WIDTH[dtype])[:2] == [JOINT, LOW6]
+    assert decode(payload, len(raw), WIDTH[dtype]) == raw
+    if n < 1100:
+        assert reference_decode(payload, WIDTH[dtype]) == raw
+    request.getfixturevalue("scalar_only")
+    assert decode(payload, len(raw), WIDTH[dtype]) == raw
+
+
 # ---------------------------------------------------------------- how small
 
 def order0_bound(raw: bytes) -> float:

@@ -184,3 +184,17 @@ def test_minilm_through_the_cli_round_trips(minilm, tmp_path, capsys):
         assert_identical(stored.state_dict(), copy.deepcopy(minilm).state_dict())
         sentences = ["the store keeps every bit", "a second sentence"]
         assert torch.equal(stored.encode(sentences), minilm.encode(sentences))
+
+
+@pytest.mark.slow
+def test_put_with_the_aligned_layout_loads_identically(minilm, tmp_path, capsys):
+    root = tmp_path / "store"
+    run(capsys, "init", root)
+    code, _, err = run(capsys, "put", root, "minilm", "minilm", "--codec", "*.weight=aligned")
+    assert code == 0, err
+    with Store(root) as s:
+        vid = s.resolve("minilm")
+        codecs = {t.name: {s.catalog.chunk(c)[0] for c in t.chunks} for t in s.catalog.tensors(vid)}
+        assert all(c == {"aligned"} for name, c in codecs.items() if name.endswith(".weight"))
+        assert any(c != {"aligned"} for name, c in codecs.items() if name.endswith(".bias"))
+        assert_identical(s.load("minilm").state_dict(), copy.deepcopy(minilm).state_dict())

@@ -149,17 +149,27 @@ class Catalog:
         return dict(self.db.execute("SELECT path, chunk FROM files WHERE version=?", (vid,)).fetchall())
 
     def chunk(self, cid: str) -> tuple[str, dict[str, Any], int, int, str | None]:
+        """(codec, params, raw_size, stored_size, base) of one chunk, checked."""
         row = self.db.execute("SELECT codec, params, raw_size, stored_size, base FROM chunks WHERE id=?",
                               (cid,)).fetchone()
         if row is None:
             raise FormatError(f"chunk {cid[:12]} is not in the catalogue; the store is corrupt")
-        codec, params, raw_size, stored_size, base = row
-        params = _json(params, dict, f"chunk {cid[:12]}'s params")
-        if (not isinstance(codec, str) or isinstance(raw_size, bool) or not isinstance(raw_size, int)
-                or not 0 <= raw_size <= 1 << 40 or not isinstance(stored_size, int)
-                or not (base is None or (isinstance(base, str) and ID_PATTERN.match(base) and base != cid))):
-            raise FormatError(f"chunk {cid[:12]} has a corrupt catalogue row; run `modelpress store verify`")
-        return codec, params, raw_size, stored_size, base
+        return _chunk_row(cid, row)
+
+    def chunks(self, ids: list[str]) -> dict[str, tuple[str, dict[str, Any], int, int, str | None]]:
+        """`chunk()` of many ids in a few queries (a load asks for every chunk of a version at once)."""
+        wanted = list(dict.fromkeys(ids))
+        rows = {}
+        for start in range(0, len(wanted), _BATCH):
+            batch = wanted[start:start + _BATCH]
+            rows.update((r[0], r[1:]) for r in self.db.execute(
+                f"SELECT id, codec, params, raw_size, stored_size, base FROM chunks WHERE id IN "
+                f"({','.join('?' * len(batch))})", batch))
+        for cid in wanted:
+            if cid not in rows:
+                raise FormatError(f"chunk {cid[:12]} is not in the catalogue; the store is corrupt")
+        parsed: dict = {}  # most rows share a few params texts: parse each once (the dicts are only read)
+        return {cid: _chunk_row(cid, rows[cid], parsed) for cid in wanted}
 
     def file_hash(self, cid: str) -> str | None:
         row = self.db.execute("SELECT file_hash FROM chunks WHERE id=?", (cid,)).fetchone()
@@ -220,6 +230,26 @@ class Catalog:
     @staticmethod
     def set_ref(db, model: str, name: str, vid: str) -> None:
         db.execute("INSERT OR REPLACE INTO refs VALUES (?,?,?)", (model, name, vid))
+
+
+_BATCH = 500  # ids per IN (...) query: under SQLite's oldest limit of 999 parameters
+
+
+def _chunk_row(cid: str, row: tuple, parsed: dict | None = None) -> tuple[str, dict[str, Any], int, int, str | None]:
+    """A chunks row checked field by field (rows may be hostile); `parsed` memoises params texts."""
+    codec, text, raw_size, stored_size, base = row
+    if parsed is not None and isinstance(text, str) and text in parsed:
+        params = parsed[text]
+    else:
+        params = _json(text, dict, f"chunk {cid[:12]}'s params")
+        if parsed is not None and isinstance(text, str):
+            parsed[text] = params
+    if (not isinstance(codec, str) or isinstance(raw_size, bool) or not isinstance(raw_size, int)
+            or not 0 <= raw_size <= 1 << 40 or isinstance(stored_size, bool) or not isinstance(stored_size, int)
+            or not 0 <= stored_size <= 1 << 41
+            or not (base is None or (isinstance(base, str) and ID_PATTERN.match(base) and base != cid))):
+        raise FormatError(f"chunk {cid[:12]} has a corrupt catalogue row; run `modelpress store verify`")
+    return codec, params, raw_size, stored_size, base
 
 
 def _json(text: Any, kind: type, what: str) -> Any:

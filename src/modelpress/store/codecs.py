@@ -5,7 +5,10 @@ caller-owned buffer (a slice of the load arena), so decoding allocates no tensor
 Every codec is lossless: decode(encode(x)) == x, byte for byte (property-tested).
 
 Codecs:
-- `raw`    payload = the bytes themselves (fastest to load; used where nothing helps).
+- `raw`    payload = the bytes themselves (used where nothing helps).
+- `aligned` payload = the bytes themselves, at a multiple of `params["align"]` in the chunk file
+           (the zero padding before it belongs to the file layout, see objects.py): a load maps
+           such chunks straight from the page cache instead of copying them (fastest to load).
 - `zstd`   payload = one zstd frame of the bytes (quantised codes, indices, anything).
 - `planes` float byte planes ("columnar"): each element's bits are rotated so the sign moves to
            the lowest bit (the exponent then fills the top byte alone), the elements' bytes are
@@ -32,6 +35,7 @@ import numpy as np
 import zstandard
 
 from modelpress.errors import FormatError, UnsupportedError
+from modelpress.store.objects import ALIGNED, alignment
 
 try:
     from modelpress import _fcodec
@@ -91,6 +95,18 @@ class RawCodec(Codec):
         if len(payload) != len(out):
             raise FormatError(f"raw chunk holds {len(payload)} bytes, the catalogue says {len(out)}")
         out[:] = payload
+
+
+class AlignedCodec(RawCodec):
+    name = ALIGNED
+
+    def encode(self, raw, params, base=None) -> bytes:
+        alignment(params)
+        return bytes(raw)
+
+    def decode_into(self, payload, out, params, base=None) -> None:
+        alignment(params)
+        super().decode_into(payload, out, params)
 
 
 class ZstdCodec(Codec):
@@ -264,7 +280,8 @@ class FansCodec(Codec):
             raise FormatError(f"fans chunk is corrupt: {exc}") from None
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (RawCodec(), ZstdCodec(), PlanesCodec(), XorCodec(), FansCodec())}
+CODECS: dict[str, Codec] = {c.name: c for c in (RawCodec(), AlignedCodec(), ZstdCodec(), PlanesCodec(), XorCodec(),
+                                                  FansCodec())}
 
 
 def codec_for(name: str) -> Codec:

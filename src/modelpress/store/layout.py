@@ -4,6 +4,10 @@ Row-block ("block") layout: a tensor of shape (R, ...) is cut between rows, so e
 whole rows; a chunk's rows decode on their own, which is what partial reads, streaming and
 parallel decoding need, and identical rows in two versions fall into identical chunks when the
 rows before them are identical too. 0-D and 1-D tensors are cut between elements.
+
+Tensors stored with the `aligned` codec are cut so that every chunk but the last holds a multiple
+of PAGE bytes as well as whole rows: a load can then map the chunk files one after another into
+one contiguous tensor (file pages map only at page-aligned addresses).
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import torch
 
 from modelpress.errors import FormatError
 
-__all__ = ["DTYPES", "CHUNK_BYTES", "ALIGN", "dtype_name", "torch_dtype", "split_rows", "tensor_bytes", "aligned"]
+__all__ = ["DTYPES", "CHUNK_BYTES", "ALIGN", "PAGE", "dtype_name", "torch_dtype", "split_rows", "tensor_bytes",
+           "aligned"]
 
 CHUNK_BYTES = 1 << 20  # 1 MiB of raw bytes: enough to compress well, small enough to decode in parallel
 ALIGN = 64  # every tensor in a load arena starts on a 64-byte boundary (cache line, AVX-512)
+PAGE = 4096  # `aligned` chunks: payload offset and size (but the last's) multiples of the x86-64 / common ARM page
+MAX_STEP = 4 * CHUNK_BYTES  # rows whose lcm with PAGE exceeds this are cut by rows alone (loaded by copying)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -41,8 +48,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+_ITEMSIZE = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+
+
 def element_size(name: str) -> int:
-    return torch.empty(0, dtype=torch_dtype(name)).element_size()
+    return _ITEMSIZE[name] if name in _ITEMSIZE else torch_dtype(name).itemsize  # (the latter raises)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -51,12 +61,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES) -> list[tuple[int, int]]:
-    """(offset, length) of each chunk: whole rows (or elements for 0/1-D), about `target` bytes each."""
+def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES,
+               multiple: int = 1) -> list[tuple[int, int]]:
+    """(offset, length) of each chunk: whole rows (or elements for 0/1-D), about `target` bytes each, and a
+    multiple of `multiple` bytes each but the last where rows allow it (their lcm is at most MAX_STEP)."""
     if nbytes == 0:
         return []
-    unit = itemsize * (math.prod(shape[1:]) if len(shape) >= 2 else 1)
-    per_chunk = max(1, target // max(unit, 1)) * unit
+    unit = max(itemsize * (math.prod(shape[1:]) if len(shape) >= 2 else 1), 1)
+    step = math.lcm(unit, multiple)
+    if step > max(MAX_STEP, target):
+        step = unit
+    per_chunk = max(1, target // step) * step
     return [(off, min(per_chunk, nbytes - off)) for off in range(0, nbytes, per_chunk)]
 
 
