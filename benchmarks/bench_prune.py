@@ -41,6 +41,7 @@ ENCODER_LINEARS = {"include": ["model.encoder.*"], "types": ["Linear"]}
 
 
 from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from timing import time_batch_interleaved  # noqa: E402
 
 def encoder_linears(model) -> dict:
     return {n: m for n, m in model.named_modules() if n.startswith("model.encoder.") and
@@ -187,7 +188,7 @@ def bench_latency(encoder, latency_batch, thread_counts, rounds) -> list[dict]:
     rows = []
     for threads in thread_counts:
         load_start = os.getloadavg()[0]
-        wall = time_interleaved(models, latency_batch, threads, rounds)
+        wall = time_batch_interleaved([(ratio, model.encode) for ratio, model in models], latency_batch, threads, rounds)
         load = (load_start, os.getloadavg()[0])
         for ratio, runs in wall.items():
             ratios = [f / r for r, f in zip(runs, wall[0.0])]
@@ -197,24 +198,6 @@ def bench_latency(encoder, latency_batch, thread_counts, rounds) -> list[dict]:
                          "load": load})
             print(rows[-1], flush=True)
     return rows
-
-
-def time_interleaved(models, sentences, threads: int, rounds: int) -> dict:
-    """Wall seconds per model per round; every model runs once per round (after one warm-up each)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for _, model in models:
-            model.encode(sentences)
-        times = {name: [] for name, _ in models}
-        for _ in range(rounds):
-            for name, model in models:
-                start = time.perf_counter()
-                model.encode(sentences)
-                times[name].append(time.perf_counter() - start)
-        return times
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +338,10 @@ def render(args, results: dict) -> str:
         out.append("")
         if latency:
             out += [
-                f"Latency: encoding {args.latency_sentences} sentences (batch 32, tokenisation included), "
-                f"{latency[0]['rounds']} interleaved rounds per thread count. Best-of-N: ratio of the fastest runs "
-                "(other jobs on this shared machine only ever add time); median: median of per-round fp32/pruned "
+                f"Latency: encoding {args.latency_sentences} sentences (batches of 32, tokenisation included), the "
+                f"models taking turns batch by batch, {latency[0]['rounds']} rounds per thread count. Best-of-N: ratio "
+                "of the fastest rounds (other jobs on this shared machine only ever add time); median: median of "
+                "per-round fp32/pruned "
                 "ratios [min-max]. Load average (1 min) at start and end: "
                 + ", ".join(f"{t} thread{'s' * (t > 1)} {loads[t][0]:.1f} -> {loads[t][1]:.1f}" for t in threads) + ".",
                 "",

@@ -77,6 +77,9 @@ class LayerStats:
     abs_sum: torch.Tensor  # (C,) float64: sum over tokens of |x|
     abs_max: torch.Tensor  # (C,) float32: max over tokens of |x|
     tokens: int = 0
+    # per token: max |x| over its batch / max |x| over the token, i.e. how much coarser one activation
+    # range per call is for that token than a range of its own would be (one (N,) tensor per batch)
+    range_ratios: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def empty(cls, channels: int, hessian: bool = True) -> "LayerStats":
@@ -85,6 +88,11 @@ class LayerStats:
             abs_sum=torch.zeros(channels, dtype=torch.float64),
             abs_max=torch.zeros(channels, dtype=torch.float32),
         )
+
+    @property
+    def token_range_ratio(self) -> float:
+        """Median over tokens of range_ratios: 8 means a typical token loses 3 of its 8 bits to the call's range."""
+        return float(torch.cat(self.range_ratios).median()) if self.range_ratios else 1.0
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -100,6 +108,8 @@ class LayerStats:
         if not torch.isfinite(batch_max).all():
             raise _NonFinite()
         self.abs_max = torch.maximum(self.abs_max, batch_max)
+        token_max = torch.linalg.vector_norm(x, float("inf"), dim=1)  # (N,)
+        self.range_ratios.append(token_max.max() / token_max.clamp_min(torch.finfo(torch.float32).tiny))
         self.abs_sum += torch.linalg.vector_norm(x, 1, dim=0).double()
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)  # (C, C), accumulated in place: no (C, C) temporary

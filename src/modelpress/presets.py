@@ -26,20 +26,21 @@ PRESETS: dict[str, dict] = {
              "optional": True},
         ],
     },
-    # W8A8 with SmoothQuant (needs calibration: --calibration 128). Measured on MiniLM
-    # (benchmarks/results_awq_smoothquant.md): the FFN output projections (inputs: GELU outputs,
-    # one-sided and sparse; smoothing them from calibration maxima fails on held-out sentences)
-    # carry most of w8a8's loss, so they stay weight-only int8. The value projections, attention
-    # outputs (folded into the values) and FFN inputs are smoothed with alpha 0.6; smoothing q and
-    # k as well gains nothing measurable and costs two more input multiplies per block.
+    # W8A8 with SmoothQuant (needs calibration; without it a sentence encoder is calibrated on
+    # calibration_sentences(128)). Measured on MiniLM (benchmarks/results_awq_smoothquant.md): the
+    # FFN output projections carry most of w8a8's loss; their inputs (GELU outputs) have a few
+    # tokens with huge activations, which per-channel smoothing from calibration maxima does not
+    # fix on held-out sentences but a range per token does. `activations: auto` gives a range per
+    # token only where calibration shows such tokens (MiniLM: the FFN outputs of blocks 0-3), since
+    # it costs two passes over x. The value projections, attention outputs (folded into the values)
+    # and FFN inputs are smoothed with alpha 0.6; smoothing q and k as well gains nothing measurable
+    # and costs two more input multiplies per block.
     "w8a8-smooth": {
         "name": "w8a8-smooth",
         "stages": [
-            {"pass": "rtn", "targets": {"types": ["Linear"], "include": ["*.layer.*.output.dense"],
-                                        "ignore": ["*.attention.output.dense"]},
-             "config": {"bits": 8, "group_size": "channel"}, "optional": True},
-            {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"group_size": "channel"},
-             "overrides": {pattern: {"smooth_alpha": 0.6} for pattern in
+            {"pass": "dynamic_int8", "targets": {"types": ["Linear"]},
+             "config": {"group_size": "channel", "activations": "auto"},
+             "overrides": {pattern: {"smooth_alpha": 0.6, "activations": "tensor"} for pattern in
                            ("*.attention.self.value", "*.attention.output.dense", "*.intermediate.dense")}},
             {"pass": "rtn", "targets": {"types": ["Embedding"]}, "config": {"bits": 8, "group_size": "channel"},
              "optional": True},

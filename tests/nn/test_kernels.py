@@ -173,6 +173,62 @@ def test_dynamic_int8_error_is_bounded_by_activation_step(granularity, weight_bi
     assert 0.5 < ratio < 2.0
 
 
+def per_token_reference(x: torch.Tensor, W: torch.Tensor, bias, levels: int) -> torch.Tensor:
+    """The per-token kernel by hand: rows scaled to max |x| = 1, one asymmetric uint8 range over all of
+    them (as fbgemm picks it), rounded, scaled back row by row."""
+    m = x.abs().amax(-1, keepdim=True)
+    xn = x / m
+    lo, hi = min(xn.min().item(), 0.0), max(xn.max().item(), 0.0)
+    scale = (hi - lo) / levels
+    zero = round(-lo / scale)
+    xq = (torch.clamp(torch.round(xn / scale) + zero, 0, levels) - zero) * scale
+    y = F.linear(xq, W) * m
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("lead", [pytest.param((32,), id="2d"), pytest.param((4, 8), id="3d")])
+@pytest.mark.parametrize("with_bias", BIAS)
+def test_dynamic_int8_per_token_matches_a_plain_reference(lead, with_bias):
+    scheme = QuantScheme(8, True, "channel")
+    enc = seven_bit(weight(64, 256, 4), scheme)
+    bias = bias_for(64, with_bias)
+    x = inputs(256, lead, seed=5) * torch.logspace(-2, 2, lead[-1]).unsqueeze(-1)  # rows of very different size
+    y = CompressedLinear(enc, bias, Kernel.DYNAMIC_INT8_TOKEN)(x)
+    W = enc.decode()
+    ref = per_token_reference(x, W, bias, 255)
+    assert y.shape == F.linear(x, W).shape
+    # fbgemm and the reference may round a value at a step's midpoint differently: at most one step
+    # of one activation apart, so each row within step * m * sum|W| (and far closer on average).
+    m = x.abs().amax(-1, keepdim=True)
+    xn = x / m
+    step = (max(xn.max().item(), 0.0) - min(xn.min().item(), 0.0)) / 255
+    assert bool(((y - ref).abs() <= step * m * W.abs().sum(1) + 1e-5 * ref.abs().max()).all())
+    assert (y - ref).abs().mean() < 0.05 * (y - F.linear(x, W, bias)).abs().mean() + 1e-6
+
+
+def test_dynamic_int8_per_token_keeps_small_tokens_accurate_next_to_a_huge_one():
+    """One token 1000x larger than the rest coarsens a per-call range for every token; a range per token
+    does not."""
+    enc = seven_bit(weight(64, 256, 4), QuantScheme(8, True, "channel"))
+    x = inputs(256, (16,), seed=7)
+    x[0] *= 1000
+    exact = F.linear(x, enc.decode())
+    rel = {}
+    for kernel in (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN):
+        err = (CompressedLinear(enc, None, kernel)(x) - exact)[1:]
+        rel[kernel] = (err.norm() / exact[1:].norm()).item()
+    assert rel[Kernel.DYNAMIC_INT8_TOKEN] < 0.02 < rel[Kernel.DYNAMIC_INT8]
+
+
+def test_dynamic_int8_per_token_handles_all_zero_tokens():
+    enc = seven_bit(weight(16, 64), QuantScheme(8, True, "channel"))
+    bias = bias_for(16, True)
+    x = inputs(64, (3,))
+    x[1] = 0
+    y = CompressedLinear(enc, bias, Kernel.DYNAMIC_INT8_TOKEN)(x)
+    assert torch.isfinite(y).all() and torch.equal(y[1], bias)
+
+
 # ---------------------------------------------------------------- capability table
 
 CAPABILITY = [
@@ -244,7 +300,7 @@ def test_unsupported_kernel_raises_config_error(kernel, name):
         prepare(kernel, enc)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "int8_mm", "int4_mm", "dynamic_int8", "decode"])
+@pytest.mark.parametrize("kernel", ["dense", "int8_mm", "int4_mm", "dynamic_int8", "dynamic_int8_token", "decode"])
 def test_supported_kernels_prepare(kernel):
     enc = {"int4_mm": TABLE_ENCODINGS["int4-asym-g32"]}.get(kernel, TABLE_ENCODINGS["int8-sym-channel"])()
     fn = prepare(Kernel(kernel), enc)

@@ -243,3 +243,29 @@ def test_unknown_architecture_is_refused_unless_explicit():
 def test_group_size_that_does_not_divide_fails_before_calibration():
     with pytest.raises(ConfigError, match="does not divide"):
         compress(tiny_bert(), recipe(group_size=24))  # no calibration given: the group check comes first
+
+
+# ---------------------------------------------------------------------------------------------- the real MiniLM
+
+
+@pytest.mark.slow
+def test_minilm_awq_beats_rtn_and_saves_and_loads(minilm, tmp_path):
+    import modelpress
+    from modelpress.calibration import calibration_sentences
+    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.evaluate.fidelity import fidelity
+
+    def stage(pass_name: str) -> dict:  # blocks 0 and 5 only, so the test stays short
+        return {"stages": [{"pass": pass_name, "targets": {"types": ["Linear"], "include": [
+            "model.encoder.layer.0.*", "model.encoder.layer.5.*"]}, "config": {
+            "bits": 3, "symmetric": False, "group_size": 64, "search": "mse", **({"grid": 10} if pass_name == "awq" else {})}}]}
+
+    sentences = list(corpus_splits(n_eval=100, n_calib=1).evaluation)
+    reference = minilm.encode(sentences)
+    awq = compress(copy.deepcopy(minilm), stage("awq"), calibration=calibration_sentences(16))
+    rtn = compress(copy.deepcopy(minilm), stage("rtn"))
+    got = awq.encode(sentences)
+    assert fidelity(reference, got, n_queries=50).mean_cosine > fidelity(reference, rtn.encode(sentences),
+                                                                         n_queries=50).mean_cosine
+    reloaded = modelpress.load(modelpress.save(awq, tmp_path / "awq3"))
+    assert torch.equal(reloaded.encode(sentences), got)

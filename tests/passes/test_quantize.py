@@ -317,6 +317,7 @@ def test_progress_and_log():
         ({"group_size": "row"}, "group_size 'row' is not valid"),
         ({"search": "foo"}, "'foo' is not a valid RangeSearch"),
         ({"kernel": "dynamic_int8"}, "use the dynamic_int8 pass for W8A8"),
+        ({"kernel": "dynamic_int8_token"}, "use the dynamic_int8 pass for W8A8"),
     ],
 )
 def test_rtn_config_validation(kwargs, message):

@@ -21,7 +21,7 @@ from modelpress.nn import CompressedLinear, Kernel
 from modelpress.nn.kernels import prepare, supports
 from modelpress.passes import DynamicInt8Config, PassContext, RangeSearch, Target
 from modelpress.passes.channel_scales import Absorber, Site, input_multiply, migrate
-from modelpress.passes.quantize import quantize_weight, smooth, smooth_scale
+from modelpress.passes.quantize import TOKEN_RANGE_RATIO, measure_inputs, quantize_weight, smooth, smooth_scale
 from modelpress.recipe import Recipe
 
 transformers = pytest.importorskip("transformers")
@@ -103,7 +103,8 @@ def test_scales_match_the_formula_on_hooked_activations():
     model = tiny_bert()
     x_max = hooked_abs_max(model, batches())
     w_max = {n: model.get_submodule(n).weight.detach().abs().amax(0) for n in linears(model)}
-    inverses = smooth(model, targets(model, 0.5), PassContext(calibration=batches()))
+    ts = targets(model, 0.5)
+    inverses = smooth(model, ts, measure_inputs(model, ts, PassContext(calibration=batches())))
     folded = "encoder.layer.0.attention.output.dense"
     assert folded not in inverses and len(inverses) == len(linears(model)) - 2  # two attention outputs fold into v
     for name, inverse in inverses.items():
@@ -114,7 +115,8 @@ def test_scales_match_the_formula_on_hooked_activations():
 def test_smoothing_alone_leaves_the_float_model_unchanged():
     model = tiny_bert()
     reference = [run(model, b) for b in batches(2, seed=5)]
-    inverses = smooth(model, targets(model, 0.8), PassContext(calibration=batches()))
+    ts = targets(model, 0.8)
+    inverses = smooth(model, ts, measure_inputs(model, ts, PassContext(calibration=batches())))
     for name, inverse in inverses.items():
         input_multiply(model, name, inverse)
     for b, expected in zip(batches(2, seed=5), reference):
@@ -246,6 +248,59 @@ def test_layers_sharing_an_absorber_must_share_alpha():
     assert "smoothed (alpha 0.7)" in " ".join(done.modelpress_log)
 
 
+def test_per_token_activations_choose_the_per_token_kernel_and_survive_save_and_load(tmp_path):
+    stage = {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"smooth_alpha": None},
+             "overrides": {"*.output.dense": {"activations": "token"}, "*.attention.output.dense": {"activations": "tensor"}}}
+    model = compress(tiny_bert(), {"stages": [stage]})
+    kernels = {n: m.kernel for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    assert {n for n, k in kernels.items() if k is Kernel.DYNAMIC_INT8_TOKEN} == {
+        f"encoder.layer.{i}.output.dense" for i in range(2)}
+    assert sum("a range per token" in line for line in model.modelpress_log) == 2
+    reloaded = load(save(model, tmp_path / "token"), model=tiny_bert(seed=3))
+    assert reloaded.encoder.layer[0].output.dense.kernel is Kernel.DYNAMIC_INT8_TOKEN
+    for b in batches(2, seed=4):
+        assert torch.equal(run(reloaded, b), run(model, b))
+
+
+def test_auto_activations_give_a_range_per_token_where_calibration_shows_outlier_tokens():
+    """An input whose tokens differ in size by 100x gets a range per token; one of even tokens does not."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.even, self.spiky = nn.Linear(16, 8), nn.Linear(16, 8)
+
+        def forward(self, x):
+            spikes = torch.ones(x.shape[0], 1)
+            spikes[::8] = 100.0  # one token in eight is 100x larger
+            return self.even(x) + self.spiky(x * spikes)
+
+    torch.manual_seed(0)
+    calibration = [torch.randn(32, 16) for _ in range(3)]
+    stage = {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"activations": "auto"}}
+    model = compress(TwoInputs(), {"stages": [stage]}, calibration=calibration)
+    assert model.spiky.kernel is Kernel.DYNAMIC_INT8_TOKEN and model.even.kernel is Kernel.DYNAMIC_INT8
+    log = " ".join(model.modelpress_log)
+    assert "spiky: W8A8 dynamic" in log and "activations auto: call range" in log
+
+
+def test_token_range_ratio_is_the_median_of_batch_max_over_token_max():
+    from modelpress.calibration import LayerStats
+
+    stats = LayerStats.empty(2, hessian=False)
+    stats.update(torch.tensor([[1.0, -2.0], [0.5, 0.0], [-8.0, 1.0]]))  # token maxima 2, 0.5, 8: ratios 4, 16, 1
+    assert stats.token_range_ratio == 4.0
+    stats.update(torch.tensor([[3.0, 3.0]]))  # alone in its batch: 1
+    assert stats.token_range_ratio == 1.0  # median of (1, 1, 4, 16): torch takes the lower middle
+    assert TOKEN_RANGE_RATIO > 1
+
+
+@pytest.mark.parametrize("activations", ["row", "", None, ["token"]])
+def test_invalid_activation_ranges_are_a_config_error(activations):
+    with pytest.raises(ConfigError, match="activations .* use 'tensor'"):
+        DynamicInt8Config(activations=activations)
+
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, True, "half"])
 def test_invalid_alpha_is_a_config_error(alpha):
     with pytest.raises(ConfigError, match="smooth_alpha"):
@@ -271,7 +326,8 @@ def test_minilm_w8a8_smooth_preset_saves_and_loads(minilm, tmp_path):
     reloaded = modelpress.load(modelpress.save(model, tmp_path / "w8a8s"))
     assert torch.equal(reloaded.encode(sentences), got)
     assert isinstance(reloaded.model.encoder.layer[0].intermediate.dense.encoding, ChannelScaledTensor)
-    assert reloaded.model.encoder.layer[0].output.dense.resolved_kernel is not Kernel.DYNAMIC_INT8  # weight-only
+    assert reloaded.model.encoder.layer[0].output.dense.kernel is Kernel.DYNAMIC_INT8_TOKEN  # FFN output
+    assert reloaded.model.encoder.layer[0].attention.output.dense.kernel is Kernel.DYNAMIC_INT8
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from modelpress.calibration import LayerStats, run_blockwise
 from modelpress.encodings import QuantizedTensor, QuantScheme
 from modelpress.errors import ConfigError
 from modelpress.nn import CompressedLinear, Kernel
+from modelpress.nn.kernels import ACTIVATION_KERNELS
 from modelpress.passes.base import PassContext, Target, register_pass
 from modelpress.passes.channel_scales import FoldMode, Site, migrate, share_groups, target_sites, with_input_scale
 from modelpress.passes.gptq import _one_thread
@@ -61,8 +62,8 @@ class AWQConfig:
         object.__setattr__(self, "search", RangeSearch(self.search))
         object.__setattr__(self, "fold", FoldMode(self.fold))
         object.__setattr__(self, "kernel", Kernel(self.kernel))
-        if self.kernel is Kernel.DYNAMIC_INT8:
-            raise ConfigError("kernel dynamic_int8 quantises activations: AWQ is weight-only, use kernel auto")
+        if self.kernel in ACTIVATION_KERNELS:
+            raise ConfigError(f"kernel {self.kernel.value} quantises activations: AWQ is weight-only, use kernel auto")
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 1000:
             raise ConfigError(f"grid {self.grid!r} is not valid: use a number of alphas between 1 and 1000 (e.g. 20)")
         if self.version != 1:

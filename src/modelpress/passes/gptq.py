@@ -36,6 +36,7 @@ from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, _grouped, mi
 from modelpress.encodings.range_search import mse_params
 from modelpress.errors import CalibrationError, ConfigError
 from modelpress.nn import CompressedLinear, Kernel
+from modelpress.nn.kernels import ACTIVATION_KERNELS
 from modelpress.passes.base import PassContext, Target, register_pass
 from modelpress.passes.quantize import RangeSearch
 
@@ -61,8 +62,8 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "search", RangeSearch(self.search))
         object.__setattr__(self, "kernel", Kernel(self.kernel))
-        if self.kernel is Kernel.DYNAMIC_INT8:
-            raise ConfigError("kernel dynamic_int8 quantises activations: GPTQ is weight-only, use kernel auto")
+        if self.kernel in ACTIVATION_KERNELS:
+            raise ConfigError(f"kernel {self.kernel.value} quantises activations: GPTQ is weight-only, use kernel auto")
         if self.scheme.group_size == PER_TENSOR:
             raise ConfigError("GPTQ takes group_size 'channel' or a positive integer, not 'tensor'")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp <= 1:

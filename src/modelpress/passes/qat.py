@@ -46,6 +46,7 @@ from modelpress.encodings.quantized import PARAM_DTYPE, _grouped, as_matrix, min
 from modelpress.encodings.range_search import mse_params
 from modelpress.errors import ConfigError
 from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
+from modelpress.nn.kernels import ACTIVATION_KERNELS
 from modelpress.nn.conv import CONV_GEOMETRY, conv_geometry
 from modelpress.passes.base import PassContext, Target, register_pass
 from modelpress.passes.quantize import RangeSearch
@@ -82,8 +83,8 @@ class QATConfig:
                 raise ConfigError(
                     f"{name} {getattr(self, name)!r} is not valid: use one of {[e.value for e in enum_type]}"
                 ) from None
-        if self.kernel is Kernel.DYNAMIC_INT8:
-            raise ConfigError("QAT trains weight-only quantisation: kernel dynamic_int8 would change the numerics")
+        if self.kernel in ACTIVATION_KERNELS:
+            raise ConfigError(f"QAT trains weight-only quantisation: kernel {self.kernel.value} would change the numerics")
         if self.version != 1:
             raise ConfigError(f"QAT config version {self.version!r} is not supported: use 1")
         self.scheme  # validates bits, symmetry (no 2-bit symmetric) and group size
