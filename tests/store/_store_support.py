@@ -84,6 +84,7 @@ def small_chunks() -> None:
     from modelpress.store import layout
 
     layout.split_rows = functools.partial(layout.split_rows, target=SMALL_CHUNK)
+    layout.ALIGNED_CHUNK_BYTES = SMALL_CHUNK
 
 
 def _die() -> None:

@@ -29,6 +29,7 @@ def small_chunks(monkeypatch):
 
     def use(target: int = 2048) -> None:
         monkeypatch.setattr(layout, "split_rows", functools.partial(_SPLIT_ROWS, target=target))
+        monkeypatch.setattr(layout, "ALIGNED_CHUNK_BYTES", target)
 
     use()
     return use

@@ -111,7 +111,18 @@ def test_rows_too_odd_for_pages_fall_back_to_row_cuts():
     assert all(length % unit == 0 for _, length in spans) and spans == layout.split_rows(unit * 100, (100, 30011), 4)
 
 
-def test_aligned_tensors_are_cut_in_page_multiples_and_never_stored_as_deltas(store):
+def test_aligned_chunks_are_larger_than_compressed_ones(store):
+    """Mapped chunks cost system calls, not decoding: fewer, larger ones (ALIGNED_CHUNK_BYTES)."""
+    w = torch.randn(8192, 384)  # 12 MiB
+    vid = store.put({"a": w, "c": w + 1}, "m", codecs={"a": "aligned", "c": "zstd"})
+    sizes = {t.name: [store.catalog.chunk(c)[2] for c in t.chunks] for t in store.catalog.tensors(vid)}
+    assert max(sizes["a"]) > layout.CHUNK_BYTES >= max(sizes["c"])
+    assert all(n <= layout.ALIGNED_CHUNK_BYTES and n % 4096 == 0 for n in sizes["a"][:-1])
+    assert_identical(store.get("m"), {"a": w, "c": w + 1})
+
+
+def test_aligned_tensors_are_cut_in_page_multiples_and_never_stored_as_deltas(store, monkeypatch):
+    monkeypatch.setattr(layout, "ALIGNED_CHUNK_BYTES", 1 << 20)
     parent = state()
     v1 = store.put(parent, "m", codecs={"*": "aligned"})
     child = {**parent, "emb": parent["emb"] + 1e-6}  # a delta would be far smaller: it must not be used

@@ -23,6 +23,9 @@ __all__ = ["DTYPES", "CHUNK_BYTES", "ALIGN", "PAGE", "dtype_name", "torch_dtype"
            "aligned"]
 
 CHUNK_BYTES = 1 << 20  # 1 MiB of raw bytes: enough to compress well, small enough to decode in parallel
+# `aligned` tensors are mapped, not decoded: each chunk costs a file's worth of system calls and a
+# mapping, so they get fewer, larger chunks (measured on MiniLM: 6-8 ms less per load than 1 MiB)
+ALIGNED_CHUNK_BYTES = 8 << 20
 ALIGN = 64  # every tensor in a load arena starts on a 64-byte boundary (cache line, AVX-512)
 PAGE = 4096  # `aligned` chunks: payload offset and size (but the last's) multiples of the x86-64 / common ARM page
 MAX_STEP = 4 * CHUNK_BYTES  # rows whose lcm with PAGE exceeds this are cut by rows alone (loaded by copying)

@@ -221,7 +221,8 @@ class Store:
         shape = tuple(tensor.shape)
         raw = layout.tensor_bytes(tensor)
         width = tensor.element_size()
-        spans = layout.split_rows(len(raw), shape, width, multiple=layout.PAGE if codec == ALIGNED else 1)
+        aligned = {"target": layout.ALIGNED_CHUNK_BYTES, "multiple": layout.PAGE} if codec == ALIGNED else {}
+        spans = layout.split_rows(len(raw), shape, width, **aligned)
         if codec is None:
             codec = self._choose_codec(raw[: spans[0][1]] if spans else raw, dtype, width)
         params = {"width": width} if codec in WIDTH_CODECS else {}
