@@ -108,7 +108,7 @@ class LayerStats:
         if not torch.isfinite(batch_max).all():
             raise _NonFinite()
         self.abs_max = torch.maximum(self.abs_max, batch_max)
-        token_max = torch.linalg.vector_norm(x, float("inf"), dim=1)  # (N,)
+        token_max = torch.maximum(x.amax(1), x.amin(1).neg_())  # (N,) max |x|: two fast reductions, no |x| copy
         self.range_ratios.append(token_max.max() / token_max.clamp_min(torch.finfo(torch.float32).tiny))
         self.abs_sum += torch.linalg.vector_norm(x, 1, dim=0).double()
         if self.hessian is not None:

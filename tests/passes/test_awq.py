@@ -23,6 +23,8 @@ from modelpress.recipe import Recipe
 
 transformers = pytest.importorskip("transformers")
 
+from _tiny_bert import bert_batches, run, tiny_bert  # noqa: E402
+
 
 def outlier_inputs(n: int = 256, c: int = 64, seed: int = 0, outliers=(3, 17, 40)) -> torch.Tensor:
     """(n, c) activations where a few channels are 20-50x larger than the rest (as in transformers)."""
@@ -127,26 +129,8 @@ def test_invalid_config_in_a_recipe_is_a_recipe_error():
 # ---------------------------------------------------------------------------------------------- the pass on a tiny BERT
 
 
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, initializer_range=0.2)
-    return transformers.BertModel(config).eval()
-
-
 def batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(4, 12, dtype=torch.long)
-        mask[0, 8:] = 0
-        out.append({"input_ids": torch.randint(0, 100, (4, 12), generator=g), "attention_mask": mask})
-    return out
-
-
-def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).last_hidden_state
+    return bert_batches(n, seed)
 
 
 def recipe(**config) -> dict:

@@ -28,16 +28,10 @@ from modelpress.passes.channel_scales import (
 
 transformers = pytest.importorskip("transformers")
 
+from _tiny_bert import tiny_bert  # noqa: E402
+
 BERT_LOCAL = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
               "intermediate.dense", "output.dense"]
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    """A 2-layer BertModel (hidden 32, 2 heads, FFN 64) with weights large enough to make attention non-uniform."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, initializer_range=0.2)
-    return transformers.BertModel(config).eval()
 
 
 def bert_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
