@@ -35,6 +35,7 @@ import torch
 import modelpress
 from modelpress.store import Store
 from modelpress.store import codecs as store_codecs
+from modelpress.store.arena import Arena
 from modelpress.store.layout import CHUNK_BYTES
 
 HERE = Path(__file__).resolve().parent
@@ -79,8 +80,8 @@ def codec_rows(repeats: int) -> list[dict]:
         codec = store_codecs.codec_for(name)
         params = {"width": width}
         payloads = [codec.encode(p, params) for p in pieces]
-        out = bytearray(len(raw))
-        view = memoryview(out)
+        arena = Arena(len(raw), len(raw))  # decode where the store's loader does: a fresh page-aligned arena
+        out, view = arena.view, arena.view
 
         def decode(pool=None):
             offsets = [i * CHUNK_BYTES for i in range(len(pieces))]

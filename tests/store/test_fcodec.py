@@ -8,6 +8,7 @@ the C code cannot drift apart; the AVX2 and scalar paths must write identical pa
 from __future__ import annotations
 
 import bisect
+import mmap
 import subprocess
 import sys
 import textwrap
@@ -354,6 +355,40 @@ def test_joint_planes_joined_while_decoding_match_the_scalar_path(dtype, n, requ
         assert reference_decode(payload, WIDTH[dtype]) == raw
     request.getfixturevalue("scalar_only")
     assert decode(payload, len(raw), WIDTH[dtype]) == raw
+
+
+def decode_at(payload: bytes, size: int, width: int, misalign: int) -> bytes:
+    """Decode into page-aligned memory (plus `misalign` bytes), as the store's loader does into its arena."""
+    with mmap.mmap(-1, size + 64) as buffer:
+        view = memoryview(buffer)
+        try:
+            FANS.decode_into(memoryview(payload), view[misalign:misalign + size], {"width": width})
+            return bytes(view[misalign:misalign + size])
+        finally:
+            view.release()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "bytes"])
+def test_large_outputs_streamed_past_the_cache_match_plain_stores(dtype, request):
+    """Outputs of 256 KiB or more on a 32-byte boundary are written with non-temporal stores; a misaligned
+    output, the scalar path and the reference reader must all agree with them, tails included."""
+    n = (1 << 18) // 2 + 8 * BLOCK + 37
+    x = np.random.default_rng(n).normal(0, 0.04, n)
+    if dtype == "float16":  # plane 0 order-0, plane 1 stored: joined as decoded
+        raw, width = fp16_with_low_plane(n, "raw"), 2
+    elif dtype == "bytes":
+        raw, width = np.minimum(rng.geometric(0.3, 2 * n), 255).astype(np.uint8).tobytes(), 1
+    elif dtype == "float32":  # joint planes (top two mantissa bits cleared so that the joint mode pays)
+        raw, width = (x.astype(np.float32).view(np.uint32) & np.uint32(~(3 << 21) & 0xFFFFFFFF)).tobytes(), 4
+    else:
+        raw, width = (bf16_bits(x) & np.uint16(~(3 << 5) & 0xFFFF)).tobytes(), 2
+    payload = encode(raw, width)
+    assert plane_modes(payload, width)[0] == {"float16": ORDER0, "bytes": ORDER0}.get(dtype, JOINT)
+    assert len(raw) >= 1 << 18
+    assert decode_at(payload, len(raw), width, 0) == raw
+    assert decode_at(payload, len(raw), width, 16) == raw
+    request.getfixturevalue("scalar_only")
+    assert decode_at(payload, len(raw), width, 0) == raw
 
 
 # ---------------------------------------------------------------- how small
