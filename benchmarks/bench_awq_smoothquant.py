@@ -177,7 +177,7 @@ def part_w8a8(args) -> str:
     for row in rows:
         ratios = [t / b for t, b in zip(times[row["name"]], base[row["name"]])]
         row["latency_s"], row["ratio"], row["range"] = statistics.median(times[row["name"]]), statistics.median(ratios), (min(ratios), max(ratios))
-        print(f"{row['name']:60s} {row['ratio']:.2f}x [{row['range'][0]:.2f}-{row['range'][1]:.2f}]", flush=True)
+        print(f"{row['name']:60s} {row['ratio']:.3f}x [{row['range'][0]:.3f}-{row['range'][1]:.3f}]", flush=True)
     return render_w8a8(rows, args, statistics.median(base[rows[0]["name"]]), load_start, os.getloadavg()[0])
 
 
@@ -211,7 +211,7 @@ def render_w8a8(rows, args, fp32_median: float, load_start: float, load_end: flo
     if smooth and smooth["fidelity"]:
         cos, ratio = smooth["fidelity"]["mean_cosine"], smooth["ratio"]
         lines += ["", f"- w8a8-smooth mean cosine {cos:.4f} >= 0.99: {'yes' if cos >= 0.99 else 'NO'}; latency "
-                      f"{ratio:.2f}x fp32 <= 0.75x in the same run: {'yes' if ratio <= 0.75 else 'NO'} "
+                      f"{ratio:.3f}x fp32 <= 0.75x in the same run: {'yes' if ratio <= 0.75 else 'NO'} "
                       f"(worst round {smooth['range'][1]:.2f}x)"]
     return "\n".join(lines)
 

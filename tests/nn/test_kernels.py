@@ -175,33 +175,39 @@ def test_dynamic_int8_error_is_bounded_by_activation_step(granularity, weight_bi
 
 def per_token_reference(x: torch.Tensor, W: torch.Tensor, bias, levels: int) -> torch.Tensor:
     """The per-token kernel by hand: rows scaled to max |x| = 1, one asymmetric uint8 range over all of
-    them (as fbgemm picks it), rounded, scaled back row by row."""
+    them (as fbgemm picks it: `levels` steps from min to max), rounded, scaled back row by row. Codes are
+    uint8: with 127 levels the top value may round to code 128, which is kept."""
     m = x.abs().amax(-1, keepdim=True)
-    xn = x / m
+    xn = x * m.reciprocal()  # as the kernel scales (x / m can differ by an ulp and round the other way)
     lo, hi = min(xn.min().item(), 0.0), max(xn.max().item(), 0.0)
     scale = (hi - lo) / levels
     zero = round(-lo / scale)
-    xq = (torch.clamp(torch.round(xn / scale) + zero, 0, levels) - zero) * scale
+    xq = (torch.clamp(torch.round(xn / scale) + zero, 0, 255) - zero) * scale
     y = F.linear(xq, W) * m
     return y if bias is None else y + bias
 
 
 @pytest.mark.parametrize("lead", [pytest.param((32,), id="2d"), pytest.param((4, 8), id="3d")])
 @pytest.mark.parametrize("with_bias", BIAS)
-def test_dynamic_int8_per_token_matches_a_plain_reference(lead, with_bias):
+@pytest.mark.parametrize("weight_bits", [7, 8])
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_dynamic_int8_per_token_matches_a_plain_reference(lead, with_bias, weight_bits, shift):
+    """`shift` skews x positive (as after GELU): the range must then be the rows' real one, not [-1, 1]."""
     scheme = QuantScheme(8, True, "channel")
-    enc = seven_bit(weight(64, 256, 4), scheme)
+    w = weight(64, 256, 4)
+    enc = seven_bit(w, scheme) if weight_bits == 7 else quantize(w, scheme)
+    levels = 255 if weight_bits == 7 else 127
     bias = bias_for(64, with_bias)
-    x = inputs(256, lead, seed=5) * torch.logspace(-2, 2, lead[-1]).unsqueeze(-1)  # rows of very different size
+    x = (inputs(256, lead, seed=5) + shift) * torch.logspace(-2, 2, lead[-1]).unsqueeze(-1)  # rows of very different size
     y = CompressedLinear(enc, bias, Kernel.DYNAMIC_INT8_TOKEN)(x)
     W = enc.decode()
-    ref = per_token_reference(x, W, bias, 255)
+    ref = per_token_reference(x, W, bias, levels)
     assert y.shape == F.linear(x, W).shape
     # fbgemm and the reference may round a value at a step's midpoint differently: at most one step
     # of one activation apart, so each row within step * m * sum|W| (and far closer on average).
     m = x.abs().amax(-1, keepdim=True)
     xn = x / m
-    step = (max(xn.max().item(), 0.0) - min(xn.min().item(), 0.0)) / 255
+    step = (max(xn.max().item(), 0.0) - min(xn.min().item(), 0.0)) / levels
     assert bool(((y - ref).abs() <= step * m * W.abs().sum(1) + 1e-5 * ref.abs().max()).all())
     assert (y - ref).abs().mean() < 0.05 * (y - F.linear(x, W, bias)).abs().mean() + 1e-6
 
@@ -227,6 +233,19 @@ def test_dynamic_int8_per_token_handles_all_zero_tokens():
     x[1] = 0
     y = CompressedLinear(enc, bias, Kernel.DYNAMIC_INT8_TOKEN)(x)
     assert torch.isfinite(y).all() and torch.equal(y[1], bias)
+
+
+def test_dynamic_int8_per_token_takes_no_tokens_and_non_finite_ones():
+    """An empty batch gives an empty output; a NaN or inf token gives a non-finite row (as the per-call
+    kernel's output does), not an exception from choosing the range."""
+    enc = seven_bit(weight(16, 64), QuantScheme(8, True, "channel"))
+    layer = CompressedLinear(enc, bias_for(16, True), Kernel.DYNAMIC_INT8_TOKEN)
+    assert layer(torch.zeros(0, 64)).shape == (0, 16)
+    assert layer(torch.zeros(2, 0, 64)).shape == (2, 0, 16)
+    for bad in (float("nan"), float("inf")):
+        x = inputs(64, (3,))
+        x[1, 5] = bad
+        assert not torch.isfinite(layer(x)).all()
 
 
 # ---------------------------------------------------------------- capability table
