@@ -504,6 +504,35 @@ def run_blockwise(
             m.train(mode)
 
 
+def release_free_memory() -> None:
+    """Hand memory the allocator holds but no tensor uses back to the system (glibc's malloc_trim).
+
+    Each block's Hessians, activations and GPTQ work buffers are freed when the block is done, but
+    glibc keeps freed heap pages resident, and the next block's differently sized buffers land
+    beside them: without this, peak resident memory during a calibrated pass grew by 124-207 MB
+    from run to run on MiniLM (2x its 91 MB weights is the budget). No-op off glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _TRIM.append(getattr(libc, "malloc_trim", None))
+        except OSError:
+            _TRIM.append(None)
+    return _TRIM[0]
+
+
 @dataclass
 class _Walk:
     """One calibration run over a model: its batches, its targets, and what to do with their statistics."""
@@ -536,6 +565,7 @@ class _Walk:
                 self.block(blocks[i], inside[i], inputs)
             if i < last:  # the processed block's outputs are the next block's inputs
                 inputs = [_with_hidden(*x, _first_tensor(_run_block(blocks[i], x, j))) for j, x in enumerate(inputs)]
+            release_free_memory()
         handled = {n for group in inside for n in group}
         return [n for n in names if n not in handled]
 
