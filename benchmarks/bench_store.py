@@ -81,7 +81,7 @@ def codec_rows(repeats: int) -> list[dict]:
         params = {"width": width}
         payloads = [codec.encode(p, params) for p in pieces]
         arena = Arena(len(raw), len(raw))  # decode where the store's loader does: a fresh page-aligned arena
-        out, view = arena.view, arena.view
+        view = arena.view
 
         def decode(pool=None):
             offsets = [i * CHUNK_BYTES for i in range(len(pieces))]
@@ -113,7 +113,7 @@ def codec_rows(repeats: int) -> list[dict]:
         ours_c, ours_d1, ours_d2 = best["ours_c"], best["ours_d1"], best["ours_d2"]
         zip_c, zip_d1, zip_d2 = best["zip_c"], best["zip_d1"], best["zip_d2"]
         zstd_c, zstd_d = best["zstd_c"], best["zstd_d"]
-        assert bytes(out) == raw, "modelpress codec round trip failed"
+        assert bytes(view) == raw, "modelpress codec round trip failed"
         ours_ratio = len(raw) / sum(len(p) for p in payloads)
         mb = len(raw) / 1e6
         rows += [

@@ -13,28 +13,19 @@ from modelpress.compress import compress
 from modelpress.recipe import Recipe
 from test_sensitivity import LAYERS, SENSITIVE, toy_encoder, toy_sentences  # the toy encoder, one sensitive layer
 
-TOY_RECIPE = """name: toy4
-stages:
-  - pass: rtn
-    targets: {types: [Linear]}
-    config: {bits: 4, symmetric: false, group_size: 16, search: minmax}
-  - pass: rtn
-    targets: {types: [Embedding]}
-    config: {bits: 4, symmetric: false, group_size: 32, search: minmax}
-"""
+def rtn4_recipe(name: str, linear_group: int, embedding_group: int) -> str:
+    """A YAML recipe: min-max 4-bit asymmetric RTN on Linear and Embedding layers, groups as given."""
+    stages = "".join(f"""  - pass: rtn
+    targets: {{types: [{types}]}}
+    config: {{bits: 4, symmetric: false, group_size: {group}, search: minmax}}
+""" for types, group in (("Linear", linear_group), ("Embedding", embedding_group)))
+    return f"name: {name}\nstages:\n{stages}"
 
 
+TOY_RECIPE = rtn4_recipe("toy4", 16, 32)
 # The int4 preset's shape with min-max ranges: its MSE range search would spend minutes re-quantising
 # MiniLM's 40 layers for the per-layer table without testing anything more.
-MINILM_RECIPE = """name: minilm4
-stages:
-  - pass: rtn
-    targets: {types: [Linear]}
-    config: {bits: 4, symmetric: false, group_size: 32, search: minmax}
-  - pass: rtn
-    targets: {types: [Embedding]}
-    config: {bits: 4, symmetric: false, group_size: 64, search: minmax}
-"""
+MINILM_RECIPE = rtn4_recipe("minilm4", 32, 64)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from modelpress._libc import libc
 from modelpress.errors import CalibrationError, ModelpressError
 
 __all__ = [
@@ -517,20 +518,8 @@ def release_free_memory() -> None:
         trim(0)
 
 
-_TRIM: list = []
-
-
 def _malloc_trim():
-    if not _TRIM:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _TRIM.append(getattr(libc, "malloc_trim", None))
-        except OSError:
-            _TRIM.append(None)
-    return _TRIM[0]
+    return getattr(libc(), "malloc_trim", None)
 
 
 @dataclass

@@ -174,11 +174,15 @@ def _prepare_dynamic_int8_per_token(enc: QuantizedTensor, bias: torch.Tensor | N
     """
     packed, reduce_range = _pack_int8(enc, None)
     levels = 127 if reduce_range else 255
+    quantized = torch.ops.quantized
 
-    def run(x2: torch.Tensor, step: float, zero: int) -> torch.Tensor:
+    def gemm(top: float, bottom: float) -> Prepared:
+        """(scaled x) W^T on fbgemm, for scaled activations spanning [bottom, top]."""
+        step = (top - bottom) / levels or 1.0
         if not math.isfinite(step):  # inf or NaN in x: let fbgemm's own scan decide, as the per-call kernel does
-            return torch.ops.quantized.linear_dynamic(x2, packed, reduce_range)
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, step, zero, packed)
+            return lambda x2: quantized.linear_dynamic(x2, packed, reduce_range)
+        zero = min(max(round(-bottom / step), 0), levels)
+        return lambda x2: quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x2, step, zero, packed)
 
     def per_token(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -188,9 +192,7 @@ def _prepare_dynamic_int8_per_token(enc: QuantizedTensor, bias: torch.Tensor | N
         m = torch.maximum(hi, lo.neg()).clamp_min_(torch.finfo(torch.float32).tiny)  # max |x| per row, (..., 1)
         r = m.reciprocal()
         top, bottom = max(float((hi * r).max()), 0.0), min(float((lo * r).min()), 0.0)  # the scaled rows' range
-        step = (top - bottom) / levels or 1.0
-        zero = min(max(round(-bottom / step), 0), levels) if math.isfinite(step) else 0
-        y = _flat(x * r, lambda x2: run(x2, step, zero))
+        y = _flat(x * r, gemm(top, bottom))
         return y.mul_(m) if bias is None else torch.addcmul(bias, y, m)
 
     return per_token

@@ -17,11 +17,12 @@ is how models are usually loaded.)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 
 import torch
+
+from modelpress._libc import libc
 
 __all__ = ["Arena", "PAGE", "can_map"]
 
@@ -33,9 +34,8 @@ def _libc_mmap():
     """libc's mmap, or None where it cannot be called (not a POSIX system, no ctypes libc)."""
     if os.name != "posix" or not all(hasattr(mmap, f) for f in ("MAP_PRIVATE", "PROT_READ", "PROT_WRITE")):
         return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mmap
-    except (OSError, AttributeError):
+    fn = getattr(libc(), "mmap", None)
+    if fn is None:
         return None
     fn.restype = ctypes.c_void_p
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]

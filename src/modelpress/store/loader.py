@@ -20,6 +20,7 @@ one (`gc` unlinks, which leaves mappings intact).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -100,7 +101,7 @@ def plan(records: list[TensorRecord], rows: dict[str, Row]) -> Plan:
     """Where each tensor and chunk goes; everything checked before any memory is allocated."""
     placed = []
     for record in records:
-        nbytes = layout.element_size(record.dtype) * _numel(record.shape)
+        nbytes = layout.element_size(record.dtype) * math.prod(record.shape)
         chunk_rows = [rows[cid] for cid in record.chunks]
         if sum(row[2] for row in chunk_rows) != nbytes:
             raise FormatError(f"tensor {record.name!r}: chunks hold {sum(row[2] for row in chunk_rows)} bytes, its "
@@ -274,10 +275,3 @@ def _diagnose(fd: int, job: Job, where: str) -> None:
     payload = os.fstat(fd).st_size - offset
     raise CorruptChunkError(f"{where} has {payload} payload bytes, the catalogue says {job.stored_size}; "
                             "run `modelpress store verify`")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
