@@ -76,7 +76,7 @@ def part_awq(args) -> str:
     import bench_gptq
 
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
     from modelpress.evaluate.size import folder_bytes
     from modelpress.formats.hf import load_sentence_encoder
@@ -123,7 +123,7 @@ def part_w8a8(args) -> str:
     import modelpress
     from modelpress.calibration import calibration_sentences
     from modelpress.encodings.scaled import ChannelScaledTensor
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
     from modelpress.evaluate.size import folder_bytes
     from modelpress.formats.checkpoint import WEIGHTS

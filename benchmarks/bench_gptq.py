@@ -85,7 +85,7 @@ def worker(spec: dict, embeddings_path: str) -> dict:
 
     import modelpress
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.size import size_report
 
     torch.set_num_threads(spec["threads"])
@@ -156,7 +156,7 @@ def main() -> None:
 
     import modelpress
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
     from modelpress.evaluate.size import folder_bytes
 

@@ -75,7 +75,7 @@ def main() -> None:
 
     import modelpress
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
     from modelpress.evaluate.size import size_report
 

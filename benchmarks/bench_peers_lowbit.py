@@ -198,7 +198,7 @@ def main() -> None:
 
     import modelpress
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import cosine_similarities, fidelity
 
     torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import modelpress
-from modelpress.evaluate.corpus import corpus_splits
+from modelpress.data.corpus import corpus_splits
 from modelpress.evaluate.fidelity import fidelity
 from modelpress.nn import CompressedLinear, Kernel
 from modelpress.nn.kernels import _time, prepare, select_kernel

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import modelpress  # noqa: E402
-from modelpress.evaluate.corpus import corpus_splits  # noqa: E402
+from modelpress.data.corpus import corpus_splits  # noqa: E402
 from modelpress.evaluate.fidelity import fidelity  # noqa: E402
 from modelpress.evaluate.size import folder_bytes  # noqa: E402
 from modelpress.formats.checkpoint import WEIGHTS  # noqa: E402

@@ -202,7 +202,7 @@ def load_rows(workdir: Path, runs: int) -> list[dict]:
 
 
 def _sentences():
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
 
     return list(corpus_splits(n_eval=10, n_calib=800).calibration)
 

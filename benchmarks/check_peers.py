@@ -27,7 +27,7 @@ EXPORT_MIN_COSINE = 0.9999
 def sentences(count: int) -> list[str]:
     """`count` fixed English sentences: the stdlib corpus if present, else a built-in list."""
     try:
-        from modelpress.evaluate.corpus import stdlib_sentences
+        from modelpress.data.corpus import stdlib_sentences
     except ImportError:
         return _fallback_sentences(count)
     return stdlib_sentences()[:count]

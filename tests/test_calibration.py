@@ -285,7 +285,7 @@ def test_sentences_are_tokenised_in_length_sorted_batches():
 
 
 def test_calibration_sentences_are_disjoint_from_evaluation_sentences():
-    from modelpress.evaluate.corpus import corpus_splits, stdlib_sentences
+    from modelpress.data.corpus import corpus_splits, stdlib_sentences
 
     sentences = calibration_sentences(64)
     assert len(sentences) == len(set(sentences)) == 64

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-import modelpress.cli as cli
+import modelpress.cli.model_cmds as cli
 from modelpress.cli import EXIT_USER_ERROR, main
 from modelpress.compress import compress
 from modelpress.recipe import Recipe

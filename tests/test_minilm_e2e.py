@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import modelpress
-from modelpress.evaluate.corpus import corpus_splits
+from modelpress.data.corpus import corpus_splits
 from modelpress.evaluate.fidelity import fidelity
 from modelpress.evaluate.size import folder_bytes
 from modelpress.formats.checkpoint import WEIGHTS

@@ -7,7 +7,7 @@
     same = modelpress.load("out/minilm-int4")
 """
 
-__version__ = "0.1.0"
+from modelpress._version import __version__
 
 from modelpress import passes as _passes  # noqa: F401  (registers the built-in passes)
 from modelpress.compress import compress, resolve_recipe

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from modelpress._libc import libc
+from modelpress.data.corpus import corpus_splits, stdlib_sentences
 from modelpress.errors import CalibrationError, ModelpressError
 
 __all__ = [
@@ -56,10 +57,6 @@ def calibration_sentences(n: int = 128, seed: int = 0) -> list[str]:
     calibration takes the last `n`, so the two never overlap however many sentences an
     evaluation uses (short of the whole corpus).
     """
-    # The corpus is a leaf module (it imports only `errors`), so this upward import pulls in
-    # nothing of the evaluation layer's machinery.
-    from modelpress.evaluate.corpus import corpus_splits, stdlib_sentences
-
     total = len(stdlib_sentences(seed))
     if not 1 <= n < total:
         raise CalibrationError(f"calibration_sentences(n={n}): ask for between 1 and {total - 1} sentences")

@@ -236,7 +236,7 @@ def test_group_size_that_does_not_divide_fails_before_calibration():
 def test_minilm_awq_beats_rtn_and_saves_and_loads(minilm, tmp_path):
     import modelpress
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
 
     def stage(pass_name: str) -> dict:  # blocks 0 and 5 only, so the test stays short

@@ -406,7 +406,7 @@ def minilm_gptq(minilm):
 @pytest.mark.slow
 def test_minilm_yaml_recipe_save_and_load(minilm, minilm_gptq, tmp_path):
     import modelpress
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
 
     sentences = list(corpus_splits(n_eval=100, n_calib=1).evaluation)

@@ -414,7 +414,7 @@ def test_minilm_activation_aware_beats_plain_at_equal_rank(minilm):
     import copy
 
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
 
     sentences = list(corpus_splits(64, 16).evaluation)
     reference = minilm.encode(sentences)

@@ -300,7 +300,7 @@ def test_invalid_alpha_is_a_config_error(alpha):
 def test_minilm_w8a8_smooth_preset_saves_and_loads(minilm, tmp_path):
     import modelpress
     from modelpress.calibration import calibration_sentences
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
     from modelpress.evaluate.fidelity import fidelity
 
     sentences = list(corpus_splits(n_eval=100, n_calib=1).evaluation)

@@ -481,7 +481,7 @@ def test_record_and_apply_shapes_round_trip():
 
 @pytest.mark.slow
 def test_minilm_ffn_pruning_really_shrinks_and_reloads(minilm, tmp_path):
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
 
     model = modelpress.compress(copy.deepcopy(minilm), stage("prune_ffn", ratio=0.3))
     sentences = list(corpus_splits(n_eval=64, n_calib=1).evaluation)

@@ -21,15 +21,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from modelpress import __version__
+from modelpress._version import __version__
 from modelpress.encodings import encoding_from_parts
 from modelpress.errors import ConfigError, FormatError, ModelNotFoundError, OutputExistsError
 from modelpress.formats.entropy import ENTROPY_KEY, entropy_code, entropy_decode
+from modelpress.formats.hf import SentenceEncoder, read_support_files, sentence_encoder_from_files
 from modelpress.formats.narrow import NARROW_KEY, narrow_floats, widen_floats
 from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
 
@@ -112,9 +113,9 @@ def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "writer": "modelpress"})
-        for rel in files:
+        for rel, data in files.items():
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(model.source) / rel, staging / rel)
+            (staging / rel).write_bytes(data)
         manifest = {**manifest, "weights_file": WEIGHTS, "weights_sha256": _sha256(staging / WEIGHTS)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         umask = os.umask(0)
@@ -206,14 +207,13 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
     return tensors
 
 
-def _build_skeleton(path: Path, manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
+def _build_skeleton(path: Path, manifest: dict[str, Any], files: Mapping[str, bytes],
+                    model: nn.Module | None) -> nn.Module:
     kind = manifest["architecture"].get("kind")
     if model is not None:
         return model
     if kind == "sentence-transformers":
-        from modelpress.formats.hf import build_sentence_encoder
-
-        return build_sentence_encoder(path, weights=False)
+        return sentence_encoder_from_files(files)
     raise FormatError(
         f"{path}: the checkpoint holds a plain {manifest['architecture'].get('class', 'nn.Module')}; "
         "pass the uncompressed model as `load(path, model=...)` so its structure can be rebuilt"
@@ -276,17 +276,16 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     path = Path(path)
     manifest = read_manifest(path)
     tensors = _read_weights(path, manifest)
-    return rebuild(manifest, tensors, path, model)
+    return rebuild(manifest, tensors, read_support_files(path), path, model)
 
 
-def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path,
+def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: Mapping[str, bytes], path: Path,
             model: nn.Module | None = None) -> nn.Module:
-    """A runnable model from a validated manifest and its arrays (a checkpoint's or a store version's).
-
-    `path` holds the architecture's support files (config.json, tokenizer.json, ...) and names the
-    source in error messages.
+    """A runnable model from a validated manifest, its arrays and its support files (config.json,
+    tokenizer.json, ... as bytes): a checkpoint's or a store version's. `path` names the source in
+    error messages.
     """
-    skeleton = _build_skeleton(path, manifest, model)
+    skeleton = _build_skeleton(path, manifest, files, model)
     if "simplified" in manifest:  # a simplified model: BatchNorms/Dropouts to Identity, folded biases added
         from modelpress.passes.simplify import apply_simplified
 
@@ -333,18 +332,18 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pa
     return skeleton
 
 
-def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Path]]:
-    """What saving `model` writes: the manifest (without file checksums), its arrays, and support files."""
-    from modelpress.formats.hf import SUPPORT_FILES, SentenceEncoder
+def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bytes]]:
+    """What saving `model` writes: the manifest (without file checksums), its arrays, and its support
+    files (relative name -> bytes)."""
     from modelpress.passes.structured import record_shapes
 
     recipe = recipe if recipe is not None else getattr(model, "modelpress_recipe", None)
     modules, tensors = _collect(model)
     architecture: dict[str, Any] = {"kind": "module", "class": type(model).__name__}
-    files: list[Path] = []
+    files: dict[str, bytes] = {}
     if isinstance(model, SentenceEncoder):
         architecture = {"kind": "sentence-transformers"}
-        files = [Path(rel) for rel in SUPPORT_FILES if (Path(model.source) / rel).is_file()]
+        files = dict(model.support_files)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -2,9 +2,11 @@
 
 We do not go through `SentenceTransformer` at run time: a thin module (tokenizer -> transformer ->
 mean pooling -> L2 normalisation) gives the same embeddings with less overhead and lets the
-compressed model be rebuilt from a config alone (`build_sentence_encoder(folder, weights=False)`).
-Only safetensors weights are read: a folder holding nothing but `pytorch_model.bin` is refused,
-because that file is a pickle.
+compressed model be rebuilt from its support files alone (`sentence_encoder_from_files(files)`).
+The support files (config.json, tokenizer.json, ...) travel with the model as bytes, read once
+from the source folder: a checkpoint or a store version hashes them and rebuilds from them
+without any folder on disk. Only safetensors weights are read: a folder holding nothing but
+`pytorch_model.bin` is refused, because that file is a pickle.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from modelpress import fileio
 from modelpress.errors import FormatError, ModelNotFoundError, UnsupportedError
+from modelpress.limits import MAX_SUPPORT_FILE_BYTES
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -24,7 +29,9 @@ __all__ = [
     "SentenceEncoderConfig",
     "SUPPORT_FILES",
     "load_sentence_encoder",
+    "read_support_files",
     "resolve_model_path",
+    "sentence_encoder_from_files",
 ]
 
 # Names a user may give instead of a path, for models that a Python package ships.
@@ -86,37 +93,38 @@ class SentenceEncoderConfig:
     max_seq_length: int = 256
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "SentenceEncoderConfig":
+    def from_files(cls, files: Mapping[str, bytes]) -> "SentenceEncoderConfig":
         pooling, normalize, max_len = "mean", False, 256
-        modules_file = folder / "modules.json"
-        if modules_file.is_file():
-            modules = _read_json(modules_file)
+        if "modules.json" in files:
+            modules = _parse_json(files, "modules.json")
             types = [m.get("type", "") for m in modules if isinstance(m, dict)]
             normalize = any(t.endswith("Normalize") for t in types)
-        pooling_file = folder / "1_Pooling" / "config.json"
-        if pooling_file.is_file():
-            pool = _read_json(pooling_file)
+        if "1_Pooling/config.json" in files:
+            pool = _parse_json(files, "1_Pooling/config.json")
             if pool.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif not pool.get("pooling_mode_mean_tokens", True):
-                raise UnsupportedError(
-                    f"{pooling_file}: only mean or CLS pooling is supported; use mean or cls pooling"
-                )
-        st_file = folder / "sentence_bert_config.json"
-        if st_file.is_file():
-            max_len = int(_read_json(st_file).get("max_seq_length", max_len))
+                raise UnsupportedError("1_Pooling/config.json: only mean or CLS pooling is supported; "
+                                       "use mean or cls pooling")
+        if "sentence_bert_config.json" in files:
+            max_len = int(_parse_json(files, "sentence_bert_config.json").get("max_seq_length", max_len))
         return cls(pooling=pooling, normalize=normalize, max_seq_length=max_len)
 
 
 class SentenceEncoder(nn.Module):
     """tokenizer -> transformer -> pooling -> (optional) L2 normalisation."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: SentenceEncoderConfig, source: Path):
+    def __init__(self, model: nn.Module, tokenizer, config: SentenceEncoderConfig, files: Mapping[str, bytes],
+                 source: Path | None = None):
         super().__init__()
+        unknown = sorted(set(files) - set(SUPPORT_FILES))
+        if unknown:  # names come from manifests and catalogues: only the known files, never a path
+            raise FormatError(f"unexpected support file(s) {unknown[:3]}; allowed are {list(SUPPORT_FILES)}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.source = source
+        self.support_files = dict(files)  # config.json, tokenizer.json, ...: what rebuilds this model
+        self.source = source  # the folder it was read from, if any (for messages and size reports)
 
     def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.encode_batch(list(sentences))
@@ -154,45 +162,65 @@ class SentenceEncoder(nn.Module):
         return torch.stack(out)
 
 
-def _read_json(path: Path):
+def _parse_json(files: Mapping[str, bytes], name: str):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc}); restore the file from the original model") from None
+        return json.loads(files[name].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{name}: not valid JSON ({exc.__class__.__name__}); restore the file from the original "
+                          "model") from None
 
 
-def load_tokenizer(folder: Path, max_seq_length: int):
+def read_support_files(folder: Path) -> dict[str, bytes]:
+    """The SUPPORT_FILES present in `folder`, by relative name (regular files only, size-capped)."""
+    files = {}
+    for rel in SUPPORT_FILES:
+        path = folder / rel
+        if path.exists() or path.is_symlink():
+            files[rel] = fileio.read_file(path, MAX_SUPPORT_FILE_BYTES, "model file")
+    return files
+
+
+def _tokenizer(files: Mapping[str, bytes], max_seq_length: int):
     """A fast tokenizer from tokenizer.json, truncating to the model's length, padding to the batch."""
     from tokenizers import Tokenizer
 
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ModelNotFoundError(f"folder {str(folder)!r} has no tokenizer.json; copy it from the original model")
-    tokenizer = Tokenizer.from_file(str(path))
+    if "tokenizer.json" not in files:
+        raise ModelNotFoundError("the model has no tokenizer.json; copy it from the original model")
+    tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
     tokenizer.enable_truncation(max_length=max_seq_length)
     pad = tokenizer.padding or {}
     tokenizer.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
     return tokenizer
 
 
-def build_sentence_encoder(folder: Path, weights: bool = True) -> SentenceEncoder:
-    """The encoder for a folder; with weights=False its parameters are left uninitialised (to be assigned)."""
+def sentence_encoder_from_files(files: Mapping[str, bytes], source: Path | None = None) -> SentenceEncoder:
+    """The encoder its support files describe, with freshly initialised weights (to be replaced)."""
     from transformers import AutoConfig, AutoModel
 
-    hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if "config.json" not in files:
+        raise ModelNotFoundError("the model has no config.json: it is not a Hugging Face model")
+    fields = _parse_json(files, "config.json")
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise FormatError("config.json has no model_type; restore the file from the original model")
+    hf_config = AutoConfig.for_model(**fields)
     model = AutoModel.from_config(hf_config, attn_implementation="sdpa")
-    if weights:
-        weight_file = folder / "model.safetensors"
-        if not weight_file.is_file():
-            hint = " (pytorch_model.bin is a pickle and is not read)" if (folder / "pytorch_model.bin").exists() else ""
-            raise ModelNotFoundError(
-                f"folder {str(folder)!r} has no model.safetensors{hint}: convert the weights to safetensors first"
-            )
-        _load_safetensors_into(model, weight_file)
     model.eval()
-    st_config = SentenceEncoderConfig.from_folder(folder)
-    tokenizer = load_tokenizer(folder, min(st_config.max_seq_length, hf_config.max_position_embeddings))
-    return SentenceEncoder(model, tokenizer, st_config, folder)
+    st_config = SentenceEncoderConfig.from_files(files)
+    tokenizer = _tokenizer(files, min(st_config.max_seq_length, hf_config.max_position_embeddings))
+    return SentenceEncoder(model, tokenizer, st_config, files, source)
+
+
+def build_sentence_encoder(folder: Path) -> SentenceEncoder:
+    """The float encoder of a sentence-transformers folder (support files and model.safetensors)."""
+    weight_file = folder / "model.safetensors"
+    if not weight_file.is_file():
+        hint = " (pytorch_model.bin is a pickle and is not read)" if (folder / "pytorch_model.bin").exists() else ""
+        raise ModelNotFoundError(
+            f"folder {str(folder)!r} has no model.safetensors{hint}: convert the weights to safetensors first"
+        )
+    encoder = sentence_encoder_from_files(read_support_files(folder), source=folder)
+    _load_safetensors_into(encoder.model, weight_file)
+    return encoder
 
 
 def _load_safetensors_into(model: nn.Module, weight_file: Path) -> None:
@@ -222,4 +250,4 @@ def _load_safetensors_into(model: nn.Module, weight_file: Path) -> None:
 
 def load_sentence_encoder(name_or_path: str | Path) -> SentenceEncoder:
     """Load a sentence-transformers folder (or a bundled model's name) as a float SentenceEncoder."""
-    return build_sentence_encoder(resolve_model_path(name_or_path), weights=True)
+    return build_sentence_encoder(resolve_model_path(name_or_path))

@@ -176,7 +176,7 @@ class Store:
         _check_name(model, "model")
         for tag in tags:
             _check_name(tag, "tag")
-        manifest, tensors, files, file_root = _describe_source(source)
+        manifest, tensors, files = _describe_source(source)
         parent_id = self._parent(model, parent)
         parent_tensors = {t.name: t for t in self.catalog.tensors(parent_id)} if parent_id else {}
         with self._lock(exclusive=False):
@@ -189,8 +189,8 @@ class Store:
                     if progress:
                         progress(1)
             stored_files = {}
-            for rel in files:
-                raw = memoryview((file_root / rel).read_bytes())
+            for rel, data in files.items():
+                raw = memoryview(data)
                 cid = chunk_id(raw)
                 self._write(cid, raw, "zstd", {}, None, new_chunks)
                 stored_files[str(rel)] = cid
@@ -373,19 +373,11 @@ class Store:
         if manifest.get("format") == "modelpress.state_dict":
             raise StoreError(f"{model}@{ref} holds a plain state dict, not a model: read it with get()")
         manifest = validate_manifest(manifest, self.root / "versions" / vid)
-        files = self.catalog.files(vid)
-        folder = self.root / "cache" / vid
-        if files and not folder.is_dir():
-            staging = self.root / "tmp" / f"cache-{vid}-{os.getpid()}"
-            for rel, cid in files.items():
-                target = _safe_join(staging, rel)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self._chunk_bytes(cid))
-            try:
-                os.replace(staging, folder)
-            except OSError:  # another process materialised it first
-                shutil.rmtree(staging, ignore_errors=True)
-        return rebuild(manifest, self.get(model, vid), folder, skeleton)
+        listed = self.catalog.files(vid)
+        for rel in listed:
+            _safe_join(self.root, rel)  # (names come from the catalogue: refuse any that could be a path trick)
+        files = {rel: bytes(self._chunk_bytes(cid)) for rel, cid in listed.items()}
+        return rebuild(manifest, self.get(model, vid), files, self.root / "versions" / vid, skeleton)
 
     @contextmanager
     def open(self, model: str, ref: str = "latest") -> Iterator["LazyVersion"]:
@@ -544,14 +536,13 @@ def _codec_override(name: str, codecs: dict[str, str] | None) -> str | None:
     return None
 
 
-def _describe_source(source) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Path], Path | None]:
+def _describe_source(source) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bytes]]:
     from modelpress.formats.checkpoint import describe
 
     if isinstance(source, nn.Module):
-        manifest, tensors, files = describe(source)
-        return manifest, tensors, files, Path(getattr(source, "source", ".")) if files else None
+        return describe(source)
     if isinstance(source, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in source.items()):
-        return {"format": "modelpress.state_dict", "architecture": {"kind": "state_dict"}, "modules": {}}, source, [], None
+        return {"format": "modelpress.state_dict", "architecture": {"kind": "state_dict"}, "modules": {}}, source, {}
     raise StoreError("put takes an nn.Module or a dict of name -> tensor")
 
 

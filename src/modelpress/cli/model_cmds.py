@@ -1,42 +1,15 @@
-"""The `modelpress` command: a thin layer over the library (all logic lives there).
-
-A user's mistake ends with one line on stderr naming the problem and the fix, and exit code 2;
-no traceback.
-"""
+"""`modelpress compress | eval | inspect | presets | sensitivity`: thin commands over the library."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
-from modelpress.errors import ModelpressError
+from modelpress.cli.console import console as _console
+from modelpress.cli.console import progress as _progress
+from modelpress.cli.console import stderr_console as _stderr_console
 
-__all__ = ["main"]
-
-EXIT_USER_ERROR = 2
-
-
-def _console():
-    from rich.console import Console
-
-    # Piped output (logs, CI) gets a wide fixed width so that tables are not cut to 80 columns.
-    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 160)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, disable=not sys.stderr.isatty(), console=_stderr_console())
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
+__all__ = ["cmd_compress", "cmd_eval", "cmd_inspect", "cmd_presets", "cmd_sensitivity"]
 
 
 def _load_original(model: str):
@@ -46,7 +19,7 @@ def _load_original(model: str):
 
 
 def _eval_sentences(n: int):
-    from modelpress.evaluate.corpus import corpus_splits
+    from modelpress.data.corpus import corpus_splits
 
     return list(corpus_splits(n_eval=n, n_calib=1).evaluation)
 
@@ -257,72 +230,3 @@ def _sensitivity_table(rows, console, name: str, n_sentences: int) -> None:
     table.add_row("all layers", f"{8.0 * sum(r.base.bytes for r in rows) / params:.3f} bits/weight", "", "",
                   f"{sum(r.base.bytes for r in rows):,}", f"{sum(r.bytes_saved for r in rows):,}")
     console.print(table)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description="Compress models for CPUs and edge devices.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("compress", help="compress a model with a recipe or preset and save it")
-    p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
-    p.add_argument("--recipe", default="int8", help="preset name (int8, w8a8, w8a8-smooth, int4, int3) or recipe YAML file")
-    p.add_argument("--out", required=True, help="folder to write the compressed model to")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--eval", action="store_true", help="evaluate against the original and print the report")
-    p.add_argument("--sentences", type=int, default=2000, help="evaluation sentences (default 2000)")
-    p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2)")
-    p.add_argument("--json", help="also write the evaluation as JSON to this file")
-    p.add_argument("--calibration", type=int, metavar="N",
-                   help="calibrate data-aware passes (gptq, awq, w8a8-smooth) on N corpus sentences, e.g. 128")
-    p.add_argument("--store", help="also put the result into this store folder (created if missing)")
-    p.add_argument("--name", help="model name in the store (default: <model>-<recipe>)")
-    p.set_defaults(fn=cmd_compress)
-
-    p = sub.add_parser("eval", help="compare a compressed model with its original")
-    p.add_argument("original")
-    p.add_argument("compressed")
-    p.add_argument("--sentences", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--json")
-    p.set_defaults(fn=cmd_eval)
-
-    p = sub.add_parser("inspect", help="show what a compressed model holds, layer by layer")
-    p.add_argument("path")
-    p.add_argument("--all", action="store_true", help="list every tensor, not only the 25 largest")
-    p.set_defaults(fn=cmd_inspect)
-
-    p = sub.add_parser("presets", help="print the built-in recipes as YAML")
-    p.set_defaults(fn=cmd_presets)
-
-    p = sub.add_parser("sensitivity", help="measure how much each layer alone loses under a recipe; plan mixed precision")
-    p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
-    p.add_argument("--recipe", default="int4", help="preset name or recipe YAML file (default int4)")
-    p.add_argument("--sentences", type=int, default=256, help="held-out evaluation sentences (default 256)")
-    p.add_argument("--calibration", type=int, metavar="N", help="calibrate data-aware passes (gptq) on N sentences")
-    p.add_argument("--budget", type=float, metavar="BITS",
-                   help="plan mixed precision: bits per weight of the selected layers (above the recipe's own)")
-    p.add_argument("--write-recipe", metavar="OUT.yaml", help="write the mixed-precision recipe (needs --budget)")
-    p.set_defaults(fn=cmd_sensitivity)
-
-    from modelpress.store_cli import add_store_commands
-
-    add_store_commands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models come from folders
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except ModelpressError as exc:
-        print(f"modelpress: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("modelpress: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

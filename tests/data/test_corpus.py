@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from modelpress.errors import ConfigError
-from modelpress.evaluate.corpus import (
+from modelpress.data.corpus import (
     CorpusSplits,
     corpus_splits,
     is_prose,

@@ -1,4 +1,4 @@
-"""`modelpress store ...`: the store's commands (thin; the logic is in modelpress.store)."""
+"""`modelpress store init | put | get | ls | log | diff | tag | verify | gc`: thin commands over modelpress.store."""
 
 from __future__ import annotations
 
@@ -6,15 +6,11 @@ import json
 import time
 from pathlib import Path
 
+from modelpress.cli.console import console as _console
+from modelpress.cli.console import progress as _progress
 from modelpress.errors import ModelpressError
 
 __all__ = ["add_store_commands"]
-
-
-def _console():
-    from modelpress.cli import _console as console
-
-    return console()
 
 
 def _open(path: str):
@@ -40,8 +36,6 @@ def cmd_put(args) -> int:
         model = modelpress.load(source)
     else:
         model = modelpress.load_sentence_encoder(args.source)
-    from modelpress.cli import _progress
-
     bad = [item for item in args.codec or () if "=" not in item]
     if bad:
         raise ModelpressError(f"--codec {bad[0]!r} is not PATTERN=CODEC: write e.g. --codec '*embeddings*=raw'")
@@ -121,8 +115,6 @@ def cmd_tag(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from modelpress.cli import _progress
-
     with _open(args.store) as store, _progress() as progress:
         task = progress.add_task("verifying chunks", total=len(store.catalog.all_chunk_ids()))
         report = store.verify(progress=lambda k: progress.advance(task, k))
