@@ -12,6 +12,7 @@ from modelpress.errors import LimitExceededError
 __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_NUMBER_DIGITS",
     "MAX_RECIPE_BYTES",
     "MAX_YAML_NODES",
     "MAX_SUPPORT_FILE_BYTES",
@@ -21,6 +22,7 @@ __all__ = [
 
 MAX_JSON_BYTES = 16 << 20  # a manifest, config or catalogue field; ours are a few hundred KB at most
 MAX_JSON_DEPTH = 64  # nesting of any JSON or YAML document we read (ours nest at most ~8 deep)
+MAX_NUMBER_DIGITS = 32  # digits of an integer in JSON (shapes and sizes fit in 20; Python refuses > 4300 itself)
 MAX_RECIPE_BYTES = 1 << 20  # a recipe file
 MAX_YAML_NODES = 100_000  # nodes of a YAML document after alias expansion (an alias bomb grows past it)
 MAX_SUPPORT_FILE_BYTES = 64 << 20  # config.json, tokenizer.json, vocab.txt ... (tokenizer.json of big vocabularies ~20 MB)

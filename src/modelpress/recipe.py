@@ -36,8 +36,11 @@ from typing import Any
 import yaml
 from torch import nn
 
-from modelpress.errors import RecipeError
+from modelpress import fileio
+from modelpress.errors import NotRegularFileError, RecipeError
+from modelpress.limits import MAX_RECIPE_BYTES
 from modelpress.passes.base import Target, config_from_dict, config_to_dict, pass_for
+from modelpress.safeparse import load_yaml
 
 __all__ = ["Selector", "Stage", "Recipe", "RECIPE_VERSION"]
 
@@ -194,21 +197,27 @@ class Recipe:
         return cls(tuple(Stage.from_dict(s, i) for i, s in enumerate(stages)), name=str(data.get("name", "custom")))
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return cls.from_dict(data)
+    def from_yaml(cls, text: str | bytes, where: str = "recipe") -> "Recipe":
+        """Parse YAML text (size, depth and alias-expansion capped: see modelpress.safeparse)."""
+        return cls.from_dict(load_yaml(text, where, MAX_RECIPE_BYTES, hint="fix the recipe YAML", error=RecipeError))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
+        """Read a recipe file: a regular file of at most MAX_RECIPE_BYTES (not a FIFO, device or link)."""
+        what = f"recipe file {str(path)!r}"
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"cannot read recipe file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
-        return cls.from_yaml(text)
+            data = fileio.read_file(path, MAX_RECIPE_BYTES, "recipe file")
+        except FileNotFoundError:
+            raise RecipeError(f"cannot read {what}: No such file or directory; give a preset name or the path of a YAML "
+                              "file") from None
+        except NotRegularFileError:
+            raise RecipeError(f"cannot read {what}: it is a folder, FIFO, device or symbolic link, not a regular file; "
+                              "give the YAML file itself") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecipeError(f"cannot read {what}: it is not UTF-8 text; save it as UTF-8") from None
+        return cls.from_yaml(text, what)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "name": self.name, "stages": [s.to_dict() for s in self.stages]}
