@@ -38,6 +38,7 @@ from modelpress.errors import (
     StorageIOError,
     UnsafeOutputError,
 )
+from modelpress.limits import check_allocation
 
 __all__ = [
     "STORE_MARKER",
@@ -47,6 +48,7 @@ __all__ = [
     "inject_faults",
     "open_regular",
     "read_file",
+    "read_buffer",
     "write_file",
     "write_temp",
     "publish",
@@ -120,14 +122,16 @@ def open_regular(path: str | os.PathLike, what: str) -> int:
     return fd
 
 
-def read_file(path: str | os.PathLike, limit: int, what: str) -> bytes:
-    """The whole of a regular file of at most `limit` bytes (checked before reading)."""
+def read_buffer(path: str | os.PathLike, limit: int, what: str) -> bytearray:
+    """The whole of a regular file of at most `limit` bytes, in a new bytearray (no second copy: tensors may
+    be views of it). The size is checked against `limit` and the memory available before allocating."""
     fd = open_regular(path, what)
     try:
         size = os.fstat(fd).st_size
         if size > limit:
             raise LimitExceededError(f"{what} {os.fspath(path)!r} is {size} bytes, more than the {limit} "
                                      "a valid one can be; the file is corrupt or not what it claims")
+        check_allocation(size, f"{what} {os.fspath(path)!r}")
         data = bytearray(size)
         view, got = memoryview(data), 0
         while got < size:
@@ -135,15 +139,21 @@ def read_file(path: str | os.PathLike, limit: int, what: str) -> bytes:
             if n == 0:
                 break
             got += n
+        view.release()
         if got != size or os.read(fd, 1):
             raise StorageIOError(f"{what} {os.fspath(path)!r} changed size while it was read; try again")
-        return bytes(data)
+        return data
     except OSError as exc:
         if isinstance(exc, ModelpressError):
             raise
         raise StorageIOError(f"cannot read {what} {os.fspath(path)!r} ({exc.strerror})") from None
     finally:
         os.close(fd)
+
+
+def read_file(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    """The whole of a regular file of at most `limit` bytes (checked before reading)."""
+    return bytes(read_buffer(path, limit, what))
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -273,6 +283,9 @@ def remove_tree(path: str | os.PathLike) -> None:
 # -- output folders -------------------------------------------------------------------------------
 
 
+_SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # kernel file systems: writing there is never a model folder
+
+
 def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
@@ -292,7 +305,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, protected: Sequenc
                      what: str = "output folder") -> Path:
     """Refuse an output folder that writing (or replacing) could use to destroy data; returns it as a Path.
 
-    Refused: a symbolic link; a path under a file or inside a store; a folder that is, contains or lies
+    Refused: a symbolic link; a path under a file, inside a store or in /proc, /sys or /dev; a folder that is, contains or lies
     inside any `protected` path (the source model, a store); an existing folder unless `overwrite` is
     given, and even then unless it is empty or a modelpress checkpoint (holds `modelpress.json`) with
     no store inside. So `--overwrite` only ever replaces what modelpress wrote.
@@ -303,6 +316,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, protected: Sequenc
     if out.is_symlink():
         raise UnsafeOutputError(f"{what} {str(out)!r} is a symbolic link: give the real folder")
     real = _real(out)
+    for system in _SYSTEM_FOLDERS:
+        if _inside(real, Path(system)):
+            raise UnsafeOutputError(f"{what} {str(out)!r} lies in {system}, a system folder of the kernel, not a "
+                                    "disk: choose a folder on a disk")
     for folder in real.parents:
         if folder.exists() and not folder.is_dir():
             raise UnsafeOutputError(f"{what} {str(out)!r} lies under {str(folder)!r}, which is a file: choose another path")

@@ -111,7 +111,11 @@ def test_saved_model_is_smaller_and_loads_identically(tmp_path) -> None:
     (lambda e: e.update(symbol_bits=4), "symbol_bits"),
     (lambda e: e.update(symbol_bits=True), "symbol_bits"),
     (lambda e: e.pop("dtype"), "invalid entry"),
-    (lambda e: e.update(shape=[10]), "fans"),  # the payload does not fill the declared size
+    (lambda e: e.update(shape=[10]), "holds 10000 symbols .* needs 10"),  # the payload's header disagrees
+    (lambda e: e.update(shape=[2**17, 2**17]), "needs 17179869184"),  # refused before allocating 16 GiB
+    (lambda e: e.update(dtype=["uint8"]), "dtype"),
+    (lambda e: e.update(codec=["fans"]), "unknown codec"),
+    (lambda e: e.update(shape=[0]), "needs 0"),
 ])
 def test_hostile_entries_raise_format_error(change, message) -> None:
     codes = torch.from_numpy(skewed_codes(10_000, 8))
@@ -132,10 +136,11 @@ def test_missing_or_float_coded_array_raises() -> None:
         entropy_decode(coded, [1, 2], where=Path("ckpt"))
 
 
-def test_truncated_payload_raises() -> None:
+@pytest.mark.parametrize("cut", [0, 3, 6, 100])
+def test_truncated_payload_raises(cut) -> None:
     codes = torch.from_numpy(skewed_codes(10_000, 8))
     coded, entries = entropy_code({"w::codes": codes}, {"w::codes"})
-    coded["w::codes"] = coded["w::codes"][:-7].clone()
+    coded["w::codes"] = coded["w::codes"][:cut].clone()
     with pytest.raises(FormatError):
         entropy_decode(coded, entries, where=Path("ckpt"))
 

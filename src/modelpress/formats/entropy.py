@@ -18,8 +18,9 @@ A coded array is written as a flat uint8 array under its own name, and the manif
 
     "entropy_coded": {"<name>": {"codec": "fans", "dtype": "uint8", "shape": [...], "symbol_bits": 8}}
 
-On loading, every entry is checked (known array, allowed dtype, sane shape) and decoded into a
-buffer of exactly the declared size; the codec rejects any payload that does not fill it.
+On loading, every entry is checked (known array, allowed dtype, sane shape, a size equal to the
+symbol count in the payload's own header and within the memory available) before its buffer is
+allocated, then decoded into exactly that buffer; the codec rejects any payload that does not fill it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from modelpress.errors import FormatError, UnsupportedError
+from modelpress.limits import check_allocation
 
 __all__ = ["entropy_code", "entropy_decode", "ENTROPY_KEY", "coder_available"]
 
@@ -43,6 +45,7 @@ _DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
 _MAX_ELEMENTS = 2**34
 SYMBOL_BITS = (8, 3, 5, 6, 7)  # 8 = the bytes themselves; 1, 2 and 4-bit codes never straddle a byte
 _SAMPLE_BYTES = 1 << 16
+_PAYLOAD_HEADER = 6  # fans payload: u8 version, u8 width, u32 little-endian symbol count
 
 
 def to_symbols(raw: np.ndarray, bits: int) -> np.ndarray:
@@ -129,7 +132,7 @@ def _checked_entry(name: str, entry: Any, where: Path) -> tuple[torch.dtype, tup
         raise bad(f"has symbol_bits {entry['symbol_bits']!r}, not one of {sorted(SYMBOL_BITS)}")
     if entry["codec"] != CODEC:
         raise bad(f"names unknown codec {entry['codec']!r} (known: {CODEC!r}); upgrade modelpress")
-    if entry["dtype"] not in _DTYPES:
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in _DTYPES:
         raise bad(f"has dtype {entry['dtype']!r}, not one of {sorted(_DTYPES)}")
     shape = entry["shape"]
     if (not isinstance(shape, list) or len(shape) > 8
@@ -137,6 +140,19 @@ def _checked_entry(name: str, entry: Any, where: Path) -> tuple[torch.dtype, tup
             or math.prod(shape) > _MAX_ELEMENTS):
         raise bad(f"has an invalid shape {shape!r}")
     return _DTYPES[entry["dtype"]], tuple(shape), entry["symbol_bits"]
+
+
+def _check_payload_size(name: str, coded: torch.Tensor, count: int, where: Path) -> None:
+    """The payload's own header (u8 version, u8 width, u32 symbol count) must declare the entry's size,
+    checked before a buffer of that size is allocated."""
+    head = bytes(coded[:_PAYLOAD_HEADER].numpy())
+    if len(head) < _PAYLOAD_HEADER:
+        raise FormatError(f"{where}: entropy-coded array {name!r} is shorter than its codec header; "
+                          "the file is corrupt, re-save the model")
+    width, declared = head[1], int.from_bytes(head[2:6], "little")
+    if width != 1 or declared != count:
+        raise FormatError(f"{where}: entropy-coded array {name!r} holds {declared} symbols of width {width}, its "
+                          f"manifest entry needs {count} of width 1; the file is corrupt, re-save the model")
 
 
 def entropy_decode(tensors: dict[str, torch.Tensor], entries: Any, where: Path) -> dict[str, torch.Tensor]:
@@ -156,6 +172,8 @@ def entropy_decode(tensors: dict[str, torch.Tensor], entries: Any, where: Path) 
             raise FormatError(f"{where}: entropy-coded array {name!r} is missing or not a flat uint8 array; "
                               "the file is corrupt, re-save the model")
         nbytes = math.prod(shape) * dtype.itemsize
+        _check_payload_size(name, coded, symbol_count(nbytes, bits), where)
+        check_allocation(symbol_count(nbytes, bits) + nbytes, f"{where}: entropy-coded array {name!r}")
         symbols = np.empty(symbol_count(nbytes, bits), np.uint8)
         try:
             _codec().decode_into(memoryview(coded.contiguous().numpy()), memoryview(symbols), {"width": 1})

@@ -42,7 +42,7 @@ def widen_floats(tensors: dict[str, torch.Tensor], entry: Any, where: Path) -> d
         return FormatError(f"{where}: {NARROW_KEY} {what}; the checkpoint is corrupt, re-save the model")
 
     if (not isinstance(entry, dict) or set(entry) != {"dtype", "from", "names"}
-            or entry["dtype"] not in NARROW_DTYPES or entry["from"] != "float32"
+            or not isinstance(entry["dtype"], str) or entry["dtype"] not in NARROW_DTYPES or entry["from"] != "float32"
             or not isinstance(entry["names"], list)):
         raise bad("is malformed")
     out = dict(tensors)
