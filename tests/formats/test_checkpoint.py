@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modelpress
-from modelpress.errors import FormatError, ModelNotFoundError, OutputExistsError
+from modelpress.errors import FormatError, LimitExceededError, ModelNotFoundError, OutputExistsError
 from modelpress.formats.checkpoint import MANIFEST, WEIGHTS, load, read_manifest, save
 
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
@@ -75,8 +75,16 @@ def _edit_manifest(path: Path, edit) -> None:
     [
         (lambda m: m.update(format="other"), "does not name the modelpress checkpoint format"),
         (lambda m: m.update(format_version=99), "format version 99 is not supported"),
-        (lambda m: m.update(weights_sha256="0" * 64), "checksum does not match"),
-        (lambda m: m.update(weights_file="../../etc/passwd"), "weights_file must be"),
+        (lambda m: m["files"].update({WEIGHTS: "0" * 64}), "checksum does not match"),
+        (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "is not one a checkpoint holds"),
+        (lambda m: m["files"].update({WEIGHTS: "0" * 63}), "no valid sha256"),
+        (lambda m: m["files"].update({WEIGHTS: ["0" * 64]}), "no valid sha256"),
+        (lambda m: m["files"].pop(WEIGHTS), "must list weights.safetensors"),
+        (lambda m: m.pop("files"), "must list weights.safetensors"),
+        (lambda m: m.update(files=[WEIGHTS]), "must list weights.safetensors"),
+        (lambda m: m.update(format_version=True), "format version True is not supported"),
+        (lambda m: m.update(architecture={"kind": ["module"]}), "architecture has no kind"),
+        (lambda m: m.update(recipe=[1]), "recipe must be a mapping"),
         (lambda m: m.update(modules=[]), "modules or architecture is missing"),
         (lambda m: m["modules"].update({"no.such.layer": m["modules"]["up"]}), "does not exist in the model"),
         (lambda m: m["modules"]["up"].update(type="conv"), "invalid entry"),
@@ -108,7 +116,7 @@ def test_oversized_manifest_is_refused_before_parsing(tiny_net, tmp_path):
     path = save(modelpress.compress(tiny_net, "int8"), tmp_path / "ckpt")
     with open(path / MANIFEST, "ab") as fh:
         fh.write(b" " * (16 * 2**20 + 1))
-    with pytest.raises(FormatError, match="larger than"):
+    with pytest.raises(LimitExceededError, match="more than the"):
         read_manifest(path)
 
 
@@ -130,7 +138,7 @@ def test_weights_with_wrong_array_shape_are_refused_even_with_a_matching_hash(ti
     import hashlib
 
     digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()
-    _edit_manifest(path, lambda m: m.update(weights_sha256=digest))
+    _edit_manifest(path, lambda m: m["files"].update({WEIGHTS: digest}))
     with pytest.raises(FormatError, match="scale"):
         load(path, model=skeleton)
 

