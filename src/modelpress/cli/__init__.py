@@ -1,7 +1,8 @@
 """The `modelpress` command: a thin layer over the library (all logic lives there).
 
 A user's mistake ends with one line on stderr naming the problem and the fix, and exit code 2;
-no traceback.
+no traceback. A stray MemoryError or RecursionError (every known cause is refused where it arises,
+as a LimitExceededError) also ends in one line.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ModelpressError as exc:
         print(f"modelpress: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RecursionError) as exc:  # defence in depth: each known case is refused at its source
+        what = "ran out of memory" if isinstance(exc, MemoryError) else "met input nested too deeply"
+        print(f"modelpress: error: {what} ({type(exc).__name__}); free memory or check the input files, and "
+              "report the command if they are valid", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("modelpress: interrupted", file=sys.stderr)

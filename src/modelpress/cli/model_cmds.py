@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from modelpress.cli.console import console as _console
@@ -92,25 +93,55 @@ def _calibration(n: int | None):
     return calibration_sentences(n)
 
 
+def _output_file(path: str | None, what: str, protected: list) -> Path | None:
+    """Check a report file the command will write (`--json`, `--write-recipe`) before any work is done."""
+    if path is None:
+        return None
+    from modelpress.errors import UnsafeOutputError
+
+    out = Path(path)
+    real = Path(os.path.realpath(out))
+    if out.is_symlink():
+        raise UnsafeOutputError(f"{what} {path!r} is a symbolic link: give the real file")
+    if out.is_dir():
+        raise UnsafeOutputError(f"{what} {path!r} is a folder: give a file name, e.g. {str(out / 'report.json')!r}")
+    if not real.parent.is_dir():
+        raise UnsafeOutputError(f"{what} {path!r}: the folder {str(out.parent)!r} does not exist; create it first")
+    for item in protected:
+        guarded = Path(os.path.realpath(item))
+        if real == guarded or guarded in real.parents:
+            raise UnsafeOutputError(f"{what} {path!r} lies inside {str(item)!r}, which this command reads or writes: "
+                                    "choose another path")
+    return out
+
+
+def _write_report(path: Path | None, text: str) -> None:
+    if path is not None:
+        from modelpress import fileio
+
+        fileio.write_file(path, text.encode("utf-8"))
+
+
 def cmd_compress(args) -> int:
+    from modelpress import fileio
     from modelpress.compress import compress, resolve_recipe
-    from modelpress.errors import OutputExistsError
     from modelpress.evaluate.size import folder_bytes
     from modelpress.formats.checkpoint import WEIGHTS, save
-    from modelpress.formats.hf import load_sentence_encoder
+    from modelpress.formats.hf import load_sentence_encoder, resolve_model_path
 
     console = _console()
-    recipe = resolve_recipe(args.recipe)  # fail on a bad recipe before loading anything
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output folder {str(out)!r} already exists: choose another --out or add --overwrite")
+    recipe = resolve_recipe(args.recipe)  # fail on a bad recipe, model path or --out before loading anything
+    source = resolve_model_path(args.model)
+    protected = [source, *([args.store] if args.store else [])]
+    out = fileio.check_output_dir(args.out, args.overwrite, protected, "--out")
+    report = _output_file(args.json, "--json", [*protected, out])
     with _stderr_console().status(f"loading {args.model}"):
-        model = load_sentence_encoder(args.model)
+        model = load_sentence_encoder(source)
     with _progress() as progress:
         task = progress.add_task(f"compressing with {recipe.name}", total=len(recipe.stages))
         compress(model, recipe, calibration=_calibration(args.calibration),
                  progress=lambda msg: progress.update(task, description=msg, advance=1))
-    save(model, out, recipe, overwrite=args.overwrite)
+    save(model, out, recipe, overwrite=args.overwrite, protected=protected)
     console.print(f"saved {recipe.name} model to {out}")
     if args.store:
         from modelpress.store import Store
@@ -120,14 +151,13 @@ def cmd_compress(args) -> int:
             vid = store.put(model, name, message=f"modelpress compress {args.model} --recipe {args.recipe}")
             console.print(f"stored as {name}@{vid[:12]} in {args.store} "
                           f"({store.stored_bytes(name, vid) / 1e6:.1f} MB in chunks)")
-    original_bytes = folder_bytes(model.source)
+    original_bytes = folder_bytes(source)
     file_bytes = (out / WEIGHTS).stat().st_size
     if args.eval:
-        original = _load_original(args.model)
+        original = _load_original(str(source))
         evaluation = _evaluate(original, model, recipe.name, args.sentences, args.threads, latency=True)
         _render(evaluation, console, original_bytes, file_bytes)
-        if args.json:
-            Path(args.json).write_text(json.dumps(evaluation.to_dict(), indent=1))
+        _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
     else:
         console.print(f"weights: {original_bytes / 1e6:.1f} MB -> {file_bytes / 1e6:.1f} MB "
                       f"({file_bytes / original_bytes:.1%})")
@@ -137,16 +167,17 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from modelpress.evaluate.size import folder_bytes
     from modelpress.formats.checkpoint import WEIGHTS, load
+    from modelpress.formats.hf import resolve_model_path
 
     console = _console()
+    report = _output_file(args.json, "--json", [resolve_model_path(args.original), args.compressed])
     original = _load_original(args.original)
     with _stderr_console().status(f"loading {args.compressed}"):
         compressed = load(args.compressed)
     name = getattr(getattr(compressed, "modelpress_recipe", None), "name", Path(args.compressed).name)
     evaluation = _evaluate(original, compressed, name, args.sentences, args.threads, latency=not args.no_latency)
     _render(evaluation, console, folder_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
-    if args.json:
-        Path(args.json).write_text(json.dumps(evaluation.to_dict(), indent=1))
+    _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
     return 0
 
 
@@ -190,6 +221,7 @@ def cmd_sensitivity(args) -> int:
         raise ConfigError("--write-recipe needs --budget BITS: the mixed-precision recipe is planned for a size budget")
     if args.write_recipe and Path(args.write_recipe).exists():
         raise OutputExistsError(f"{args.write_recipe!r} already exists: choose another --write-recipe path")
+    recipe_file = _output_file(args.write_recipe, "--write-recipe", [args.model])
     with _stderr_console().status(f"loading {args.model}"):
         model = _load_original(args.model)
     sentences = _eval_sentences(args.sentences)
@@ -202,7 +234,7 @@ def cmd_sensitivity(args) -> int:
     if args.budget is not None:
         _print_plan(plan_mixed_precision(rows, budget_bits=args.budget), rows, args.budget, console)
     if args.write_recipe:
-        Path(args.write_recipe).write_text(mixed_precision_recipe(rows, recipe, budget_bits=args.budget).to_yaml())
+        _write_report(recipe_file, mixed_precision_recipe(rows, recipe, budget_bits=args.budget).to_yaml())
         console.print(f"wrote {args.write_recipe}")
     return 0
 
