@@ -8,8 +8,9 @@ The layout (https://github.com/huggingface/safetensors, the reference reader is 
              "data_offsets": [begin, end]}, ...}   offsets relative to the start of the data
 
 Writing: `serialise` returns the header and one memoryview per tensor (no copy of the data), in the
-reference writer's order (largest element size first, then by name), so the bytes are the reference
-writer's exactly; `fileio.write_temp` writes them, with a fault point before each part.
+reference writer's order (by dtype, from 64-bit down, then by name: every tensor stays aligned), so the
+bytes are the reference writer's exactly (bar the order of metadata keys, which it writes in hash
+order and we sort); `fileio.write_temp` writes them, with a fault point before each part.
 
 Reading: `parse` audits the header before it makes a tensor: size within the buffer and the JSON
 caps, only known dtypes, shapes of non-negative integers whose byte size equals the offsets, and
@@ -32,19 +33,20 @@ from modelpress.safeparse import load_json
 
 __all__ = ["DTYPES", "serialise", "parse"]
 
+# In the reference's order of dtypes (its Rust enum): it writes the highest first, then by name.
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_RANK = {dtype: rank for rank, dtype in enumerate(DTYPES.values())}
 _MAX_DIMS = 16
 
 
 def serialise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> list[Any]:
     """The parts of a safetensors file holding `tensors` (header bytes, then one view per tensor)."""
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    order = sorted(tensors, key=lambda name: (-_RANK.get(tensors[name].dtype, -1), name))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     parts: list[Any] = []
     offset = 0
     for name in order:
@@ -58,7 +60,7 @@ def serialise(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] |
         if nbytes:
             parts.append(memoryview(flat.view(torch.uint8).numpy()))
         offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)) + text, *parts]
 
