@@ -41,6 +41,7 @@ MAX_MANIFEST_BYTES = MAX_JSON_BYTES
 MODULE_TYPES = ("linear", "embedding", "conv2d")
 CHECKPOINT_FILES = (WEIGHTS, *SUPPORT_FILES)  # every name a checkpoint's `files` may list
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_DIMS, MAX_DIM = 8, 1 << 40  # an encoded weight's rank and size along one dimension
 
 
 def bad_manifest(path: Path, what: str) -> FormatError:
@@ -84,6 +85,7 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
             raise bad_manifest(path, f"module {name!r} has an invalid entry")
         if not isinstance(entry.get("weight"), dict):
             raise bad_manifest(path, f"module {name!r} has no weight encoding")
+        _check_shapes(entry["weight"], path, name)
     if manifest.get("recipe") is not None and not isinstance(manifest["recipe"], dict):
         raise bad_manifest(path, "recipe must be a mapping or null")
     if "simplified" in manifest:  # BatchNorms folded / Dropouts dropped (passes/simplify.py)
@@ -94,6 +96,23 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         except FormatError as exc:
             raise bad_manifest(path, str(exc)) from None
     return manifest
+
+
+def _check_shapes(meta: dict[str, Any], path: Path, name: str) -> None:
+    """Every `shape` in an encoding's metadata (nested ones too) is 1 to 8 positive sizes: a zero-size
+    dimension has no valid weight and makes the per-group arithmetic divide by zero."""
+    stack: list[Any] = [meta]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            shape = node.get("shape")
+            if "shape" in node and (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM for d in shape)):
+                raise bad_manifest(path, f"module {name!r} has a weight shape {shape!r}; sizes must be 1 to "
+                                         f"{MAX_DIMS} integers in [1, {MAX_DIM}]")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def check_files(manifest: dict[str, Any], path: Path) -> dict[str, str]:
