@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from modelpress import fileio
-from modelpress.errors import FormatError, ModelNotFoundError, UnsupportedError
+from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError, UnsupportedError
 from modelpress.formats import tensorfile
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES, check_allocation
 from modelpress.safeparse import load_json
@@ -82,7 +82,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         raise ModelNotFoundError(
             f"model path {str(path)!r} is a file: give the folder that holds config.json and model.safetensors"
         )
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").exists() or (path / "config.json").is_symlink()):
         raise ModelNotFoundError(
             f"folder {str(path)!r} has no config.json: it is not a Hugging Face model folder"
         )
@@ -215,9 +215,6 @@ def _tokenizer(files: Mapping[str, bytes], max_seq_length: int):
     return tokenizer
 
 
-_CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RuntimeError)
-
-
 def sentence_encoder_from_files(files: Mapping[str, bytes], source: Path | None = None) -> SentenceEncoder:
     """The encoder its support files describe, as a skeleton on the meta device: no weight is allocated
     (a tampered config.json may declare any size). Fill it with `load_state_dict(state, assign=True)`
@@ -234,7 +231,9 @@ def sentence_encoder_from_files(files: Mapping[str, bytes], source: Path | None 
         with torch.device("meta"):
             model = AutoModel.from_config(hf_config, attn_implementation="sdpa")
         max_positions = int(getattr(hf_config, "max_position_embeddings", MAX_SEQ_LENGTH))
-    except _CONFIG_ERRORS as exc:  # transformers validates configs with whatever error comes first
+    except Exception as exc:  # transformers and huggingface_hub validate configs with any error type they like
+        if isinstance(exc, ModelpressError):
+            raise
         raise _bad_file("config.json", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     model.eval()
     st_config = SentenceEncoderConfig.from_files(files)
