@@ -371,7 +371,8 @@ def swap_in_dir(staging: Path, out: Path) -> None:
     """Put the fully written, fsynced folder `staging` (a sibling of `out`) in place of `out`.
 
     When `out` exists the two are exchanged atomically where the system can, else `out` is first
-    renamed aside; the old folder is removed only once the new one is in place.
+    renamed aside; the old folder is removed only once the new one is in place (if that removal fails,
+    the old folder stays as a hidden sibling and no error is raised: the replacement succeeded).
     """
     try:
         if not out.exists():
@@ -391,4 +392,7 @@ def swap_in_dir(staging: Path, out: Path) -> None:
         if isinstance(exc, ModelpressError):
             raise
         raise _io_error("replacing", out, exc) from None
-    remove_tree(old)
+    try:
+        remove_tree(old)
+    except OSError:
+        pass  # the new folder is in place: a failed clean-up leaves the old one as a hidden sibling, no worse

@@ -33,14 +33,14 @@ def tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def write_tiny_source(folder: Path, seed: int = 0) -> Path:
+def write_tiny_source(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     """Write the folder (config.json, tokenizer.json, vocab.txt, modules.json, pooling and sentence-bert
     configs, model.safetensors) and return it."""
     from safetensors.torch import save_file
     from transformers import BertConfig, BertModel
 
     folder.mkdir(parents=True)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(seed)
     model = BertModel(config).eval()
