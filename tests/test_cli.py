@@ -98,8 +98,11 @@ def test_compress_inspect_eval(capsys, tmp_path):
     out = str(tmp_path / "o")
     code, stdout, _ = _run(capsys, "compress", "minilm", "--recipe", "int4", "--out", out)
     assert code == 0 and "saved int4 model" in stdout
-    code, stdout, _ = _run(capsys, "compress", "minilm", "--recipe", "int4", "--out", out)
-    assert code == EXIT_USER_ERROR
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()}
+    code, stdout, err = _run(capsys, "compress", "minilm", "--recipe", "int4", "--out", out)
+    assert code == EXIT_USER_ERROR and stdout == ""
+    _one_line_error(err, f"--out {out!r} already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir() if p.is_file()} == before
     code, stdout, _ = _run(capsys, "inspect", out)
     assert code == 0 and "int4 asym g32" in stdout and "word_embeddings" in stdout
     code, stdout, _ = _run(capsys, "eval", "minilm", out, "--sentences", "300", "--no-latency")

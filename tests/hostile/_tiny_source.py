@@ -165,3 +165,25 @@ def in_child(fn, memory_limit: int | None = None, timeout: float = 120) -> tuple
         return f"killed by signal {os.WTERMSIG(code)}", report
     kind, _, message = report.partition("\n")
     return kind, message
+
+
+def with_deadline(fn, timeout: float = 60):
+    """`fn()` in a thread with a deadline: a read that blocks (a FIFO) fails the test instead of hanging it."""
+    import threading
+
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # (handed to the test)
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=timeout)
+    assert outcome, f"{fn} blocked for {timeout} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import pytest
 import torch
 from _tiny_source import (_tiny_checkpoint_master, _tiny_source_master, edit_manifest, embeddings,  # noqa: F401
-                          folder_digest, replace_file, tiny_checkpoint, tiny_source)
+                          folder_digest, replace_file, tiny_checkpoint, tiny_source, with_deadline)
 
 from modelpress.errors import FormatError, IntegrityError, ModelNotFoundError, NotRegularFileError
 from modelpress.formats.checkpoint import load, read_manifest
@@ -69,31 +68,12 @@ def test_legacy_checkpoints_without_file_hashes_are_refused(tiny_checkpoint):
         load(tiny_checkpoint)
 
 
-def _load_in_thread(path):
-    """Load in a thread with a deadline: a read that blocks (a FIFO) fails the test instead of hanging it."""
-    outcome: list = []
-
-    def target():
-        try:
-            outcome.append(load(path))
-        except BaseException as exc:  # (handed to the test)
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    assert outcome, "load blocked"
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
-
-
 @pytest.mark.parametrize("rel", ["tokenizer.json", WEIGHTS, "modelpress.json"])
 def test_a_fifo_in_a_checkpoint_is_refused_without_blocking(tiny_checkpoint, rel):
     (tiny_checkpoint / rel).unlink()
     os.mkfifo(tiny_checkpoint / rel)
     with pytest.raises(NotRegularFileError, match="not a regular file"):
-        _load_in_thread(tiny_checkpoint)
+        with_deadline(lambda: load(tiny_checkpoint))
 
 
 @pytest.mark.parametrize("rel", ["config.json", WEIGHTS, "modelpress.json"])
@@ -104,7 +84,7 @@ def test_a_symbolic_link_in_a_checkpoint_is_refused(tmp_path, tiny_checkpoint, r
     (tiny_checkpoint / rel).unlink()
     (tiny_checkpoint / rel).symlink_to("/dev/zero" if target == "/dev/zero" else real)
     with pytest.raises(NotRegularFileError, match="symbolic link"):
-        _load_in_thread(tiny_checkpoint)
+        with_deadline(lambda: load(tiny_checkpoint))
 
 
 def test_a_linked_subfolder_is_refused(tmp_path, tiny_checkpoint):

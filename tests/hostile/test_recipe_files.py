@@ -4,12 +4,12 @@ of the wrong shape end in one RecipeError or LimitExceededError, from the librar
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
+from _tiny_source import with_deadline
 
 from modelpress.cli import EXIT_USER_ERROR, main
-from modelpress.errors import LimitExceededError, ModelpressError, RecipeError
+from modelpress.errors import LimitExceededError, RecipeError
 from modelpress.limits import MAX_RECIPE_BYTES, MAX_YAML_NODES
 from modelpress.recipe import Recipe
 
@@ -70,12 +70,8 @@ def test_an_oversized_recipe_file_is_refused_before_reading(tmp_path):
 
 def test_a_recipe_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "r.yaml")
-    outcome: list = []
-    thread = threading.Thread(target=lambda: outcome.append(_catch(lambda: Recipe.from_file(tmp_path / "r.yaml"))),
-                              daemon=True)
-    thread.start()
-    thread.join(timeout=30)
-    assert outcome and isinstance(outcome[0], RecipeError) and "not a regular file" in str(outcome[0])
+    with pytest.raises(RecipeError, match="not a regular file"):
+        with_deadline(lambda: Recipe.from_file(tmp_path / "r.yaml"), timeout=30)
 
 
 def test_a_recipe_file_linked_to_a_device_is_refused(tmp_path):
@@ -87,13 +83,6 @@ def test_a_recipe_file_linked_to_a_device_is_refused(tmp_path):
 def test_a_non_utf8_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="not UTF-8"):
         Recipe.from_file(_file(tmp_path, b"name: caf\xe9\nstages: [{pass: rtn}]\n"))
-
-
-def _catch(fn):
-    try:
-        return fn()
-    except ModelpressError as exc:
-        return exc
 
 
 @pytest.mark.parametrize("text, match", [

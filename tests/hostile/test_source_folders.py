@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import pytest
 import torch
 from _tiny_source import (SENTENCES, _tiny_source_master, embeddings, folder_digest, in_child,  # noqa: F401
-                          tiny_source)
+                          tiny_source, with_deadline)
 from safetensors.torch import load_file, save_file
 
 from modelpress.errors import FormatError, LimitExceededError, ModelNotFoundError, ModelpressError, NotRegularFileError
@@ -123,30 +122,12 @@ def test_modules_json_entries_of_odd_types_are_ignored(tiny_source):
     assert torch.equal(embeddings(load_sentence_encoder(tiny_source)), reference)
 
 
-def _load_with_deadline(folder):
-    outcome: list = []
-
-    def target():
-        try:
-            outcome.append(load_sentence_encoder(folder))
-        except BaseException as exc:  # (handed to the test)
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    assert outcome, "load blocked"
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
-
-
 @pytest.mark.parametrize("rel", ["model.safetensors", "config.json", "tokenizer.json", "1_Pooling/config.json"])
 def test_a_fifo_in_the_source_is_refused_without_blocking(tiny_source, rel):
     (tiny_source / rel).unlink()
     os.mkfifo(tiny_source / rel)
     with pytest.raises(NotRegularFileError, match="not a regular file"):
-        _load_with_deadline(tiny_source)
+        with_deadline(lambda: load_sentence_encoder(tiny_source))
 
 
 @pytest.mark.parametrize("rel", ["model.safetensors", "tokenizer.json"])
@@ -154,7 +135,7 @@ def test_a_link_to_a_device_is_refused(tiny_source, rel):
     (tiny_source / rel).unlink()
     (tiny_source / rel).symlink_to("/dev/zero")
     with pytest.raises(NotRegularFileError, match="not a regular file"):
-        _load_with_deadline(tiny_source)
+        with_deadline(lambda: load_sentence_encoder(tiny_source))
 
 
 def test_links_to_regular_files_are_followed_as_in_the_hugging_face_cache(tmp_path, tiny_source):
