@@ -79,8 +79,9 @@ def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             tensors[f"{name}.weight{PART_SEPARATOR}{part}"] = array
     for key, value in model.state_dict().items():
         tensors[key] = value
-    # safetensors refuses tensors that share memory; write independent contiguous copies.
-    return modules, {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    # The writer streams each tensor's own memory (tensorfile.serialise): no copy of the model is made,
+    # and tensors that share memory (tied weights) are simply written twice.
+    return modules, {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
 def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False,
