@@ -4,7 +4,6 @@ a folder of someone else's files. Each case asserts the error and that the data 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
