@@ -1,16 +1,17 @@
-"""Named recipes. Every preset quantises the embedding tables too: they are half of a small
-transformer's bytes (MiniLM: 11.9M of its 22.7M parameters)."""
+"""Named recipes, reached one way: `preset(name)` gives the Recipe, `preset_names()` lists them
+(`compress(model, "int4")` goes through `preset`). Every preset quantises the embedding tables
+too: they are half of a small transformer's bytes (MiniLM: 11.9M of its 22.7M parameters)."""
 
 from __future__ import annotations
 
 from modelpress.errors import RecipeError
 from modelpress.recipe import Recipe
 
-__all__ = ["PRESETS", "preset", "DEFAULT_PRESET"]
+__all__ = ["DEFAULT_PRESET", "preset", "preset_names"]
 
 _LINEAR_AND_EMBEDDING = {"types": ["Linear", "Embedding"]}
 
-PRESETS: dict[str, dict] = {
+_PRESETS: dict[str, dict] = {  # the recipes as plain data; read through preset()
     # Weight-only int8 per output channel (per row for embeddings): near-lossless, 4x smaller.
     "int8": {
         "name": "int8",
@@ -74,8 +75,13 @@ PRESETS: dict[str, dict] = {
 DEFAULT_PRESET = "int8"
 
 
+def preset_names() -> list[str]:
+    """The preset names, the default first."""
+    return list(_PRESETS)
+
+
 def preset(name: str) -> Recipe:
-    """The recipe of a named preset."""
-    if name not in PRESETS:
-        raise RecipeError(f"unknown preset {name!r}: use one of {sorted(PRESETS)} or a recipe YAML file")
-    return Recipe.from_dict(PRESETS[name])
+    """The recipe of a named preset (a new Recipe each call: change it freely)."""
+    if name not in _PRESETS:
+        raise RecipeError(f"unknown preset {name!r}: use one of {sorted(preset_names())} or a recipe YAML file")
+    return Recipe.from_dict(_PRESETS[name])

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import modelpress
+from modelpress.nn.provenance import provenance
 from modelpress.encodings import QuantizedTensor, QuantScheme, mse_params, quantize
 from modelpress.encodings.sparse import SparseLayout, SparseTensor
 from modelpress.errors import CalibrationError, ConfigError, RecipeError
 from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
 from modelpress.passes import GradualConfig, GradualPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
-from modelpress.passes.gptq import gptq_quantize, output_error
+from modelpress.passes.gptq import gptq_quantize
+from modelpress.passes.linalg import output_error
 from modelpress.passes.prune import (
     cubic_sparsity,
     global_masks,
@@ -27,7 +29,7 @@ from modelpress.passes.prune import (
     topk_mask,
     wanda_scores,
 )
-from modelpress.passes.quantize import RangeSearch
+from modelpress.encodings import RangeSearch
 
 # ---------------------------------------------------------------- helpers
 
@@ -402,7 +404,7 @@ def test_sparsegpt_pass_writes_sparse_quantised_layers():
         assert layer.encoding.layout is SparseLayout.NM
     ours, theirs = F.cosine_similarity(model(x), ref).mean(), F.cosine_similarity(baseline(x), ref).mean()
     assert ours > theirs + 0.05, (ours, theirs)
-    assert any("sparsegpt 2:4, kept values int4" in line for line in model.modelpress_log)
+    assert any("sparsegpt 2:4, kept values int4" in line for line in provenance(model).log)
 
 
 def test_sparsegpt_pass_refuses_groups_before_calibrating():
@@ -543,7 +545,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def digits():
-    from modelpress.models import DigitsCNN, load_digits_data, train
+    from digits import DigitsCNN, load_digits_data, train
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -557,7 +559,7 @@ def digits():
 
 
 def test_digits_cnn_at_90_percent_sparsity_loses_at_most_half_a_point(digits, one_thread, tmp_path):
-    from modelpress.models import accuracy
+    from digits import accuracy
 
     model, data = digits
     base = accuracy(model, data)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import modelpress
+from modelpress.nn.provenance import provenance
 from modelpress.errors import CalibrationError, ConfigError, FormatError, RecipeError, UnsupportedError
 from modelpress.formats.checkpoint import MANIFEST
-from modelpress.models import DigitsCNN
+from digits import DigitsCNN
 from modelpress.nn import CompressedLinear
 from modelpress.passes.structured import (
     StructuredConfig,
@@ -183,7 +184,7 @@ def test_reconstruct_refits_the_reader_and_lowers_the_error():
     err = (run_bert(model, probe) - before).norm() / before.norm()
     err_plain = (run_bert(plain, probe) - before).norm() / before.norm()
     assert err < 0.7 * err_plain, (err, err_plain)
-    assert any("refitted by least squares" in line for line in model.modelpress_log)
+    assert any("refitted by least squares" in line for line in provenance(model).log)
 
 
 def test_channel_pruning_refuses_reconstruct():

@@ -137,12 +137,13 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from modelpress.evaluate.size import folder_bytes
     from modelpress.formats.checkpoint import WEIGHTS, load
+    from modelpress.nn.provenance import provenance
 
     console = _console()
     original = _load_original(args.original)
     with _stderr_console().status(f"loading {args.compressed}"):
         compressed = load(args.compressed)
-    name = getattr(getattr(compressed, "modelpress_recipe", None), "name", Path(args.compressed).name)
+    name = provenance(compressed).recipe_name or Path(args.compressed).name
     evaluation = _evaluate(original, compressed, name, args.sentences, args.threads, latency=not args.no_latency)
     _render(evaluation, console, folder_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
     if args.json:
@@ -164,10 +165,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from modelpress.presets import PRESETS, preset
+    from modelpress.presets import preset, preset_names
 
     console = _console()
-    for name in PRESETS:
+    for name in preset_names():
         console.print(f"[bold]{name}[/]")
         console.print(preset(name).to_yaml())
     return 0
@@ -176,8 +177,8 @@ def cmd_presets(args) -> int:
 def cmd_sensitivity(args) -> int:
     from modelpress.compress import resolve_recipe
     from modelpress.errors import ConfigError, OutputExistsError
-    from modelpress.sensitivity import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
-                                        plan_mixed_precision)
+    from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
+                                   plan_mixed_precision)
 
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on bad arguments before loading anything

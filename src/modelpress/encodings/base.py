@@ -66,6 +66,10 @@ class Encoding(ABC):
         """Bytes of the arrays that store this tensor (what it costs on disk before entropy coding)."""
         return sum(a.numel() * a.element_size() for a in self.arrays().values())
 
+    def describe(self) -> str:
+        """A short human description ("int4 asym g32", "sparse", ...) for logs and reports."""
+        return self.kind
+
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / max(self.numel, 1)

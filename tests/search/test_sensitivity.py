@@ -20,19 +20,20 @@ from modelpress.compress import compress
 from modelpress.encodings import QuantScheme
 from modelpress.errors import ConfigError, RecipeError
 from modelpress.evaluate.fidelity import fidelity
-from modelpress.passes.quantize import RangeSearch, RTNConfig, quantize_weight
+from modelpress.encodings import RangeSearch, quantize_weight
+from modelpress.passes.quantize import RTNConfig
 from modelpress.recipe import Recipe, Selector, Stage
-from modelpress.sensitivity import (
+from modelpress.data.batches import tokenised_batches
+from modelpress.search import (
     LayerSensitivity,
     Measurement,
-    _batches,
-    _exact_pattern,
-    _Runner,
     default_upgrades,
     layer_sensitivity,
     mixed_precision_recipe,
     plan_mixed_precision,
 )
+from modelpress.search.overrides import exact_pattern
+from modelpress.search.replay import Runner
 
 SENSITIVE = "blocks.1.down"
 WORDS = ("model", "weights", "layer", "store", "quantise", "group", "scale", "zero", "token", "batch",
@@ -172,7 +173,8 @@ def test_upgrades_are_measured_like_the_base(rows):
     assert row.upgrades[0].damage < row.damage / 10
     model, sentences = toy_encoder(), toy_sentences()
     upgraded = RECIPE.stages[0].config_for(SENSITIVE)
-    stage = Stage("rtn", RTNConfig(8, False, "channel", RangeSearch.MSE, upgraded.kernel), Selector(include=(SENSITIVE,)))
+    config = RTNConfig(bits=8, symmetric=False, group_size="channel", search=RangeSearch.MSE, kernel=upgraded.kernel)
+    stage = Stage("rtn", config, Selector(include=(SENSITIVE,)))
     got = encode(compress(copy.deepcopy(model), Recipe((stage,))), sentences)
     expected = fidelity(encode(model, sentences), got, n_queries=len(sentences))
     assert row.upgrades[0].mean_cosine == pytest.approx(expected.mean_cosine, abs=1e-6)
@@ -195,7 +197,7 @@ def test_the_model_is_left_exactly_as_it_was():
 
 def test_replay_is_used_and_equals_whole_runs():
     model, sentences = toy_encoder(), toy_sentences(40)
-    runner = _Runner(model, _batches(model, sentences, 16))
+    runner = Runner(model, tokenised_batches(model, sentences, 16, longest_first=True))
     assert runner.blocks is not None  # the fast path engaged on the toy's ModuleList
     before = {name: sorted(runner.before[name]) for name in LAYERS}
     assert before == {"embed": [], "blocks.0.up": [], "blocks.0.down": [], "blocks.1.up": [0], SENSITIVE: [0],
@@ -231,7 +233,7 @@ class Looped(ToyEncoder):
 def test_other_block_wirings_measure_the_same_as_whole_runs(cls, replays):
     torch.manual_seed(0)
     model, sentences = cls().eval(), toy_sentences(24)
-    assert (_Runner(model, _batches(model, sentences, 8)).blocks is not None) == replays
+    assert (Runner(model, tokenised_batches(model, sentences, 8, longest_first=True)).blocks is not None) == replays
     rows = layer_sensitivity(model, RECIPE, sentences, batch_size=8)
     reference = encode(model, sentences)
     for row in rows:
@@ -241,7 +243,8 @@ def test_other_block_wirings_measure_the_same_as_whole_runs(cls, replays):
 
 def test_a_single_stage_is_a_recipe():
     model = toy_encoder()
-    stage = Stage("rtn", RTNConfig(4, False, 16, RangeSearch.MINMAX), Selector(types=("Linear",), include=("blocks.*",)))
+    stage = Stage("rtn", RTNConfig(bits=4, symmetric=False, group_size=16, search=RangeSearch.MINMAX),
+                  Selector(types=("Linear",), include=("blocks.*",)))
     rows = layer_sensitivity(model, stage, toy_sentences(16), batch_size=16)
     assert sorted(r.name for r in rows) == sorted(n for n in LAYERS if n.startswith("blocks."))
     assert rows[0].name == SENSITIVE
@@ -259,7 +262,7 @@ def test_bad_sentences(sentences, message):
 
 def test_a_model_without_tokenize_is_refused():
     model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(ConfigError, match="sentence encoder with tokenize"):
+    with pytest.raises(ConfigError, match="need a model with a tokenizer"):
         layer_sensitivity(model, "int8", toy_sentences(16))
 
 
@@ -373,32 +376,40 @@ def test_plan_fits_the_budget_and_no_single_upgrade_still_fits(rows, extra):
 @settings(max_examples=100, deadline=None)
 @given(synthetic_rows(), st.integers(0, 20000))
 def test_mixed_recipe_round_trips_and_targets_only_the_planned_layers(rows, extra):
-    base = Recipe((Stage("rtn", RTNConfig(4, False, 64, RangeSearch.MSE)),), name="r")
+    base = Recipe((Stage("rtn", RTNConfig(bits=4, symmetric=False, group_size=64, search=RangeSearch.MSE)),), name="r")
     recipe = mixed_precision_recipe(rows, base, budget_bytes=sum(r.base.bytes for r in rows) + extra)
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     upgraded = plan_mixed_precision(rows, budget_bytes=sum(r.base.bytes for r in rows) + extra).upgraded
     for row in rows:
-        assert recipe.stages[0].config_for(row.name).bits == (8 if row.name in upgraded else 4)
+        assert recipe.stages[0].config_for(row.name).quant.bits == (8 if row.name in upgraded else 4)
 
 
 @given(st.text(min_size=1, max_size=12), st.text(min_size=1, max_size=12))
 def test_exact_pattern_matches_its_name_only(name, other):
-    assert fnmatch.fnmatchcase(name, _exact_pattern(name))
-    assert fnmatch.fnmatchcase(other, _exact_pattern(name)) == (other == name)
+    assert fnmatch.fnmatchcase(name, exact_pattern(name))
+    assert fnmatch.fnmatchcase(other, exact_pattern(name)) == (other == name)
 
 
 def test_a_recipe_that_changes_unselected_modules_is_refused(monkeypatch):
     import modelpress.passes.base as base
     from modelpress.errors import UnsupportedError
 
-    monkeypatch.setattr(base, "PASSES", dict(base.PASSES))
+    from modelpress.passes.config import pass_config
 
-    @base.register_pass("spill", RTNConfig, (nn.Linear,))
+    monkeypatch.setattr(base, "PASSES", dict(base.PASSES))
+    monkeypatch.setattr(base, "_BY_CONFIG", dict(base._BY_CONFIG))
+
+    @pass_config
+    class SpillConfig(RTNConfig):
+        """RTN's config under another type: each config type configures one pass."""
+
+    @base.register_pass("spill", SpillConfig, (nn.Linear,))
     def spill(model, targets, context):  # quantises its layers, and also folds a scale into the head
         base.PASSES["rtn"].fn(model, targets, context)
         model.head.bias.data.mul_(2)
 
-    recipe = {"stages": [{"pass": "spill", "targets": {"include": ["blocks.*"]}, "config": {"bits": 4, "group_size": 16}}]}
+    recipe = {"stages": [{"pass": "spill", "targets": {"include": ["blocks.*"]},
+                          "config": {"bits": 4, "group_size": 16}}]}
     model = toy_encoder()
     bias = model.head.bias.detach().clone()
     with pytest.raises(UnsupportedError, match="also changes 'head.bias'"):

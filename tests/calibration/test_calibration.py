@@ -20,7 +20,7 @@ from modelpress.calibration import (
     real_tokens,
     run_blockwise,
 )
-from modelpress.errors import CalibrationError
+from modelpress.errors import CalibrationError, ConfigError
 
 
 @dataclass
@@ -330,7 +330,6 @@ def test_missing_calibration_names_the_pass_and_the_fix():
         ([{"input_ids": [[1, 2]]}], "entry 'input_ids' is a list, not a tensor"),
         ([3.5], "calibration item 0 is a float"),
         (["a sentence", torch.zeros(1, 3, dtype=torch.long)], "mixes"),
-        (["a sentence"], "need a model with a tokenizer"),
         ([{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 4)}],
          "attention_mask has shape (2, 4) but input_ids (2, 5)"),
         ([{"input_ids": torch.zeros(2, 0, dtype=torch.long), "attention_mask": torch.ones(2, 0)}], "empty tensor"),
@@ -338,6 +337,12 @@ def test_missing_calibration_names_the_pass_and_the_fix():
 )
 def test_malformed_calibration_data(calibration, fragment):
     assert fragment in _error(TinyTransformer(), ["pooler"], calibration)
+
+
+def test_sentences_need_a_model_with_a_tokenizer():
+    """The one error of tokenised batches (data/batches.py), the same as sensitivity's and encode's."""
+    with pytest.raises(ConfigError, match=r"sentences need a model with a tokenizer .* not a TinyTransformer"):
+        collect(TinyTransformer(), ["pooler"], ["a sentence"])
 
 
 def test_inputs_of_the_wrong_shape():
@@ -406,9 +411,10 @@ def test_free_memory_is_handed_back_between_blocks():
     allocations (heap, not mmap) are freed and trimmed."""
     import ctypes
 
-    from modelpress.calibration import _malloc_trim, release_free_memory
+    from modelpress._libc import libc
+    from modelpress.calibration import release_free_memory
 
-    assert _malloc_trim() is not None  # glibc found
+    assert getattr(libc(), "malloc_trim", None) is not None  # glibc found
 
     def rss_mb() -> float:
         with open("/proc/self/status") as f:
