@@ -29,37 +29,15 @@ from modelpress.store import Store
 
 __all__ = [
     "__version__",
-    # the verb, and what it takes
-    "compress",
-    "calibration_sentences",
-    "PassConfig",
-    "WeightQuant",
-    "RangeSearch",
-    "AWQConfig",
-    "DynamicInt8Config",
-    "GPTQConfig",
-    "GradualConfig",
-    "KMeansConfig",
-    "LowRankConfig",
-    "MagnitudeConfig",
-    "PruneChannelsConfig",
-    "PruneFFNConfig",
-    "PruneHeadsConfig",
-    "QATConfig",
-    "RTNConfig",
-    "SimplifyConfig",
-    "SparseGPTConfig",
-    "WandaConfig",
-    "Recipe",
-    "Selector",
-    "Stage",
-    "preset",
-    "preset_names",
+    # the verb, and what it takes: one config per technique (quantisers nest a WeightQuant), a recipe, a preset
+    "compress", "calibration_sentences",
+    "PassConfig", "WeightQuant", "RangeSearch",
+    "RTNConfig", "DynamicInt8Config", "GPTQConfig", "AWQConfig", "QATConfig",  # quantisation
+    "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "GradualConfig",  # pruning
+    "PruneFFNConfig", "PruneHeadsConfig", "PruneChannelsConfig",  # structured pruning
+    "KMeansConfig", "LowRankConfig", "SimplifyConfig",  # weight sharing, factorisation, graph simplification
+    "Recipe", "Selector", "Stage", "preset", "preset_names",
     # models in and out
-    "load",
-    "load_sentence_encoder",
-    "provenance",
-    "save",
-    "Store",
+    "load", "load_sentence_encoder", "save", "provenance", "Store",
     "ModelpressError",
 ]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from modelpress.encodings.views import matrix_dims
 from modelpress.errors import FormatError
 
 __all__ = ["Encoding", "register_encoding", "encoding_from_parts", "ENCODINGS"]
@@ -56,6 +57,11 @@ class Encoding(ABC):
     @abstractmethod
     def from_parts(cls, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> "Encoding":
         """Rebuild from `meta()` and `arrays()`; must validate both (they may come from a hostile file)."""
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the matrix view of the decoded tensor (see encodings/views.py)."""
+        return matrix_dims(self.shape)
 
     @property
     def numel(self) -> int:

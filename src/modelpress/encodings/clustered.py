@@ -156,10 +156,6 @@ class ClusteredTensor(Encoding):
     def shape(self) -> tuple[int, ...]:
         return self.tensor_shape
 
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return matrix_dims(self.tensor_shape)
-
     def labels(self) -> torch.Tensor:
         """Each entry's centroid index, long, in the tensor's shape."""
         cols = self.matrix_shape[1]

@@ -66,10 +66,6 @@ class LowRankTensor(Encoding):
         return self.left.shape[1]
 
     @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return matrix_dims(self.tensor_shape)
-
-    @property
     def factored_is_cheaper(self) -> bool:
         return factored_is_cheaper(self.rank, *self.matrix_shape)
 

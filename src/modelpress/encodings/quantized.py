@@ -24,7 +24,7 @@ import torch
 
 from modelpress.encodings.base import Encoding, check_shape, register_encoding, require_array
 from modelpress.encodings.packing import SUPPORTED_BITS, pack_codes, packed_row_bytes, unpack_codes
-from modelpress.encodings.views import as_matrix, matrix_dims
+from modelpress.encodings.views import as_matrix
 from modelpress.errors import ConfigError, FormatError
 
 __all__ = [
@@ -184,10 +184,6 @@ class QuantizedTensor(Encoding):
     @property
     def shape(self) -> tuple[int, ...]:
         return self.tensor_shape
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return matrix_dims(self.tensor_shape)
 
     def describe(self) -> str:
         return self.scheme.describe()

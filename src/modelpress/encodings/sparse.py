@@ -244,10 +244,6 @@ class SparseTensor(Encoding):
         return self.tensor_shape
 
     @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return matrix_dims(self.tensor_shape)
-
-    @property
     def density(self) -> float:
         return self.nnz / max(self.numel, 1)
 

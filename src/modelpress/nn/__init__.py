@@ -4,27 +4,18 @@ from modelpress.nn.conv import CompressedConv2d
 from modelpress.nn.kernels import Kernel, select_kernel, supports
 from modelpress.nn.modules import CompressedEmbedding, CompressedLinear, EmbeddingKernel
 from modelpress.nn.provenance import Provenance, provenance, record_provenance
-from modelpress.nn.registry import (COMPRESSED_TYPES, TrainingModule, check_saveable, compressed_twin, install,
-                                    is_compressed, kind_of, module_entry, module_from_entry)
+from modelpress.nn.registry import TrainingModule, compressed_twin, install, is_compressed
 
 __all__ = [
-    "COMPRESSED_TYPES",
+    # the modules and their kernels
     "CompressedConv2d",
     "CompressedEmbedding",
     "CompressedLinear",
     "EmbeddingKernel",
     "Kernel",
-    "Provenance",
-    "TrainingModule",
-    "check_saveable",
-    "compressed_twin",
-    "install",
-    "is_compressed",
-    "kind_of",
-    "module_entry",
-    "module_from_entry",
-    "provenance",
-    "record_provenance",
     "select_kernel",
     "supports",
+    # model surgery (the registry: nn/registry.py) and the record a compressed model keeps
+    "TrainingModule", "compressed_twin", "install", "is_compressed",
+    "Provenance", "provenance", "record_provenance",
 ]

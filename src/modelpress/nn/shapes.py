@@ -21,14 +21,14 @@ __all__ = ["MAX_SHAPES", "apply_shapes", "record_shapes", "slice_batchnorm", "sl
 MAX_SHAPES = 100_000  # entries a checkpoint may declare
 
 
-def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A new Linear holding only output rows `rows` and input columns `cols` of `layer`."""
+def _sliced(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None, make) -> nn.Module:
+    """`make(W)` for W = layer's weight restricted to output `rows` and input `cols`, filled with W and the bias."""
     W = layer.weight.detach()
     if rows is not None:
         W = W[rows]
     if cols is not None:
         W = W[:, cols]
-    new = nn.Linear(W.shape[1], W.shape[0], bias=layer.bias is not None, device=W.device, dtype=W.dtype)
+    new = make(W)
     with torch.no_grad():
         new.weight.copy_(W)
         if layer.bias is not None:
@@ -37,21 +37,17 @@ def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch
     return new
 
 
+def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding only output rows `rows` and input columns `cols` of `layer`."""
+    return _sliced(layer, rows, cols, lambda W: nn.Linear(W.shape[1], W.shape[0], bias=layer.bias is not None,
+                                                          device=W.device, dtype=W.dtype))
+
+
 def slice_conv(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Conv2d:
     """A new Conv2d (groups 1) holding only output channels `out_idx` and input channels `in_idx`."""
-    W = conv.weight.detach()
-    if out_idx is not None:
-        W = W[out_idx]
-    if in_idx is not None:
-        W = W[:, in_idx]
-    new = nn.Conv2d(W.shape[1], W.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1,
-                    conv.bias is not None, conv.padding_mode, device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        new.weight.copy_(W)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias.detach() if out_idx is None else conv.bias.detach()[out_idx])
-    new.train(conv.training)
-    return new
+    return _sliced(conv, out_idx, in_idx, lambda W: nn.Conv2d(
+        W.shape[1], W.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1, conv.bias is not None,
+        conv.padding_mode, device=W.device, dtype=W.dtype))
 
 
 def slice_batchnorm(bn: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:

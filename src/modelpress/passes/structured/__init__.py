@@ -35,7 +35,7 @@ from modelpress.passes.structured.bert import (AttentionBlock, FFNBlock, attenti
 from modelpress.passes.structured.channels import ChannelPlan, channel_plan, conv_importance, remove_conv_channels
 from modelpress.passes.structured.config import (PruneChannelsConfig, PruneFFNConfig, PruneHeadsConfig, StructuredConfig,
                                                  UnitImportance, keep_units)
-from modelpress.passes.structured.passes import prune_channels, prune_ffn, prune_heads  # noqa: F401  (registers them)
+import modelpress.passes.structured.passes  # noqa: F401  (registers prune_ffn, prune_heads, prune_channels)
 
 __all__ = [
     "AttentionBlock",
