@@ -291,3 +291,52 @@ def test_failed_resolution_leaves_the_model_untouched():
 def test_stage_to_dict_omits_empty_overrides():
     s = Stage.from_dict({"pass": "rtn"}, 0)
     assert "overrides" not in s.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- configs by type
+
+
+def test_a_stage_whose_config_is_not_its_passes_is_refused():
+    from modelpress.passes import GPTQConfig
+
+    with pytest.raises(RecipeError, match=r"stage 'gptq' takes a GPTQConfig, not a RTNConfig: use Stage.of"):
+        Stage("gptq", RTNConfig())
+    with pytest.raises(RecipeError, match="unknown pass 'gptq4'"):
+        Stage("gptq4", GPTQConfig())
+    assert Stage("gptq", GPTQConfig()).pass_name == "gptq"
+
+
+def test_stage_of_finds_the_pass_from_the_config_type():
+    from modelpress.passes import GPTQConfig, KMeansConfig, PruneHeadsConfig
+
+    assert Stage.of(GPTQConfig(bits=3)) == Stage("gptq", GPTQConfig(bits=3))
+    assert Stage.of(KMeansConfig(bits=2)).pass_name == "kmeans"
+    assert Stage.of(PruneHeadsConfig(ratio=0.5), Selector(include=("encoder.*",))).targets.include == ("encoder.*",)
+
+
+def test_a_recipe_from_one_config_selects_everything_its_pass_handles():
+    recipe = Recipe.from_configs(RTNConfig(bits=4, group_size=16))
+    assert recipe.name == "rtn" and recipe.stages == (Stage("rtn", RTNConfig(bits=4, group_size=16)),)
+    assert recipe.to_dict() == Recipe.from_dict({"name": "rtn", "stages": [{"pass": "rtn", "config": {
+        "bits": 4, "group_size": 16}}]}).to_dict()
+
+
+def test_a_pattern_map_is_one_stage_per_config_each_ignoring_every_earlier_pattern():
+    from modelpress.passes import GPTQConfig
+
+    recipe = Recipe.from_configs({"*.pooler.*": None, "embeddings.*": RTNConfig(bits=8), "*": GPTQConfig(bits=4)})
+    assert [s.pass_name for s in recipe.stages] == ["rtn", "gptq"]
+    assert recipe.stages[0].targets == Selector(include=("embeddings.*",), ignore=("*.pooler.*",))
+    assert recipe.stages[1].targets == Selector(include=("*",), ignore=("*.pooler.*", "embeddings.*"))
+    assert recipe.name == "custom"
+
+
+@pytest.mark.parametrize("configs, message", [
+    ({"*": None}, "leaves every module as it is"),
+    ({}, "give a pass config"),
+    ({"*": {"bits": 4}}, "give a pass config"),
+    ({3: RTNConfig()}, "give a pass config"),
+])
+def test_bad_pattern_maps_are_refused(configs, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_configs(configs)
