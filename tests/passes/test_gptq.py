@@ -179,7 +179,9 @@ def test_dead_inputs_are_zeroed_and_harmless():
 def test_singular_hessian_without_damping_raises_the_damping():
     X = correlated(n=8)  # rank 8 < 64 inputs: H is singular
     got = gptq_quantize(weight(), hessian(X), QuantScheme(4, False, 16), damp=0.0)
-    assert got.damp > 0 and torch.isfinite(got.weight).all()
+    assert got.damp == 1e-4  # the first retry's damping, and the result is exactly GPTQ at that damping
+    again = gptq_quantize(weight(), hessian(X), QuantScheme(4, False, 16), damp=1e-4)
+    assert again.damp == 1e-4 and torch.equal(got.codes, again.codes) and torch.equal(got.weight, again.weight)
 
 
 def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
