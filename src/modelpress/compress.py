@@ -39,7 +39,8 @@ def resolve_recipe(what: What) -> Recipe:
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise RecipeError(f"recipe file {text!r} does not exist: give a preset {sorted(preset_names())} or a YAML path")
+            raise RecipeError(f"recipe file {text!r} does not exist: give a preset {sorted(preset_names())} "
+                              "or a YAML path")
         return Recipe.from_file(path)
     raise RecipeError(f"unknown preset {text!r}: use one of {sorted(preset_names())} or a recipe YAML file")
 

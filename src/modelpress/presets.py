@@ -10,7 +10,8 @@ from modelpress.recipe import Recipe
 __all__ = ["DEFAULT_PRESET", "preset", "preset_names"]
 
 
-def _stage(pass_name: str, types: list[str], config: dict, optional: bool = False, overrides: dict | None = None) -> dict:
+def _stage(pass_name: str, types: list[str], config: dict, optional: bool = False,
+           overrides: dict | None = None) -> dict:
     """One recipe stage as plain data: `pass_name` on the modules of `types`."""
     stage = {"pass": pass_name, "targets": {"types": types}, "config": config}
     if overrides:

@@ -103,7 +103,10 @@ def fit_ranges(w: torch.Tensor, scheme: QuantScheme, search: RangeSearch) -> tup
 
 def quantize_weight(w: torch.Tensor, scheme: QuantScheme, search: RangeSearch,
                     max_code: int | None = None) -> QuantizedTensor:
-    """Quantise one weight with ranges from `search`; `max_code` narrows a symmetric range (7-bit values in int8 codes)."""
+    """Quantise one weight with ranges from `search`.
+
+    `max_code` narrows a symmetric range (e.g. 7-bit values in int8 codes, for fbgemm's W8A8 kernel).
+    """
     scale = zero = None
     if search is RangeSearch.MSE or max_code is not None:
         scale, zero = fit_ranges(w, scheme, search)

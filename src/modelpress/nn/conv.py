@@ -106,7 +106,10 @@ class CompressedConv2d(nn.Module):
     @classmethod
     def build(cls, source: nn.Module, weight: Encoding, kernel=None, bias=KEEP) -> "CompressedConv2d":
         """The twin of a conv-like `source` (same stride, padding, dilation, groups); `kernel` is not used."""
-        geometry = conv_geometry(source) if isinstance(source, nn.Conv2d) else {k: getattr(source, k) for k in CONV_GEOMETRY}
+        if isinstance(source, nn.Conv2d):
+            geometry = conv_geometry(source)  # refuses padding modes other than zeros
+        else:  # a compressed conv or a training stand-in
+            geometry = {k: getattr(source, k) for k in CONV_GEOMETRY}
         return cls(weight, source_bias(source, bias), **geometry)
 
     def manifest_fields(self) -> dict:

@@ -53,7 +53,8 @@ class CompressedLinear(nn.Module):
               bias=KEEP) -> "CompressedLinear":
         """The twin of a Linear-like `source`; kernel None keeps a compressed source's where it runs `weight`."""
         if kernel is None:
-            kernel = source.kernel if isinstance(source, CompressedLinear) and supports(source.kernel, weight) else Kernel.AUTO
+            keep = isinstance(source, CompressedLinear) and supports(source.kernel, weight)
+            kernel = source.kernel if keep else Kernel.AUTO
         return cls(weight, source_bias(source, bias), kernel)
 
     def manifest_fields(self) -> dict:
@@ -61,7 +62,8 @@ class CompressedLinear(nn.Module):
 
     @classmethod
     def from_manifest(cls, name: str, entry: dict, weight: Encoding, current: nn.Module) -> "CompressedLinear":
-        bias = torch.zeros(weight.shape[0]) if getattr(current, "bias", None) is not None else None  # filled by the state
+        has_bias = getattr(current, "bias", None) is not None
+        bias = torch.zeros(weight.shape[0]) if has_bias else None  # the values come from the state dict
         return cls(weight, bias, Kernel(entry.get("kernel", "auto")))
 
     def prepare(self) -> Kernel:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from modelpress.calibration import LayerStats, run_blockwise
-from modelpress.encodings import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme, RangeSearch, fit_ranges, quantize
+from modelpress.encodings import (PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme, RangeSearch, fit_ranges,
+                                  quantize)
 from modelpress.encodings.quantized import quantize_with_params
 from modelpress.errors import ConfigError
 from modelpress.nn import Kernel, install

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from modelpress.calibration import run_blockwise
-from modelpress.encodings import PER_CHANNEL, DenseTensor, Encoding, LowRankTensor, QuantScheme, RangeSearch, quantize_weight
+from modelpress.encodings import (PER_CHANNEL, DenseTensor, Encoding, LowRankTensor, QuantScheme, RangeSearch,
+                                  quantize_weight)
 from modelpress.errors import CalibrationError, ConfigError
 from modelpress.nn import Kernel, compressed_twin, install
 from modelpress.passes.base import PassContext, Target, register_pass, weight_matrix
@@ -213,8 +214,8 @@ def _check_target(t: Target) -> None:
     cols = weight_matrix(t.module).shape[1]
     group_size = QuantScheme(8, False, cfg.quant.group_size).group_size
     if cfg.quant.bits is not None and group_size > 0 and cols % group_size:  # the right factor's rows are C wide
-        raise ConfigError(f"layer {t.name!r}: group size {cfg.quant.group_size} does not divide the input width {cols}: "
-                          f"choose a divisor of {cols} (e.g. {math.gcd(cols, 128)}) or exclude this layer")
+        raise ConfigError(f"layer {t.name!r}: group size {cfg.quant.group_size} does not divide the input width "
+                          f"{cols}: choose a divisor of {cols} (e.g. {math.gcd(cols, 128)}) or exclude this layer")
 
 
 @dataclass

@@ -33,8 +33,8 @@ from modelpress.nn.shapes import apply_shapes, record_shapes, slice_batchnorm, s
 from modelpress.passes.structured.bert import (AttentionBlock, FFNBlock, attention_layers, ffn_importance, ffn_layers,
                                                head_importance, least_squares_reader, remove_ffn_neurons, remove_heads)
 from modelpress.passes.structured.channels import ChannelPlan, channel_plan, conv_importance, remove_conv_channels
-from modelpress.passes.structured.config import (PruneChannelsConfig, PruneFFNConfig, PruneHeadsConfig, StructuredConfig,
-                                                 UnitImportance, keep_units)
+from modelpress.passes.structured.config import (PruneChannelsConfig, PruneFFNConfig, PruneHeadsConfig,
+                                                 StructuredConfig, UnitImportance, keep_units)
 import modelpress.passes.structured.passes  # noqa: F401  (registers prune_ffn, prune_heads, prune_channels)
 
 __all__ = [
