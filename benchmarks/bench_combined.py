@@ -24,7 +24,7 @@ import torch
 
 import modelpress
 from modelpress.calibration import calibration_sentences
-from modelpress.deep_compression import fp32_bytes, stored_bytes
+from modelpress.pipelines.deep_compression import fp32_bytes, stored_bytes
 from modelpress.data.corpus import corpus_splits
 from modelpress.evaluate.fidelity import fidelity
 from modelpress.formats.checkpoint import load, save

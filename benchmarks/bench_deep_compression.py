@@ -1,7 +1,7 @@
 """Deep Compression on scikit-learn's digits: each stage's size and accuracy, next to the paper's.
 
-For a LeNet-300-100-style MLP and a LeNet-5-style CNN (modelpress.models.digits), trained here
-for 40 epochs on one thread, the pipeline of `modelpress.deep_compression` runs: pruning with
+For a LeNet-300-100-style MLP and a LeNet-5-style CNN (demos/digits.py), trained here
+for 40 epochs on one thread, the pipeline of `modelpress.pipelines.deep_compression` runs: pruning with
 retraining -> k-means weight sharing -> centroid fine-tuning -> entropy coding -> float16 biases.
 Every stage is saved, reloaded and evaluated on the 360 test images. Sizes are the bytes of the
 stored arrays (the unit of the paper's tables); the last column adds the container's framing
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))  # demos/digits.py (not installed)
 from machine import cpu_name  # noqa: E402
 
-from modelpress.deep_compression import DeepCompressionPlan, deep_compress, fp32_bytes  # noqa: E402
-from modelpress.models.digits import DigitsLeNet5, DigitsMLP, accuracy, load_digits_data, train  # noqa: E402
+from modelpress.pipelines.deep_compression import DeepCompressionPlan, TrainingSet, deep_compress, fp32_bytes  # noqa: E402
+from digits import DigitsLeNet5, DigitsMLP, accuracy, load_digits_data, train  # noqa: E402
 
 PLANS = {
     "LeNet-300-100 (MLP)": (DigitsMLP, DeepCompressionPlan(
@@ -55,7 +56,8 @@ def run(seeds: list[int], epochs: int) -> list[str]:
             baseline = fp32_bytes(model)
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                _, results = deep_compress(model, data, plan, lambda: cls(None), Path(tmp))
+                _, results = deep_compress(model, TrainingSet(data.x_train, data.y_train), plan, lambda: cls(None),
+                                           Path(tmp), lambda m: accuracy(m, data))
             per_seed.append((seed, dense, baseline, results, time.perf_counter() - start))
         seed0, dense0, base0, results0, seconds0 = per_seed[0]
         lines += [f"Seed {seed0} ({seconds0:.0f} s for all stages):", "",

@@ -105,7 +105,7 @@ def worker(spec: dict, embeddings_path: str) -> dict:
         peak_growth_kb = _status_kb("VmHWM") - before_kb
     else:  # peak of the whole process: an upper bound unless loading peaked higher than compress
         peak_growth_kb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - (before_kb or maxrss_before))
-    log = list(model.modelpress_log)
+    log = list(modelpress.provenance(model).log)
     embedding_wall = time.perf_counter()
     modelpress.compress(model, {"name": "embedding", "stages": [embedding]})
     embedding_wall = time.perf_counter() - embedding_wall

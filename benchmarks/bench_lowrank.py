@@ -99,7 +99,7 @@ def main() -> None:
             wall = time.perf_counter() - start
             stored, fp32, ranks = linear_bytes(model)
             f = fidelity(reference, model.encode(evaluation))
-            skipped = [line for line in model.modelpress_log if "left unchanged" in line]
+            skipped = [line for line in modelpress.provenance(model).log if "left unchanged" in line]
             rows.append({"budget": budget, "name": name, "wall_s": wall, "linear_bytes": stored, "linear_fp32": fp32,
                          "model_bytes": size_report(model).bytes, "ranks": ranks, "skipped": skipped,
                          "fidelity": f.to_dict()})

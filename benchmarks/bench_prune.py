@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -235,7 +236,8 @@ def saved_bytes(model, workdir: Path, name: str) -> int:
 def bench_digits(workdir: Path, seeds: int) -> dict:
     from torch.nn.utils import prune
 
-    from modelpress.models import DigitsCNN, accuracy, load_digits_data, train
+    sys.path.insert(0, str(HERE.parent / "demos"))  # demos/digits.py (not installed)
+    from digits import DigitsCNN, accuracy, load_digits_data, train
     from modelpress.passes import GradualConfig
 
     torch.set_num_threads(1)

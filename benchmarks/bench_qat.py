@@ -31,7 +31,8 @@ from torch.nn.utils import parametrize
 import modelpress
 from modelpress.encodings import QuantScheme, mse_params
 from modelpress.formats.checkpoint import WEIGHTS
-from modelpress.models import DigitsCNN, accuracy, load_digits_data, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))  # demos/digits.py (not installed)
+from digits import DigitsCNN, accuracy, load_digits_data, train  # noqa: E402
 from modelpress.passes import QATConfig, convert_qat, prepare_qat
 
 RESULTS = Path(__file__).resolve().parent / "results_qat.md"

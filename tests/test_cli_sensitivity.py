@@ -11,7 +11,7 @@ import modelpress.cli.model_cmds as cli
 from modelpress.cli import EXIT_USER_ERROR, main
 from modelpress.compress import compress
 from modelpress.recipe import Recipe
-from test_sensitivity import LAYERS, SENSITIVE, toy_encoder, toy_sentences  # the toy encoder, one sensitive layer
+from _toy_encoder import LAYERS, SENSITIVE, toy_encoder, toy_sentences  # the toy encoder, one sensitive layer
 
 def rtn4_recipe(name: str, linear_group: int, embedding_group: int) -> str:
     """A YAML recipe: min-max 4-bit asymmetric RTN on Linear and Embedding layers, groups as given."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelpress.deep_compression import DeepCompressionPlan, deep_compress, fp32_bytes, recipe, stored_bytes
+from modelpress.pipelines.deep_compression import (DeepCompressionPlan, TrainingSet, deep_compress, fp32_bytes, recipe,
+                                                   stored_bytes)
 from modelpress.encodings.clustered import ClusteredTensor
 from modelpress.encodings.sparse import SparseTensor
 from modelpress.errors import ConfigError
 from modelpress.formats.checkpoint import save
-from modelpress.models.digits import DigitsLeNet5, DigitsMLP, accuracy, load_digits_data, train
+from digits import DigitsLeNet5, DigitsMLP, accuracy, load_digits_data, train
 from modelpress.recipe import Recipe
 
 MLP_PLAN = DeepCompressionPlan(sparsity={"fc1": 0.92, "fc2": 0.95, "fc3": 0.8}, bits={"fc1": 3, "fc2": 3, "fc3": 4},
@@ -52,7 +53,8 @@ def test_each_stage_shrinks_the_model_and_the_result_reloads(digits, tmp_path) -
     plan = DeepCompressionPlan(sparsity=MLP_PLAN.sparsity, bits=MLP_PLAN.bits, prune_epochs=4, centroid_epochs=1)
     model = DigitsMLP()
     train(model, digits, epochs=4)
-    final, results = deep_compress(model, digits, plan, lambda: DigitsMLP(None), tmp_path)
+    final, results = deep_compress(model, TrainingSet(digits.x_train, digits.y_train), plan, lambda: DigitsMLP(None),
+                                   tmp_path, lambda m: accuracy(m, digits))
     stages = [r.stage for r in results]
     assert stages == ["fp32", "pruned+clustered", "+centroid fine-tuning", "+entropy coding", "+float16 biases"]
     sizes = [r.bytes for r in results]
@@ -74,7 +76,8 @@ def test_deep_compression_reaches_40x_within_half_a_point(digits, tmp_path, cls,
     model = cls(0)
     train(model, digits, epochs=40)
     dense = accuracy(model, digits)
-    _, results = deep_compress(model, digits, plan, lambda: cls(None), tmp_path)
+    _, results = deep_compress(model, TrainingSet(digits.x_train, digits.y_train), plan, lambda: cls(None), tmp_path,
+                               lambda m: accuracy(m, digits))
     final = results[-1]
     assert final.ratio(results[0].bytes) >= 40
     assert final.accuracy >= dense - 0.005

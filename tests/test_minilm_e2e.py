@@ -57,6 +57,6 @@ def test_preset_fidelity_size_and_exact_reload(minilm, sentences, reference, tmp
 def test_embedding_tables_are_quantised_by_every_preset(minilm):
     from modelpress.nn import CompressedEmbedding
 
-    for preset in modelpress.PRESETS:
+    for preset in modelpress.preset_names():
         model = modelpress.compress(copy.deepcopy(minilm), preset)
         assert isinstance(model.model.embeddings.word_embeddings, CompressedEmbedding), preset

@@ -10,11 +10,12 @@ import torch
 import yaml
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress, resolve_recipe
 from modelpress.errors import ConfigError, RecipeError
 from modelpress.nn import CompressedEmbedding, CompressedLinear
-from modelpress.passes import RangeSearch, RTNConfig
-from modelpress.presets import DEFAULT_PRESET, PRESETS, preset
+from modelpress.passes import RangeSearch, RTNConfig, WeightQuant
+from modelpress.presets import DEFAULT_PRESET, preset, preset_names
 from modelpress.recipe import RECIPE_VERSION, Recipe, Selector, Stage
 
 CUSTOM = textwrap.dedent(
@@ -47,7 +48,7 @@ def test_custom_recipe_parses_into_typed_stages():
     first, second = r.stages
     assert first.pass_name == "rtn"
     assert first.config == RTNConfig(bits=4, symmetric=False, group_size=64, search="mse")
-    assert first.config.search is RangeSearch.MSE
+    assert first.config.quant.search is RangeSearch.MSE
     assert first.targets == Selector(include=("*",), types=("Linear", "Embedding"), ignore=("pooler.*",))
     assert first.overrides == (("embeddings.word_embeddings", {"group_size": 32}), ("*.out", {"bits": 8, "symmetric": True}))
     assert second.targets.include == ("pooler.*",)  # a single string is a one-item list
@@ -57,12 +58,12 @@ def test_custom_recipe_parses_into_typed_stages():
 def test_config_for_applies_matching_overrides_in_order():
     stage = Recipe.from_yaml(CUSTOM).stages[0]
     assert stage.config_for("encoder.dense") == stage.config
-    assert stage.config_for("embeddings.word_embeddings").group_size == 32
+    assert stage.config_for("embeddings.word_embeddings").quant.group_size == 32
     attn_out = stage.config_for("attention.out")
-    assert (attn_out.bits, attn_out.symmetric, attn_out.group_size, attn_out.search) == (8, True, 64, RangeSearch.MSE)
+    assert attn_out.quant == WeightQuant(bits=8, symmetric=True, group_size=64, search=RangeSearch.MSE)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS) + ["custom"])
+@pytest.mark.parametrize("name", sorted(preset_names()) + ["custom"])
 def test_yaml_round_trip(name):
     r = Recipe.from_yaml(CUSTOM) if name == "custom" else preset(name)
     text = r.to_yaml()
@@ -93,8 +94,8 @@ def test_defaults():
 
 
 def test_preset_registry():
-    assert DEFAULT_PRESET in PRESETS
-    assert sorted(PRESETS) == ["int3", "int4", "int8", "w8a8", "w8a8-smooth"]
+    assert DEFAULT_PRESET in preset_names()
+    assert sorted(preset_names()) == ["int3", "int4", "int8", "w8a8", "w8a8-smooth"]
     with pytest.raises(RecipeError, match=r"unknown preset 'int5': use one of \['int3', 'int4', 'int8', 'w8a8', 'w8a8-smooth'\]"):
         preset("int5")
 
@@ -126,7 +127,7 @@ INVALID = [
     ("bits-5", stage(config={"bits": 5}), r"stage 0 \(rtn\): unsupported bit width 5: use one of \(2, 3, 4, 8\)"),
     ("symmetric-2bit", stage(config={"bits": 2}), "2-bit symmetric quantisation has only 3 levels"),
     ("bad-granularity", stage(config={"group_size": "rows"}), "group_size 'rows' is not valid"),
-    ("rtn-dynamic-kernel", stage(config={"kernel": "dynamic_int8"}), "use the dynamic_int8 pass for W8A8"),
+    ("rtn-dynamic-kernel", stage(config={"kernel": "dynamic_int8"}), "or the dynamic_int8 pass for W8A8"),
     ("dynamic-weight-bits", {"stages": [{"pass": "dynamic_int8", "config": {"weight_bits": 4}}]},
      r"stage 0 \(dynamic_int8\): weight_bits 4 is not valid"),
     ("dynamic-groups", {"stages": [{"pass": "dynamic_int8", "config": {"group_size": 64}}]}, "fbgemm has no groups"),
@@ -234,7 +235,7 @@ def compressed_names(m: nn.Module) -> set[str]:
 def test_compress_with_a_preset_name():
     m = compress(model(), "int8")
     assert compressed_names(m) == {"0", "1", "3"}
-    assert m.modelpress_recipe == preset("int8")
+    assert provenance(m).recipe == preset("int8").to_dict()
 
 
 @pytest.mark.parametrize("as_str", [False, True], ids=["Path", "str"])
@@ -250,7 +251,7 @@ def test_compress_with_a_yaml_path(tmp_path, as_str):
     assert compressed_names(m) == {"1", "3"}
     assert m[1].encoding.scheme.describe() == "int4 asym g32"
     assert m[3].encoding.scheme.describe() == "int8 sym per-channel"
-    assert m.modelpress_recipe.name == "from-file"
+    assert provenance(m).recipe_name == "from-file"
     assert m(torch.tensor([[1, 2, 3]])).shape == (1, 3, 16)
 
 
@@ -260,7 +261,7 @@ def test_compress_with_a_dict_and_a_recipe():
     assert compressed_names(compress(model(), Recipe.from_dict(data))) == {"0"}
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(preset_names()))
 def test_resolve_preset_name(name):
     assert resolve_recipe(name) == preset(name)
 
@@ -284,9 +285,58 @@ def test_failed_resolution_leaves_the_model_untouched():
     m = model()
     with pytest.raises(RecipeError):
         compress(m, {"stages": [{"pass": "rtn", "config": {"bits": 5}}]})
-    assert compressed_names(m) == set() and not hasattr(m, "modelpress_recipe")
+    assert compressed_names(m) == set() and provenance(m).recipe is None
 
 
 def test_stage_to_dict_omits_empty_overrides():
     s = Stage.from_dict({"pass": "rtn"}, 0)
     assert "overrides" not in s.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- configs by type
+
+
+def test_a_stage_whose_config_is_not_its_passes_is_refused():
+    from modelpress.passes import GPTQConfig
+
+    with pytest.raises(RecipeError, match=r"stage 'gptq' takes a GPTQConfig, not a RTNConfig: use Stage.of"):
+        Stage("gptq", RTNConfig())
+    with pytest.raises(RecipeError, match="unknown pass 'gptq4'"):
+        Stage("gptq4", GPTQConfig())
+    assert Stage("gptq", GPTQConfig()).pass_name == "gptq"
+
+
+def test_stage_of_finds_the_pass_from_the_config_type():
+    from modelpress.passes import GPTQConfig, KMeansConfig, PruneHeadsConfig
+
+    assert Stage.of(GPTQConfig(bits=3)) == Stage("gptq", GPTQConfig(bits=3))
+    assert Stage.of(KMeansConfig(bits=2)).pass_name == "kmeans"
+    assert Stage.of(PruneHeadsConfig(ratio=0.5), Selector(include=("encoder.*",))).targets.include == ("encoder.*",)
+
+
+def test_a_recipe_from_one_config_selects_everything_its_pass_handles():
+    recipe = Recipe.from_configs(RTNConfig(bits=4, group_size=16))
+    assert recipe.name == "rtn" and recipe.stages == (Stage("rtn", RTNConfig(bits=4, group_size=16)),)
+    assert recipe.to_dict() == Recipe.from_dict({"name": "rtn", "stages": [{"pass": "rtn", "config": {
+        "bits": 4, "group_size": 16}}]}).to_dict()
+
+
+def test_a_pattern_map_is_one_stage_per_config_each_ignoring_every_earlier_pattern():
+    from modelpress.passes import GPTQConfig
+
+    recipe = Recipe.from_configs({"*.pooler.*": None, "embeddings.*": RTNConfig(bits=8), "*": GPTQConfig(bits=4)})
+    assert [s.pass_name for s in recipe.stages] == ["rtn", "gptq"]
+    assert recipe.stages[0].targets == Selector(include=("embeddings.*",), ignore=("*.pooler.*",))
+    assert recipe.stages[1].targets == Selector(include=("*",), ignore=("*.pooler.*", "embeddings.*"))
+    assert recipe.name == "custom"
+
+
+@pytest.mark.parametrize("configs, message", [
+    ({"*": None}, "leaves every module as it is"),
+    ({}, "give a pass config"),
+    ({"*": {"bits": 4}}, "give a pass config"),
+    ({3: RTNConfig()}, "give a pass config"),
+])
+def test_bad_pattern_maps_are_refused(configs, message):
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_configs(configs)

@@ -20,7 +20,12 @@ from modelpress.recipe import Recipe, Stage
 
 
 @dataclass(frozen=True)
-class NoConfig:
+class TouchConfig:
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class PlainConfig:
     version: int = 1
 
 
@@ -28,6 +33,7 @@ class NoConfig:
 def seen(monkeypatch):
     """Two test passes in a private registry: 'touch' refines, 'plain' does not; both record their targets."""
     monkeypatch.setattr(base, "PASSES", dict(PASSES))
+    monkeypatch.setattr(base, "_BY_CONFIG", dict(base._BY_CONFIG))
     calls: list[tuple[str, list[str]]] = []
 
     def recorder(name):
@@ -35,8 +41,8 @@ def seen(monkeypatch):
             calls.append((name, [t.name for t in targets]))
         return fn
 
-    register_pass("touch", NoConfig, (nn.Linear, CompressedLinear), refines=True)(recorder("touch"))
-    register_pass("plain", NoConfig, (nn.Linear, CompressedLinear))(recorder("plain"))
+    register_pass("touch", TouchConfig, (nn.Linear, CompressedLinear), refines=True)(recorder("touch"))
+    register_pass("plain", PlainConfig, (nn.Linear, CompressedLinear))(recorder("plain"))
     return calls
 
 

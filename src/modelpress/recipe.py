@@ -23,15 +23,19 @@ kept values is two stages:
         config: {sparsity: 0.5}
       - pass: kmeans          # refines: picks up the pruned CompressedLinear layers
         config: {bits: 4}
+
+From Python, a stage's pass is found from its config's type (`Stage.of(GPTQConfig(bits=4))`), and a
+recipe can be an ordered map of module-name patterns to configs (`Recipe.from_configs`): the first
+pattern that matches a module's name decides, and `None` leaves those modules as they are.
+A stage whose config is not its pass's config type is refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 from torch import nn
@@ -39,17 +43,14 @@ from torch import nn
 from modelpress import fileio
 from modelpress.errors import NotRegularFileError, RecipeError
 from modelpress.limits import MAX_RECIPE_BYTES
-from modelpress.passes.base import Target, config_from_dict, config_to_dict, pass_for
+from modelpress.nn.registry import replaced_name
+from modelpress.passes.base import Target, pass_for, pass_for_config
+from modelpress.passes.config import PassConfig, config_from_dict, config_to_dict
 from modelpress.safeparse import load_yaml
 
-__all__ = ["Selector", "Stage", "Recipe", "RECIPE_VERSION"]
+__all__ = ["Selector", "Stage", "Recipe", "RECIPE_VERSION", "is_pattern_map"]
 
 RECIPE_VERSION = 1
-
-
-# A compressed module also answers to the class name of the layer it replaced, so that
-# `types: [Linear]` in a refining stage finds the Linear layers an earlier stage compressed.
-_REPLACED = {"CompressedLinear": "Linear", "CompressedConv2d": "Conv2d", "CompressedEmbedding": "Embedding"}
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,10 @@ class Selector:
     ignore: tuple[str, ...] = ()
 
     def matches(self, name: str, module: nn.Module) -> bool:
+        # A compressed module also answers to the class name of the layer it replaced, so that
+        # `types: [Linear]` in a refining stage finds the Linear layers an earlier stage compressed.
         cls = type(module).__name__
-        if self.types and cls not in self.types and _REPLACED.get(cls) not in self.types:
+        if self.types and cls not in self.types and replaced_name(cls) not in self.types:
             return False
         if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
             return False
@@ -100,6 +103,17 @@ class Stage:
     targets: Selector = Selector()
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
     optional: bool = False  # a stage that may select nothing (e.g. embeddings, in a preset)
+
+    def __post_init__(self) -> None:
+        spec = pass_for(self.pass_name)
+        if type(self.config) is not spec.config_type:
+            raise RecipeError(f"stage {self.pass_name!r} takes a {spec.config_type.__name__}, not a "
+                              f"{type(self.config).__name__}: use Stage.of(config) to find the pass from the config")
+
+    @classmethod
+    def of(cls, config: PassConfig, targets: "Selector" = Selector(), **kwargs: Any) -> "Stage":
+        """The stage of the pass that `config` configures (found from its type)."""
+        return cls(pass_for_config(config).name, config, targets, **kwargs)
 
     def config_for(self, name: str) -> Any:
         """The stage config with every override whose pattern matches `name` applied, in order."""
@@ -182,6 +196,29 @@ class Recipe:
             raise RecipeError("a recipe needs at least one stage")
 
     @classmethod
+    def from_configs(cls, configs: PassConfig | Mapping[str, PassConfig | None], name: str | None = None) -> "Recipe":
+        """A recipe from one config (every module its pass handles) or an ordered {pattern: config} map.
+
+        In a map, the first pattern (fnmatch over module names) that matches a module decides what
+        happens to it: its config's pass rewrites it if the pass handles its type, and a `None`
+        config leaves it as it is. Each config becomes one stage that ignores every earlier pattern.
+        """
+        if isinstance(configs, PassConfig):
+            stage = Stage.of(configs)
+            return cls((stage,), name=name or stage.pass_name)
+        if not is_pattern_map(configs):
+            raise RecipeError("give a pass config (e.g. GPTQConfig(bits=4)) or an ordered map of module-name "
+                              "patterns to configs or None, e.g. {'*.pooler.*': None, '*': RTNConfig()}")
+        stages, earlier = [], []
+        for pattern, config in configs.items():
+            if config is not None:
+                stages.append(Stage.of(config, Selector(include=(pattern,), ignore=tuple(earlier))))
+            earlier.append(pattern)
+        if not stages:
+            raise RecipeError("the pattern map leaves every module as it is: give at least one pass config")
+        return cls(tuple(stages), name=name or "custom")
+
+    @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError("a recipe must be a mapping with 'stages' (a list of passes)")
@@ -224,3 +261,9 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def is_pattern_map(value: Any) -> bool:
+    """Whether `value` is a non-empty map of string patterns to pass configs or None (not a recipe dict)."""
+    return (isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) for k in value)
+            and all(v is None or isinstance(v, PassConfig) for v in value.values()))

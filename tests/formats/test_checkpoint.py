@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import modelpress
 from modelpress.errors import FormatError, LimitExceededError, ModelNotFoundError, OutputExistsError
+from modelpress.nn.provenance import provenance
 from modelpress.formats.checkpoint import MANIFEST, WEIGHTS, load, read_manifest, save
 
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
@@ -30,7 +31,7 @@ def test_round_trip_gives_bit_identical_outputs(saved):
     loaded = load(path, model=skeleton)
     with torch.inference_mode():
         assert torch.equal(model(IDS), loaded(IDS))
-    assert loaded.modelpress_recipe.to_dict() == model.modelpress_recipe.to_dict()
+    assert provenance(loaded).recipe == provenance(model).recipe
 
 
 def test_plain_module_needs_its_skeleton(saved):

@@ -13,6 +13,7 @@ from _tiny_source import (_tiny_checkpoint_master, _tiny_source_master, embeddin
 
 import modelpress.formats.hf as hf
 from modelpress.cli import EXIT_USER_ERROR, main
+from modelpress.nn.provenance import provenance
 from modelpress.formats.checkpoint import load
 from modelpress.formats.hf import load_sentence_encoder
 
@@ -124,7 +125,7 @@ def test_compress_twice_with_overwrite_replaces_the_output(capsys, tmp_path, tin
         assert code == 0, err
         assert f"saved {recipe} model to {tmp_path / 'o'}" in out
     loaded = load(tmp_path / "o")
-    assert loaded.modelpress_recipe.name == "w8a8"
+    assert provenance(loaded).recipe_name == "w8a8"
     assert torch.nn.functional.cosine_similarity(embeddings(loaded), embeddings(load_sentence_encoder(tiny_source))).min() > 0.95
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "src"]
 

@@ -103,4 +103,4 @@ def test_a_valid_recipe_with_anchors_still_loads(tmp_path):
     text = ("stages:\n  - pass: rtn\n    config: &q {bits: 8, symmetric: true}\n"
             "  - pass: rtn\n    targets: {types: [Embedding]}\n    config: *q\n")
     recipe = Recipe.from_file(_file(tmp_path, text))
-    assert [s.config.bits for s in recipe.stages] == [8, 8]
+    assert [s.config.quant.bits for s in recipe.stages] == [8, 8]

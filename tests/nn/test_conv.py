@@ -17,7 +17,7 @@ from modelpress.encodings import DenseTensor, QuantizedTensor, QuantScheme, quan
 from modelpress.errors import ConfigError, FormatError
 from modelpress.formats.checkpoint import MANIFEST
 from modelpress.nn import CompressedConv2d, CompressedLinear
-from modelpress.presets import PRESETS
+from modelpress.presets import preset
 
 
 def gen(seed: int) -> torch.Generator:
@@ -168,7 +168,7 @@ def test_presets_compress_convs_when_their_selector_includes_them(name, min_cosi
     model = ConvNet()
     with torch.no_grad():
         before = model(X)
-    modelpress.compress(model, with_conv_types(PRESETS[name]))
+    modelpress.compress(model, with_conv_types(preset(name).to_dict()))
     assert isinstance(model.stem, CompressedConv2d) and isinstance(model.body, CompressedConv2d)
     assert isinstance(model.head, CompressedLinear)
     reference = ConvNet()
@@ -225,7 +225,7 @@ RTN_CONVS = {"stages": [{"pass": "rtn", "targets": {"types": ["Conv2d"]},
 
 @pytest.mark.parametrize(
     "recipe",
-    [RTN_CONVS, with_conv_types(PRESETS["int8"]),
+    [RTN_CONVS, with_conv_types(preset("int8").to_dict()),
      {"stages": [{"pass": "rtn", "targets": {"types": ["Conv2d"]}, "config": {"bits": 2, "symmetric": False}}]}],
     ids=["int4-mse", "int8-preset", "int2"],
 )
@@ -282,7 +282,7 @@ def test_tampered_conv_entries_are_refused(tmp_path, module, field, value, messa
 
 
 def test_conv_entry_on_a_linear_module_is_refused(tmp_path):
-    path = modelpress.save(modelpress.compress(ConvNet(), with_conv_types(PRESETS["int8"])), tmp_path / "ckpt")
+    path = modelpress.save(modelpress.compress(ConvNet(), with_conv_types(preset("int8").to_dict())), tmp_path / "ckpt")
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["modules"]["head"] = manifest["modules"]["stem"] | {"weight": manifest["modules"]["head"]["weight"]}
     (path / MANIFEST).write_text(json.dumps(manifest))

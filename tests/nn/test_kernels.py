@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.encodings import DenseTensor, QuantScheme, quantize
-from modelpress.encodings.quantized import _grouped, as_matrix, minmax_params
+from modelpress.encodings import as_matrix, grouped
+from modelpress.encodings.quantized import minmax_params
 from modelpress.errors import ConfigError
 from modelpress.nn import CompressedLinear, Kernel, select_kernel, supports
 from modelpress.nn.kernels import WEIGHT_ONLY_KERNELS, prepare
@@ -98,7 +99,7 @@ def test_int4_weight_mm_with_fractional_zero_points():
     # MSE-searched asymmetric zeros are fractional; the kernel's (8 - z) * s offset must carry them.
     w = weight(32, 128, 3)
     scheme = QuantScheme(4, False, 32)
-    scale, _ = minmax_params(_grouped(as_matrix(w), scheme), scheme)
+    scale, _ = minmax_params(grouped(as_matrix(w), scheme), scheme)
     zero = torch.full_like(scale, 7.375)
     enc = quantize(w, scheme, scale, zero)
     assert bool((enc.zero_points() == 7.375).all())
@@ -135,7 +136,7 @@ def test_auto_runs_every_int4_layer(out_f):
 
 def seven_bit(w: torch.Tensor, scheme: QuantScheme):
     """int8 codes with |q| <= 63, as the dynamic_int8 pass stores them (weight_bits=7)."""
-    scale, _ = minmax_params(_grouped(as_matrix(w), scheme), scheme)
+    scale, _ = minmax_params(grouped(as_matrix(w), scheme), scheme)
     return quantize(w, scheme, scale * (127 / 63))
 
 

@@ -10,15 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress
 from modelpress.encodings import QuantizedTensor, QuantScheme
 from modelpress.encodings.scaled import ChannelScaledTensor
 from modelpress.errors import CalibrationError, ConfigError, RecipeError, UnsupportedError
 from modelpress.formats.checkpoint import load, save
 from modelpress.nn import CompressedLinear
-from modelpress.passes import AWQConfig, RangeSearch
+from modelpress.passes import AWQConfig, RangeSearch, WeightQuant
 from modelpress.passes.awq import awq_scale, awq_search, output_error_sum
-from modelpress.passes.quantize import quantize_weight
+from modelpress.encodings import quantize_weight
 from modelpress.recipe import Recipe
 
 transformers = pytest.importorskip("transformers")
@@ -107,8 +108,8 @@ def test_layers_sharing_a_scale_minimise_their_summed_error():
 
 def test_config_defaults():
     cfg = AWQConfig()
-    assert (cfg.bits, cfg.symmetric, cfg.group_size, cfg.grid, cfg.search.value, cfg.fold.value) == (
-        4, False, 64, 20, "mse", "auto")
+    assert cfg.quant == WeightQuant(bits=4, symmetric=False, group_size=64, search=RangeSearch.MSE)
+    assert (cfg.grid, cfg.fold.value) == (20, "auto")
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -153,7 +154,7 @@ def test_pass_quantises_every_linear_and_folds_where_it_can(bert_and_awq):
             assert isinstance(module.encoding, QuantizedTensor if folded else ChannelScaledTensor), name
             inner = module.encoding if folded else module.encoding.inner
             assert inner.scheme == QuantScheme(4, False, 16)
-    lines = [line for line in model.modelpress_log if " awq (alpha " in line]
+    lines = [line for line in provenance(model).log if " awq (alpha " in line]
     assert len(lines) == 13
     assert any("scale into encoder.layer.0.attention.self.value" in line for line in lines)
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress
 from modelpress.encodings import ClusteredTensor, DenseTensor, SparseTensor
 from modelpress.encodings.clustered import assign, kmeans_1d
@@ -164,13 +165,13 @@ def test_pruned_layers_keep_their_zeros_and_positions_exactly():
 def test_prune_then_cluster_recipe_saves_and_loads_identically(tmp_path):
     skeleton = net()
     m = compress(net(), PRUNE_THEN_CLUSTER)
-    assert m.modelpress_recipe == Recipe.from_dict(PRUNE_THEN_CLUSTER)
+    assert provenance(m).recipe == Recipe.from_dict(PRUNE_THEN_CLUSTER).to_dict()
     path = save(m, tmp_path / "ckpt")
     loaded = load(path, model=skeleton)
     assert isinstance(loaded.fc1.encoding.values, ClusteredTensor)
     with torch.inference_mode():
         assert torch.equal(loaded(X), m(X))
-    assert loaded.modelpress_recipe == m.modelpress_recipe
+    assert provenance(loaded).recipe == provenance(m).recipe
 
 
 def test_quantised_layers_are_refused():

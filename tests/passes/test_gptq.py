@@ -10,15 +10,18 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.calibration import calibration_sentences
 from modelpress.compress import compress
 from modelpress.encodings import PER_CHANNEL, QuantizedTensor, QuantScheme, encoding_from_parts, mse_params
-from modelpress.encodings.quantized import _grouped, minmax_params, quantize_with_params
+from modelpress.encodings import grouped
+from modelpress.encodings.quantized import minmax_params, quantize_with_params
 from modelpress.errors import CalibrationError, ConfigError, RecipeError
 from modelpress.nn import CompressedLinear
-from modelpress.passes import GPTQConfig, RangeSearch, pass_for
-from modelpress.passes.gptq import _inverse_cholesky, gptq_quantize, output_error
-from modelpress.passes.quantize import quantize_weight
+from modelpress.passes import GPTQConfig, RangeSearch, WeightQuant, pass_for
+from modelpress.passes.gptq import gptq_quantize
+from modelpress.passes.linalg import inverse_cholesky, output_error
+from modelpress.encodings import quantize_weight
 from modelpress.recipe import Recipe
 
 SCHEMES = [QuantScheme(4, False, 16), QuantScheme(3, False, PER_CHANNEL), QuantScheme(4, True, 32),
@@ -60,7 +63,7 @@ def reference_gptq(W, H, scheme, search, damp):
             if search is RangeSearch.MSE:
                 scale, zero = mse_params(group, row)
             else:
-                scale, zero = minmax_params(_grouped(group.float(), row), row)
+                scale, zero = minmax_params(grouped(group.float(), row), row)
             scale, zero = scale[:, 0, 0].to(W.dtype), zero[:, 0, 0].to(W.dtype)
         q = quantize_with_params(W[:, j], scale, zero, scheme)
         Q[:, j] = (q - zero) * scale
@@ -176,12 +179,14 @@ def test_dead_inputs_are_zeroed_and_harmless():
 def test_singular_hessian_without_damping_raises_the_damping():
     X = correlated(n=8)  # rank 8 < 64 inputs: H is singular
     got = gptq_quantize(weight(), hessian(X), QuantScheme(4, False, 16), damp=0.0)
-    assert got.damp > 0 and torch.isfinite(got.weight).all()
+    assert got.damp == 1e-4  # the first retry's damping, and the result is exactly GPTQ at that damping
+    again = gptq_quantize(weight(), hessian(X), QuantScheme(4, False, 16), damp=1e-4)
+    assert again.damp == 1e-4 and torch.equal(got.codes, again.codes) and torch.equal(got.weight, again.weight)
 
 
 def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
     H = hessian(correlated())
-    U, damp = _inverse_cholesky(H.clone(), 0.05)
+    U, damp = inverse_cholesky(H.clone(), 0.05)
     Hd = H + 0.05 * H.diagonal().mean() * torch.eye(64, dtype=H.dtype)
     assert damp == 0.05
     assert torch.equal(U, U.triu())
@@ -193,11 +198,10 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
 
 def test_config_defaults_and_scheme():
     cfg = GPTQConfig()
-    assert (cfg.bits, cfg.symmetric, cfg.group_size, cfg.damp, cfg.block_size, cfg.act_order) == (4, False, 64, 0.01,
-                                                                                                  128, False)
-    assert cfg.search is RangeSearch.MSE and cfg.version == 1
-    assert cfg.scheme == QuantScheme(4, False, 64)
-    assert GPTQConfig(group_size="channel", search="minmax").search is RangeSearch.MINMAX
+    assert cfg.quant == WeightQuant(bits=4, symmetric=False, group_size=64, search=RangeSearch.MSE)
+    assert (cfg.damp, cfg.block_size, cfg.act_order, cfg.version) == (0.01, 128, False, 1)
+    assert cfg.quant.scheme == QuantScheme(4, False, 64)
+    assert GPTQConfig(group_size="channel", search="minmax").quant.search is RangeSearch.MINMAX
     assert pass_for("gptq").config_type is GPTQConfig and pass_for("gptq").module_types == (nn.Linear,)
 
 
@@ -295,9 +299,9 @@ def test_pass_quantises_every_reached_linear_and_logs_it():
             assert isinstance(module, CompressedLinear) and isinstance(module.encoding, QuantizedTensor)
             assert module.encoding.scheme == QuantScheme(4, False, 16)
             assert torch.equal(module.bias, reference.get_submodule(name).bias)
-    log = "\n".join(model.modelpress_log)
+    log = "\n".join(provenance(model).log)
     assert "unused: skipped by gptq: no calibration token reached it, it stays float" in log
-    assert sum("gptq (mse;" in line for line in model.modelpress_log) == len(linears) - 1
+    assert sum("gptq (mse;" in line for line in provenance(model).log) == len(linears) - 1
     with torch.no_grad():
         a, b = model(**data[0]), reference(**data[0])
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.97
@@ -344,7 +348,7 @@ def test_per_layer_overrides_apply():
     model = compress(TinyTransformer(), recipe, calibration=batches())
     assert model.layers[0].q.encoding.scheme == QuantScheme(4, False, 16)
     assert model.layers[1].q.encoding.scheme == QuantScheme(8, True, 16)
-    assert any("layers.1.q: int8 sym g16 gptq (mse, act_order;" in line for line in model.modelpress_log)
+    assert any("layers.1.q: int8 sym g16 gptq (mse, act_order;" in line for line in provenance(model).log)
 
 
 def test_a_failure_part_way_leaves_quantised_layers_visibly_quantised():
@@ -411,7 +415,7 @@ def test_minilm_yaml_recipe_save_and_load(minilm, minilm_gptq, tmp_path):
 
     sentences = list(corpus_splits(n_eval=100, n_calib=1).evaluation)
     assert not any(isinstance(m, nn.Linear) for m in minilm_gptq.modules())
-    gptq_lines = [line for line in minilm_gptq.modelpress_log if " gptq (mse, act_order; " in line]
+    gptq_lines = [line for line in provenance(minilm_gptq).log if " gptq (mse, act_order; " in line]
     assert len(gptq_lines) == 13 and any(line.startswith("model.pooler.dense: ") for line in gptq_lines)
     got = minilm_gptq.encode(sentences)
     assert fidelity(minilm.encode(sentences), got, n_queries=50).mean_cosine > 0.97

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress
 from modelpress.encodings import DenseTensor, LowRankTensor, QuantizedTensor, QuantScheme
 from modelpress.errors import CalibrationError, ConfigError, RecipeError
@@ -26,7 +27,7 @@ from modelpress.passes.lowrank import (
     spectrum,
     whiten,
 )
-from modelpress.passes.quantize import RangeSearch, quantize_weight
+from modelpress.encodings import RangeSearch, quantize_weight
 
 
 def gen(seed: int) -> torch.Generator:
@@ -340,7 +341,7 @@ BAD_CONFIGS = {
     "bits": ({"rank": 2, "bits": 5}, "unsupported bit width 5"),
     "group size": ({"rank": 2, "bits": 4, "group_size": "row"}, "group_size 'row' is not valid"),
     "kernel": ({"rank": 2, "kernel": "int8_mm"}, "kernel 'int8_mm' cannot run low-rank factors"),
-    "search": ({"rank": 2, "search": "best"}, "'best' is not a valid RangeSearch"),
+    "search": ({"rank": 2, "search": "best"}, "search 'best' is not valid"),
     "version": ({"rank": 2, "version": 2}, "version 2 is not supported"),
 }
 
@@ -380,7 +381,7 @@ def test_yaml_recipe_stage_runs_through_compress(tmp_path):
         enc = model[i].encoding
         assert isinstance(enc, LowRankTensor)
         assert enc.rank == direct_energy_rank(np.linalg.svd(W.double().numpy(), compute_uv=False), 0.9)
-    assert len(model.modelpress_log) == 2
+    assert len(provenance(model).log) == 2
     y = model(x)
     assert float((y - reference).norm() / reference.norm()) < 0.5
 

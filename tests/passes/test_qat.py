@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import modelpress
+from modelpress.nn.provenance import provenance
 from modelpress.encodings import QuantizedTensor, QuantScheme, mse_params, quantize
-from modelpress.encodings.quantized import _grouped, as_matrix, minmax_params
+from modelpress.encodings import as_matrix, grouped
+from modelpress.encodings.quantized import minmax_params
 from modelpress.errors import ConfigError, RecipeError
-from modelpress.models import DigitsCNN, accuracy, load_digits_data, train
+from digits import DigitsCNN, accuracy, load_digits_data, train
 from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
-from modelpress.passes import PASSES, QATConfig, RangeSearch, convert_qat, prepare_qat
+from modelpress.passes import PASSES, QATConfig, RangeSearch, WeightQuant, convert_qat, prepare_qat
 from modelpress.passes.qat import QATConv2d, QATLinear, QATModule, WeightFakeQuant, fake_quantize, lsq_grad_scale
 
 
@@ -39,7 +41,7 @@ SHAPES = {"linear": (6, 16), "conv": (6, 2, 2, 4)}  # both are (6, 16) matrices
 
 def params_for(w: torch.Tensor, scheme: QuantScheme, shrink: float = 1.0):
     """Min-max scale and zero, (R, G, 1), optionally shrunk so that some weights fall outside the range."""
-    return minmax_params(_grouped(as_matrix(w), scheme), scheme, shrink)
+    return minmax_params(grouped(as_matrix(w), scheme), scheme, shrink)
 
 
 # ---------------------------------------------------------------- the fake-quant op
@@ -58,7 +60,7 @@ def test_forward_equals_quantize_then_decode(scheme, shape, shrink):
 def _inside(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Plain reference of LSQ's "inside the range" mask, per element of w."""
     s, z = scale.half().float(), zero.half().float()
-    v = _grouped(as_matrix(w), scheme) / s
+    v = grouped(as_matrix(w), scheme) / s
     if scheme.symmetric:
         inside = v.abs() <= scheme.midpoint - 1
     else:
@@ -80,7 +82,7 @@ def test_straight_through_gradient_passes_inside_the_range_and_is_zero_outside(s
 def _reference_lsq(w, scale, zero, scheme):
     """LSQ written with ordinary autograd: clamp, then round with a detached residual (so clipped
     weights get no gradient and the step gets q - z from them), and the gradient-scale trick."""
-    wg = _grouped(as_matrix(w), scheme)
+    wg = grouped(as_matrix(w), scheme)
     g = 1.0 / math.sqrt(wg.shape[-1] * (scheme.midpoint - 1 if scheme.symmetric else scheme.qmax))
     s = scale * g + (scale - scale * g).detach()  # value s, gradient scaled by g
     z = zero * g + (zero - zero * g).detach()
@@ -177,10 +179,10 @@ def test_symmetric_quantiser_learns_only_the_scale():
 
 def test_config_is_frozen_with_defaults():
     cfg = QATConfig()
-    assert (cfg.bits, cfg.symmetric, cfg.group_size, cfg.init, cfg.kernel, cfg.version) == (
-        4, False, "channel", RangeSearch.MSE, Kernel.AUTO, 1)
+    assert (cfg.quant, cfg.kernel, cfg.version) == (
+        WeightQuant(bits=4, symmetric=False, group_size="channel", search=RangeSearch.MSE), Kernel.AUTO, 1)
     with pytest.raises(AttributeError):
-        cfg.bits = 2
+        cfg.kernel = Kernel.DENSE
 
 
 @pytest.mark.parametrize(
@@ -239,11 +241,11 @@ class Net(nn.Module):
 X = torch.randn(16, 4, 6, 6, generator=gen(7))
 Y = torch.randint(0, 4, (16,), generator=gen(8))
 QAT_SCHEMES = {  # group sizes divide 18, 8, 8 and 16 columns
-    "int2-asym-channel": QATConfig(2, False, "channel", kernel="dense"),
-    "int3-asym-tensor": QATConfig(3, False, "tensor", kernel="dense"),
-    "int4-sym-channel": QATConfig(4, True, "channel", kernel="dense"),
-    "int4-asym-g2": QATConfig(4, False, 2, kernel="dense"),
-    "int8-sym-channel-minmax": QATConfig(8, True, "channel", init="minmax", kernel="dense"),
+    "int2-asym-channel": QATConfig(bits=2, symmetric=False, group_size="channel", kernel="dense"),
+    "int3-asym-tensor": QATConfig(bits=3, symmetric=False, group_size="tensor", kernel="dense"),
+    "int4-sym-channel": QATConfig(bits=4, symmetric=True, group_size="channel", kernel="dense"),
+    "int4-asym-g2": QATConfig(bits=4, symmetric=False, group_size=2, kernel="dense"),
+    "int8-sym-channel-minmax": QATConfig(bits=8, symmetric=True, group_size="channel", init="minmax", kernel="dense"),
 }
 
 
@@ -281,8 +283,9 @@ def test_prepare_selects_like_a_recipe_stage(kwargs, expected):
 def test_untrained_qat_model_equals_rtn_with_the_same_ranges(name):
     config = QAT_SCHEMES[name]
     qat = prepare_qat(Net(), config)
-    rtn_config = {"bits": config.bits, "symmetric": config.symmetric, "group_size": config.group_size,
-                  "search": config.init.value, "kernel": "dense"}
+    q = config.quant
+    rtn_config = {"bits": q.bits, "symmetric": q.symmetric, "group_size": q.group_size, "search": q.search.value,
+                  "kernel": "dense"}
     rtn = modelpress.compress(Net(), {"stages": [{"pass": "rtn", "targets": {"types": ["Conv2d", "Linear"]},
                                                   "config": rtn_config}]})
     with torch.no_grad():
@@ -301,14 +304,14 @@ def test_converted_model_equals_the_trained_fake_quant_model(name):
     convert_qat(model)
     assert isinstance(model.conv1, CompressedConv2d) and isinstance(model.fc2, CompressedLinear)
     assert not any(isinstance(m, QATModule) for m in model.modules())
-    assert isinstance(model.conv1.encoding, QuantizedTensor) and model.conv1.encoding.scheme == QAT_SCHEMES[name].scheme
+    assert isinstance(model.conv1.encoding, QuantizedTensor) and model.conv1.encoding.scheme == QAT_SCHEMES[name].quant.scheme
     assert (model.conv1.stride, model.conv1.padding, model.conv1.groups) == ((2, 2), (1, 1), 2)
     with torch.no_grad():
         assert torch.equal(model(X), trained)
 
 
 def test_auto_kernel_conversion_agrees_to_float_tolerance():
-    model = prepare_qat(Net(), QATConfig(8, True))  # int8 symmetric: AUTO may pick the int8 matmul kernel
+    model = prepare_qat(Net(), QATConfig(bits=8, symmetric=True))  # int8 symmetric: AUTO may pick the int8 matmul
     fit(model, steps=2)
     with torch.no_grad():
         trained = model(X)
@@ -323,7 +326,7 @@ def test_qat_recipe_composes_with_rtn_and_saves_after_conversion(tmp_path):
     ]}
     model = modelpress.compress(Net(), recipe)
     assert isinstance(model.conv1, CompressedConv2d) and isinstance(model.conv2, QATConv2d)
-    assert model.fc2.config.bits == 4 and model.fc1.config.bits == 2
+    assert model.fc2.config.quant.bits == 4 and model.fc1.config.quant.bits == 2
     fit(model, steps=3)
     with pytest.raises(ConfigError, match=r"'conv2' is still in quantisation-aware training: call convert_qat"):
         modelpress.save(model, tmp_path / "early")
@@ -334,7 +337,7 @@ def test_qat_recipe_composes_with_rtn_and_saves_after_conversion(tmp_path):
     loaded = modelpress.load(modelpress.save(model, tmp_path / "ckpt"), model=Net())
     with torch.no_grad():
         assert torch.equal(loaded(X), expected)
-    assert loaded.modelpress_recipe.to_dict() == model.modelpress_recipe.to_dict()
+    assert provenance(loaded).recipe == provenance(model).recipe
     assert loaded.fc2.encoding.scheme.bits == 4 and loaded.conv2.encoding.scheme.bits == 2
 
 

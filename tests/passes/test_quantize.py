@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress
 from modelpress.encodings import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme, mse_params, quantize
 from modelpress.errors import ConfigError, RecipeError
@@ -110,8 +111,8 @@ def test_preset_replaces_exactly_linear_and_embedding_layers(name):
         after = model(IDS)
     assert after.shape == before.shape
     assert cosine(after, before) > min_cosine
-    assert model.modelpress_recipe.name == name
-    assert len(model.modelpress_log) == 5
+    assert provenance(model).recipe_name == name
+    assert len(provenance(model).log) == 5
 
 
 def test_int8_preset_is_plain_minmax_rtn():
@@ -302,8 +303,8 @@ def test_progress_and_log():
     messages = []
     model = compress(Tiny(), "int4", progress=messages.append)
     assert messages == ["stage 0: rtn on 3 modules", "stage 1: rtn on 2 modules"]
-    assert "head: int4 asym g32 (mse)" in model.modelpress_log
-    assert "embed: int4 asym g64 (mse)" in model.modelpress_log
+    assert "head: int4 asym g32 (mse)" in provenance(model).log
+    assert "embed: int4 asym g64 (mse)" in provenance(model).log
 
 
 # ---------------------------------------------------------------- configs
@@ -315,9 +316,9 @@ def test_progress_and_log():
         ({"bits": 5}, "unsupported bit width 5"),
         ({"bits": 2}, "2-bit symmetric"),
         ({"group_size": "row"}, "group_size 'row' is not valid"),
-        ({"search": "foo"}, "'foo' is not a valid RangeSearch"),
-        ({"kernel": "dynamic_int8"}, "use the dynamic_int8 pass for W8A8"),
-        ({"kernel": "dynamic_int8_token"}, "use the dynamic_int8 pass for W8A8"),
+        ({"search": "foo"}, "search 'foo' is not valid: use one of \\['minmax', 'mse'\\]"),
+        ({"kernel": "dynamic_int8"}, "or the dynamic_int8 pass for W8A8"),
+        ({"kernel": "dynamic_int8_token"}, "or the dynamic_int8 pass for W8A8"),
     ],
 )
 def test_rtn_config_validation(kwargs, message):
@@ -338,6 +339,6 @@ def test_dynamic_int8_config_validation(kwargs, message):
 
 def test_configs_normalise_enum_strings():
     cfg = RTNConfig(search="mse", kernel="int4_mm", bits=4, symmetric=False, group_size=32)
-    assert cfg.search is RangeSearch.MSE and cfg.kernel is Kernel.INT4_WEIGHT_MM
-    assert cfg.scheme == QuantScheme(4, False, 32)
-    assert DynamicInt8Config(group_size="tensor").scheme == QuantScheme(8, True, PER_TENSOR)
+    assert cfg.quant.search is RangeSearch.MSE and cfg.kernel is Kernel.INT4_WEIGHT_MM
+    assert cfg.quant.scheme == QuantScheme(4, False, 32)
+    assert DynamicInt8Config(group_size="tensor").quant.scheme == QuantScheme(8, True, PER_TENSOR)

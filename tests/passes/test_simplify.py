@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress
 from modelpress.errors import FormatError
 from modelpress.formats.checkpoint import MANIFEST, load, save
 from modelpress.nn import CompressedConv2d
-from modelpress.passes.simplify import SIMPLIFIED_ATTR, find_folds, simplify
+from modelpress.nn.simplified import simplified_record
+from modelpress.passes.simplify import find_folds, simplify
 
 X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -60,7 +62,7 @@ def test_folded_outputs_equal_the_original(bias):
                    for m in model.modules())
     assert all(model[i].bias is not None for i in (0, 4, 8))  # a conv/linear without bias gains one
     torch.testing.assert_close(eval_out(model), reference, rtol=0, atol=1e-5)
-    assert getattr(model, SIMPLIFIED_ATTR) == {
+    assert simplified_record(model) == {
         "identity": ["1", "10", "3", "5", "7", "9"],
         "bias_added": [] if bias else ["0", "4", "8"],
     }
@@ -199,7 +201,7 @@ def test_a_recipe_starts_with_simplify_then_quantises(tmp_path):
     assert (out - reference).norm() / reference.norm() < 0.02  # int8 after folding
     loaded = load(save(model, tmp_path / "ckpt"), model=skeleton)
     assert torch.equal(eval_out(loaded), out)
-    assert any("folded into" in line for line in model.modelpress_log)
+    assert any("folded into" in line for line in provenance(model).log)
 
 
 def test_the_simplify_stage_folds_only_what_it_selects():
@@ -214,7 +216,7 @@ def test_a_batchnorm_after_a_compressed_conv_is_kept_and_logged():
     compress(model, {"stages": [{"pass": "rtn", "targets": {"include": ["0"], "types": ["Conv2d"]}},
                                 {"pass": "simplify", "targets": {"types": ["BatchNorm2d"]}}]})
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[5], nn.Identity)
-    assert "1: BatchNorm kept, its input comes from a CompressedConv2d" in " ".join(model.modelpress_log)
+    assert "1: BatchNorm kept, its input comes from a CompressedConv2d" in " ".join(provenance(model).log)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -230,10 +232,10 @@ def saved(tmp_path):
 def test_save_and_load_into_the_original_skeleton(saved):
     model, skeleton, path = saved
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["simplified"] == getattr(model, SIMPLIFIED_ATTR)
+    assert manifest["simplified"] == simplified_record(model)
     loaded = load(path, model=skeleton)
     assert torch.equal(eval_out(loaded), eval_out(model))
-    assert getattr(loaded, SIMPLIFIED_ATTR) == getattr(model, SIMPLIFIED_ATTR)
+    assert simplified_record(loaded) == simplified_record(model)
 
 
 def test_load_into_the_simplified_model_itself(saved):
@@ -293,4 +295,4 @@ def test_the_store_round_trips_a_simplified_pruned_clustered_model(tmp_path):
         store.put(model, "net")
         loaded = store.load("net", skeleton=skeleton)
     assert torch.equal(eval_out(loaded), eval_out(model))
-    assert getattr(loaded, SIMPLIFIED_ATTR) == getattr(model, SIMPLIFIED_ATTR)
+    assert simplified_record(loaded) == simplified_record(model)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.nn.provenance import provenance
 from modelpress.compress import compress
 from modelpress.encodings import QuantizedTensor, QuantScheme
 from modelpress.encodings.scaled import ChannelScaledTensor
@@ -21,7 +22,8 @@ from modelpress.nn import CompressedLinear, Kernel
 from modelpress.nn.kernels import prepare, supports
 from modelpress.passes import DynamicInt8Config, PassContext, RangeSearch, Target
 from modelpress.passes.channel_scales import Absorber, Site, input_multiply, migrate
-from modelpress.passes.quantize import TOKEN_RANGE_RATIO, measure_inputs, quantize_weight, smooth, smooth_scale
+from modelpress.encodings import quantize_weight
+from modelpress.passes.quantize import TOKEN_RANGE_RATIO, measure_inputs, smooth, smooth_scale
 from modelpress.recipe import Recipe
 
 transformers = pytest.importorskip("transformers")
@@ -169,7 +171,7 @@ def test_pass_on_a_tiny_bert_folds_the_attention_output_and_keeps_the_rest_expli
             assert module.kernel is Kernel.DYNAMIC_INT8
             folded = name.endswith("attention.output.dense")
             assert isinstance(module.encoding, QuantizedTensor if folded else ChannelScaledTensor), name
-    assert sum("smoothed (alpha 0.5)" in line for line in model.modelpress_log) == 13
+    assert sum("smoothed (alpha 0.5)" in line for line in provenance(model).log) == 13
 
 
 def test_without_smoothing_no_calibration_is_needed():
@@ -229,7 +231,7 @@ def test_layers_sharing_an_absorber_must_share_alpha():
     stage = {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"smooth_alpha": 0.5},
              "overrides": {"*.attention.output.dense": {"smooth_alpha": 0.7}}}
     done = compress(model, {"stages": [stage]}, calibration=batches())  # the attention output alone: fine
-    assert "smoothed (alpha 0.7)" in " ".join(done.modelpress_log)
+    assert "smoothed (alpha 0.7)" in " ".join(provenance(done).log)
 
 
 def test_per_token_activations_choose_the_per_token_kernel_and_survive_save_and_load(tmp_path):
@@ -239,7 +241,7 @@ def test_per_token_activations_choose_the_per_token_kernel_and_survive_save_and_
     kernels = {n: m.kernel for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     assert {n for n, k in kernels.items() if k is Kernel.DYNAMIC_INT8_TOKEN} == {
         f"encoder.layer.{i}.output.dense" for i in range(2)}
-    assert sum("a range per token" in line for line in model.modelpress_log) == 2
+    assert sum("a range per token" in line for line in provenance(model).log) == 2
     reloaded = load(save(model, tmp_path / "token"), model=tiny_bert(seed=3))
     assert reloaded.encoder.layer[0].output.dense.kernel is Kernel.DYNAMIC_INT8_TOKEN
     for b in batches(2, seed=4):
@@ -264,7 +266,7 @@ def test_auto_activations_give_a_range_per_token_where_calibration_shows_outlier
     stage = {"pass": "dynamic_int8", "targets": {"types": ["Linear"]}, "config": {"activations": "auto"}}
     model = compress(TwoInputs(), {"stages": [stage]}, calibration=calibration)
     assert model.spiky.kernel is Kernel.DYNAMIC_INT8_TOKEN and model.even.kernel is Kernel.DYNAMIC_INT8
-    log = " ".join(model.modelpress_log)
+    log = " ".join(provenance(model).log)
     assert "spiky: W8A8 dynamic" in log and "activations auto: call range" in log
 
 
@@ -317,4 +319,4 @@ def test_minilm_w8a8_smooth_preset_saves_and_loads(minilm, tmp_path):
 @pytest.mark.slow
 def test_minilm_w8a8_smooth_without_calibration_uses_the_default_sentences(minilm):
     model = compress(copy.deepcopy(minilm), "w8a8-smooth")
-    assert any("using calibration_sentences(128)" in line for line in model.modelpress_log)
+    assert any("using calibration_sentences(128)" in line for line in provenance(model).log)

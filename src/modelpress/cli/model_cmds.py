@@ -168,13 +168,14 @@ def cmd_eval(args) -> int:
     from modelpress.evaluate.size import folder_bytes
     from modelpress.formats.checkpoint import WEIGHTS, load
     from modelpress.formats.hf import resolve_model_path
+    from modelpress.nn.provenance import provenance
 
     console = _console()
     report = _output_file(args.json, "--json", [resolve_model_path(args.original), args.compressed])
     original = _load_original(args.original)
     with _stderr_console().status(f"loading {args.compressed}"):
         compressed = load(args.compressed)
-    name = getattr(getattr(compressed, "modelpress_recipe", None), "name", Path(args.compressed).name)
+    name = provenance(compressed).recipe_name or Path(args.compressed).name
     evaluation = _evaluate(original, compressed, name, args.sentences, args.threads, latency=not args.no_latency)
     _render(evaluation, console, folder_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
     _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
@@ -195,10 +196,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from modelpress.presets import PRESETS, preset
+    from modelpress.presets import preset, preset_names
 
     console = _console()
-    for name in PRESETS:
+    for name in preset_names():
         console.print(f"[bold]{name}[/]")
         console.print(preset(name).to_yaml())
     return 0
@@ -207,8 +208,8 @@ def cmd_presets(args) -> int:
 def cmd_sensitivity(args) -> int:
     from modelpress.compress import resolve_recipe
     from modelpress.errors import ConfigError, OutputExistsError
-    from modelpress.sensitivity import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
-                                        plan_mixed_precision)
+    from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
+                                   plan_mixed_precision)
 
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on bad arguments before loading anything

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from modelpress.encodings.views import matrix_dims
 from modelpress.errors import FormatError
 
 __all__ = ["Encoding", "register_encoding", "encoding_from_parts", "ENCODINGS"]
@@ -58,6 +59,11 @@ class Encoding(ABC):
         """Rebuild from `meta()` and `arrays()`; must validate both (they may come from a hostile file)."""
 
     @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the matrix view of the decoded tensor (see encodings/views.py)."""
+        return matrix_dims(self.shape)
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -65,6 +71,10 @@ class Encoding(ABC):
     def nbytes(self) -> int:
         """Bytes of the arrays that store this tensor (what it costs on disk before entropy coding)."""
         return sum(a.numel() * a.element_size() for a in self.arrays().values())
+
+    def describe(self) -> str:
+        """A short human description ("int4 asym g32", "sparse", ...) for logs and reports."""
+        return self.kind
 
     @property
     def bits_per_weight(self) -> float:

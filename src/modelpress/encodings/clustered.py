@@ -5,7 +5,7 @@ entry, the b-bit index of its centroid: w_hat[i] = codebook[index[i]]. The centr
 1-D k-means on the tensor's values (`kmeans_1d`), so unlike a uniform grid they follow the weight
 distribution, and they can be fine-tuned afterwards (`passes.cluster.finetune_centroids`).
 
-Arrays (the tensor viewed as the matrix (R, C) of `encodings.quantized.as_matrix`; a 1-D tensor
+Arrays (the tensor viewed as the matrix (R, C) of `encodings.views.as_matrix`; a 1-D tensor
 of n entries is one row of n):
 
 - ``codebook``: (k,) float16, 1 <= k <= 2^b, finite; any order (fine-tuning may reorder).
@@ -19,7 +19,6 @@ Metadata: ``{"kind": "clustered", "shape": [...], "bits": b}``. As the values of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 
 from modelpress.encodings.base import Encoding, check_shape, register_encoding, require_array
 from modelpress.encodings.packing import INDEX_BITS, pack_codes, packed_row_bytes, unpack_codes
+from modelpress.encodings.views import matrix_dims
 from modelpress.errors import ConfigError, FormatError
 
 __all__ = ["ClusteredTensor", "KMeansInit", "assign", "cluster", "kmeans_1d"]
@@ -125,13 +125,6 @@ def _check_bits(bits: int) -> None:
         raise ConfigError(f"cluster index width {bits!r} is not valid: use an integer in 1..8 (2^bits centroids)")
 
 
-def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, columns) of the matrix view of `shape` (as `as_matrix` views a tensor)."""
-    if len(shape) < 2:
-        return 1, math.prod(shape)
-    return shape[0], math.prod(shape[1:])
-
-
 def _corrupt(what: str) -> FormatError:
     return FormatError(f"clustered encoding {what}; the file is corrupt, re-save the model")
 
@@ -156,16 +149,12 @@ class ClusteredTensor(Encoding):
                               f"{tuple(codebook.shape)}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= codebook.numel()):
             raise ConfigError(f"cluster labels must lie in [0, {codebook.numel()})")
-        indices = pack_codes(labels.reshape(_matrix_dims(tuple(labels.shape))), bits, widths=INDEX_BITS)
+        indices = pack_codes(labels.reshape(matrix_dims(tuple(labels.shape))), bits, widths=INDEX_BITS)
         return cls(codebook.to(CODEBOOK_DTYPE).contiguous(), indices, bits, tuple(labels.shape))
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.tensor_shape
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return _matrix_dims(self.tensor_shape)
 
     def labels(self) -> torch.Tensor:
         """Each entry's centroid index, long, in the tensor's shape."""
@@ -203,7 +192,7 @@ class ClusteredTensor(Encoding):
                            f"float16 centroids for {bits}-bit indices")
         if not torch.isfinite(codebook).all():
             raise _corrupt("codebook holds NaN or infinity")
-        rows, cols = _matrix_dims(shape)
+        rows, cols = matrix_dims(shape)
         want = (rows, packed_row_bytes(cols, bits, INDEX_BITS))
         if indices.dtype != torch.uint8 or tuple(indices.shape) != want:
             raise _corrupt(f"indices are {tuple(indices.shape)} {indices.dtype}, expected {want} uint8")

@@ -1,7 +1,7 @@
 """Low-rank encoding: a weight stored as the product of two thin factors, each itself an encoding.
 
 A weight of shape (R, ...) is viewed as the matrix (R, C), C = prod(...), as quantisation views
-it (`encodings.quantized.as_matrix`); a conv weight (R, Cin, kh, kw) keeps its 4-D shape and the
+it (`encodings.views.as_matrix`); a conv weight (R, Cin, kh, kw) keeps its 4-D shape and the
 factorisation is of its (R, Cin*kh*kw) matrix. The matrix is
 
     W ~= left @ right,    left (R, r),  right (r, C)
@@ -19,7 +19,6 @@ multiply-adds (`factored_is_cheaper`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from modelpress.encodings.base import Encoding, check_shape, encoding_from_parts, register_encoding, sub_arrays
 from modelpress.encodings.dense import DenseTensor
 from modelpress.encodings.quantized import QuantizedTensor
+from modelpress.encodings.views import matrix_dims
 from modelpress.errors import ConfigError, FormatError
 
 __all__ = ["LowRankTensor", "FACTOR_KINDS", "factored_is_cheaper"]
@@ -64,10 +64,6 @@ class LowRankTensor(Encoding):
     @property
     def rank(self) -> int:
         return self.left.shape[1]
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return self.tensor_shape[0], math.prod(self.tensor_shape[1:])
 
     @property
     def factored_is_cheaper(self) -> bool:
@@ -108,7 +104,7 @@ def _mismatch(left: tuple[int, ...], right: tuple[int, ...], shape: tuple[int, .
     """What is wrong, if anything, with factors left and right for a rank-`rank` weight of `shape`."""
     if len(shape) < 2:
         return f"has shape {list(shape)}: a low-rank weight has at least 2 dimensions"
-    rows, cols = shape[0], math.prod(shape[1:])
+    rows, cols = matrix_dims(shape)
     if rank < 1 or left != (rows, rank) or right != (rank, cols):
         return (f"has factors {left} @ {right}; a rank-{rank} weight of shape {list(shape)} "
                 f"needs ({rows}, {rank}) @ ({rank}, {cols}) with rank >= 1")

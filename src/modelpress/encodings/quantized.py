@@ -24,6 +24,7 @@ import torch
 
 from modelpress.encodings.base import Encoding, check_shape, register_encoding, require_array
 from modelpress.encodings.packing import SUPPORTED_BITS, pack_codes, packed_row_bytes, unpack_codes
+from modelpress.encodings.views import as_matrix
 from modelpress.errors import ConfigError, FormatError
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     "PER_CHANNEL",
     "QuantScheme",
     "QuantizedTensor",
-    "as_matrix",
+    "grouped",
     "quantize",
     "quantize_with_params",
     "minmax_params",
@@ -112,16 +113,7 @@ class QuantScheme:
         return cls(**data)
 
 
-def as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """View a weight as (rows, columns): dim 0 is the output channel, the rest is flattened."""
-    if w.dim() == 0:
-        return w.reshape(1, 1)
-    if w.dim() == 1:
-        return w.reshape(1, -1)
-    return w.reshape(w.shape[0], -1)
-
-
-def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """(R, C) -> (R, G, gs), or (1, 1, R*C) per tensor."""
     rows, cols = w.shape
     if scheme.group_size == PER_TENSOR:
@@ -160,7 +152,7 @@ def quantize(
     if not torch.isfinite(w).all():
         raise ConfigError("cannot quantise a tensor holding NaN or infinity: check the model's weights")
     m = as_matrix(w.detach().float())
-    wg = _grouped(m, scheme)
+    wg = grouped(m, scheme)
     if scale is None:
         scale, zero = minmax_params(wg, scheme)
     elif zero is None:
@@ -193,10 +185,8 @@ class QuantizedTensor(Encoding):
     def shape(self) -> tuple[int, ...]:
         return self.tensor_shape
 
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        rows = self.tensor_shape[0] if len(self.tensor_shape) >= 2 else 1
-        return rows, max(self.numel // max(rows, 1), 1) if self.numel else 0
+    def describe(self) -> str:
+        return self.scheme.describe()
 
     def int_codes(self) -> torch.Tensor:
         """(R, C) uint8 codes, unpacked."""

@@ -5,23 +5,36 @@ of the min-max range on a grid (keeping the one with least squared error), then 
 and zero by alternating least squares: with codes fixed, the best (s, m) in w ~ s*c + m is a
 closed-form 1-D regression; with (s, m) fixed the best codes are round-to-nearest. Each step
 can only lower a group's error, and the best parameters seen are kept per group.
+
+`fit_ranges` is the one way every pass fits ranges (RTN, GPTQ's groups, SparseGPT's kept values,
+QAT's starting step sizes): min-max or this search, as `RangeSearch` says; `quantize_weight`
+quantises a weight with them.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 import torch
 
 from modelpress.encodings.quantized import (
     PARAM_DTYPE,
     PER_TENSOR,
+    QuantizedTensor,
     QuantScheme,
-    _grouped,
-    as_matrix,
+    grouped,
     minmax_params,
+    quantize,
     quantize_with_params,
 )
+from modelpress.encodings.views import as_matrix
 
-__all__ = ["mse_params", "group_errors"]
+__all__ = ["RangeSearch", "fit_ranges", "group_errors", "mse_params", "quantize_weight"]
+
+
+class RangeSearch(str, Enum):
+    MINMAX = "minmax"  # each group's full range
+    MSE = "mse"  # clipping search + least-squares refinement of each group's scale and zero
 
 
 def group_errors(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -59,7 +72,7 @@ def mse_params(
     w: torch.Tensor, scheme: QuantScheme, grid: int = 20, min_shrink: float = 0.5, refine_steps: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero), each (R, G, 1), minimising squared error; never worse than min-max."""
-    wg = _grouped(as_matrix(w.detach().float()), scheme)
+    wg = grouped(as_matrix(w.detach().float()), scheme)
     best_scale, best_zero = minmax_params(wg, scheme)
     best_err = group_errors(wg, best_scale, best_zero, scheme)
     for shrink in torch.linspace(1.0, min_shrink, grid)[1:].tolist():
@@ -78,3 +91,25 @@ def mse_params(
     if scheme.group_size == PER_TENSOR:
         return best_scale.reshape(1, 1, 1), best_zero.reshape(1, 1, 1)
     return best_scale, best_zero
+
+
+def fit_ranges(w: torch.Tensor, scheme: QuantScheme, search: RangeSearch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero), each (R, G, 1) and float16-representable, for `w` viewed as a matrix: each
+    group's full range (min-max) or the error-minimising search."""
+    if search is RangeSearch.MSE:
+        return mse_params(w, scheme)
+    return minmax_params(grouped(as_matrix(w.float()), scheme), scheme)
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme, search: RangeSearch,
+                    max_code: int | None = None) -> QuantizedTensor:
+    """Quantise one weight with ranges from `search`.
+
+    `max_code` narrows a symmetric range (e.g. 7-bit values in int8 codes, for fbgemm's W8A8 kernel).
+    """
+    scale = zero = None
+    if search is RangeSearch.MSE or max_code is not None:
+        scale, zero = fit_ranges(w, scheme, search)
+    if max_code is not None:  # e.g. |q| <= 63 inside int8: widen the scale, keeping the chosen clipping
+        scale = scale * ((scheme.midpoint - 1) / max_code)
+    return quantize(w, scheme, scale, zero)

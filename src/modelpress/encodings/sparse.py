@@ -1,7 +1,7 @@
 """Sparse encoding: the kept values (themselves any encoding) plus where they sit.
 
 A weight of shape (R, ...) is viewed as the matrix (R, C), C = prod(...), as quantisation views it
-(`encodings.quantized.as_matrix`). A boolean mask says which entries are kept; the kept entries,
+(`encodings.views.as_matrix`). A boolean mask says which entries are kept; the kept entries,
 read row by row (row-major order), are the *values*, stored as any other encoding: a DenseTensor,
 or a QuantizedTensor of the kept values (so "50% sparse, 4-bit" is a sparse tensor whose values
 are quantised). When every row keeps the same number K of entries, the values are a (R, K) matrix,
@@ -48,7 +48,7 @@ from modelpress.encodings.base import (
     sub_arrays,
 )
 from modelpress.encodings.dense import DenseTensor
-from modelpress.encodings.quantized import as_matrix
+from modelpress.encodings.views import as_matrix, matrix_dims
 from modelpress.errors import ConfigError, FormatError
 
 __all__ = [
@@ -244,10 +244,6 @@ class SparseTensor(Encoding):
         return self.tensor_shape
 
     @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return _matrix_dims(self.tensor_shape)
-
-    @property
     def density(self) -> float:
         return self.nnz / max(self.numel, 1)
 
@@ -305,7 +301,7 @@ class SparseTensor(Encoding):
         except ValueError:
             raise _corrupt(f"has an unknown layout {meta.get('layout')!r}") from None
         numel = math.prod(shape)
-        rows, cols = _matrix_dims(shape)
+        rows, cols = matrix_dims(shape)
         nnz = meta.get("nnz")
         if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= numel:
             raise _corrupt(f"has an invalid nnz {nnz!r} for {numel} entries")
@@ -346,13 +342,6 @@ def _read_nm(meta: dict[str, Any], layout: SparseLayout, cols: int) -> tuple[int
     if cols % m:
         raise _corrupt(f"has N:M pattern {n}:{m} but rows of {cols} entries")
     return n, m
-
-
-def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, columns) of the matrix view of `shape` (as `as_matrix` views a tensor)."""
-    if len(shape) < 2:
-        return 1, math.prod(shape)
-    return shape[0], math.prod(shape[1:])
 
 
 def _read_values(meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> Encoding:

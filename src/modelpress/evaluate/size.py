@@ -8,8 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from modelpress.encodings.quantized import QuantizedTensor
-from modelpress.nn import CompressedEmbedding, CompressedLinear
+from modelpress.nn import is_compressed
 
 __all__ = ["LayerSize", "SizeReport", "size_report", "folder_bytes"]
 
@@ -44,18 +43,13 @@ class SizeReport:
         return 8.0 * self.bytes / max(self.params, 1)
 
 
-def _describe(module: nn.Module) -> str:
-    enc = module.encoding
-    return enc.scheme.describe() if isinstance(enc, QuantizedTensor) else enc.kind
-
-
 def size_report(model: nn.Module) -> SizeReport:
     """One row per weight tensor: encoded weights at their encoded size, everything else as stored."""
     rows: list[LayerSize] = []
     for name, module in model.named_modules():
-        if isinstance(module, (CompressedLinear, CompressedEmbedding)):
+        if is_compressed(module):  # every compressed module type (nn.registry), convolutions included
             enc = module.encoding
-            rows.append(LayerSize(f"{name}.weight", _describe(module), tuple(enc.shape), enc.numel, enc.nbytes))
+            rows.append(LayerSize(f"{name}.weight", enc.describe(), tuple(enc.shape), enc.numel, enc.nbytes))
         for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             full = f"{name}.{pname}" if name else pname
             if pname in module._non_persistent_buffers_set:

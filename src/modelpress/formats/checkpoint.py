@@ -38,7 +38,10 @@ from modelpress.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, 
 from modelpress.formats.narrow import NARROW_KEY, narrow_floats
 from modelpress.formats.reader import read_checkpoint
 from modelpress.formats.writer import write_checkpoint
-from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, EmbeddingKernel, Kernel
+from modelpress.nn.provenance import provenance, record_provenance
+from modelpress.nn.registry import check_saveable, module_entry, module_from_entry
+from modelpress.nn.shapes import apply_shapes, record_shapes
+from modelpress.nn.simplified import apply_simplified, simplified_record
 
 __all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS",
            "FORMAT_NAME", "FORMAT_VERSION"]
@@ -47,31 +50,13 @@ PART_SEPARATOR = "::"
 _bad = bad_manifest
 
 
-def _module_entry(module: nn.Module) -> dict[str, Any] | None:
-    if isinstance(module, CompressedLinear):
-        return {"type": "linear", "kernel": module.kernel.value, "weight": module.encoding.meta()}
-    if isinstance(module, CompressedConv2d):
-        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
-        return {"type": "conv2d", "kernel_size": list(module.kernel_size), "stride": list(module.stride),
-                "padding": padding, "dilation": list(module.dilation), "groups": module.groups,
-                "bias": module.bias is not None, "weight": module.encoding.meta()}
-    if isinstance(module, CompressedEmbedding):
-        return {"type": "embedding", "kernel": module.kernel.value, "padding_idx": module.padding_idx,
-                "weight": module.encoding.meta()}
-    return None
-
-
 def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Manifest module entries and the flat tensor dict to write."""
-    from modelpress.passes.qat import QATModule
-
+    check_saveable(model)  # e.g. layers still in quantisation-aware training
     modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QATModule):
-            raise ConfigError(f"module {name!r} is still in quantisation-aware training: call convert_qat(model) "
-                              "before saving, so its weight is stored as integer codes")
-        entry = _module_entry(module)
+        entry = module_entry(module)
         if entry is None:
             continue
         modules[name] = entry
@@ -127,50 +112,10 @@ def _compressed_module(name: str, entry: dict[str, Any], parts: dict[str, torch.
         enc = encoding_from_parts(entry["weight"], parts)
     except FormatError as exc:
         raise FormatError(f"{path}: module {name!r}: {exc}") from None
-    want = tuple(getattr(current, "weight").shape) if hasattr(current, "weight") else None
-    if want is not None and tuple(enc.shape) != want:
-        raise _bad(path, f"module {name!r} weight has shape {enc.shape}, the model expects {want}")
     try:
-        if entry["type"] == "conv2d":
-            return _conv2d_module(name, entry, enc, current, path)
-        if entry["type"] == "linear":
-            if not isinstance(current, (nn.Linear, CompressedLinear)):
-                raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not a Linear")
-            bias = None
-            if getattr(current, "bias", None) is not None:
-                bias = torch.zeros(enc.shape[0])  # filled by the state dict below
-            return CompressedLinear(enc, bias, Kernel(entry.get("kernel", "auto")))
-        if not isinstance(current, (nn.Embedding, CompressedEmbedding)):
-            raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not an Embedding")
-        padding_idx = entry.get("padding_idx")
-        if padding_idx is not None and (not isinstance(padding_idx, int) or not 0 <= padding_idx < enc.shape[0]):
-            raise _bad(path, f"module {name!r} has an invalid padding_idx")
-        return CompressedEmbedding(enc, padding_idx, EmbeddingKernel(entry.get("kernel", "auto")))
-    except ValueError as exc:  # an unknown kernel name
-        if isinstance(exc, FormatError):
-            raise
-        raise _bad(path, f"module {name!r}: {exc}") from None
-
-
-def _conv2d_module(name: str, entry: dict[str, Any], enc: Any, current: nn.Module, path: Path) -> CompressedConv2d:
-    """A CompressedConv2d from a manifest entry whose geometry is checked against the encoding and the model."""
-    if not isinstance(current, (nn.Conv2d, CompressedConv2d)):
-        raise _bad(path, f"module {name!r} is a {type(current).__name__} in the model, not a Conv2d")
-    if len(enc.shape) != 4 or entry.get("kernel_size") != list(enc.shape[2:]):
-        raise _bad(path, f"module {name!r} has kernel_size {entry.get('kernel_size')!r}, "
-                         f"its weight has shape {enc.shape}")
-    groups, bias = entry.get("groups"), entry.get("bias")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or not isinstance(bias, bool):
-        raise _bad(path, f"module {name!r} has invalid groups {groups!r} or bias {bias!r}")
-    if enc.shape[1] * groups != current.in_channels or bias != (current.bias is not None):
-        raise _bad(path, f"module {name!r} (groups {groups}, bias {bias}) does not match the model's "
-                         f"{current.in_channels} input channels and bias {current.bias is not None}")
-    for key in ("stride", "padding", "dilation"):
-        value = entry.get(key)
-        if not (isinstance(value, list) or (key == "padding" and isinstance(value, str))):
-            raise _bad(path, f"module {name!r} has an invalid {key} {value!r}")
-    bias_init = torch.zeros(enc.shape[0]) if bias else None  # filled by the state dict
-    return CompressedConv2d(enc, bias_init, entry["stride"], entry["padding"], entry["dilation"], groups)
+        return module_from_entry(name, entry, enc, current)
+    except FormatError as exc:
+        raise _bad(path, str(exc)) from None
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -192,15 +137,11 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
     check_finite(tensors, path)
     skeleton = _build_skeleton(path, manifest, files, model)
     if "simplified" in manifest:  # a simplified model: BatchNorms/Dropouts to Identity, folded biases added
-        from modelpress.passes.simplify import apply_simplified
-
         try:
             apply_simplified(skeleton, manifest["simplified"])
         except FormatError as exc:
             raise _bad(path, str(exc)) from None
     if "shapes" in manifest:  # structurally pruned layers: shrink the skeleton's before filling it
-        from modelpress.passes.structured import apply_shapes
-
         try:
             apply_shapes(skeleton, manifest["shapes"])
         except FormatError as exc:
@@ -227,14 +168,11 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
     skeleton.load_state_dict(state, strict=True, assign=True)
     _materialise(skeleton, path)
     skeleton.eval()
-    if manifest.get("recipe") is not None:
-        from modelpress.errors import ModelpressError
-        from modelpress.recipe import Recipe
-
-        try:
-            skeleton.modelpress_recipe = Recipe.from_dict(manifest["recipe"])
-        except ModelpressError as exc:
-            raise _bad(path, f"recipe is invalid ({exc})") from None
+    recipe = manifest.get("recipe")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise _bad(path, "recipe must be a mapping (the recipe as plain data) or null")
+    if recipe is not None:
+        record_provenance(skeleton, recipe)  # kept as plain data: Recipe.from_dict(provenance(model).recipe)
     return skeleton
 
 
@@ -260,9 +198,7 @@ def _materialise(skeleton: nn.Module, path: Path) -> None:
 def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bytes]]:
     """What saving `model` writes: the manifest (without file checksums), its arrays, and its support
     files (relative name -> bytes)."""
-    from modelpress.passes.structured import record_shapes
-
-    recipe = recipe if recipe is not None else getattr(model, "modelpress_recipe", None)
+    recipe = recipe if recipe is not None else provenance(model).recipe
     modules, tensors = _collect(model)
     architecture: dict[str, Any] = {"kind": "module", "class": type(model).__name__}
     files: dict[str, bytes] = {}
@@ -278,7 +214,7 @@ def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict
         "modules": modules,
         "shapes": record_shapes(model),  # layer widths, so that structurally pruned models rebuild
     }
-    simplified = getattr(model, "modelpress_simplified", None)  # set by passes/simplify.py
+    simplified = simplified_record(model)  # set by passes/simplify.py
     if simplified:
         manifest["simplified"] = {key: list(names) for key, names in simplified.items()}
     return manifest, tensors, files

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from modelpress import fileio
+from modelpress.data.batches import tokenised_batches
 from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError, UnsupportedError
 from modelpress.formats import tensorfile
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES, check_allocation
@@ -161,12 +162,10 @@ class SentenceEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, sentences: list[str], batch_size: int = 32) -> torch.Tensor:
         """Embeddings (N, C) in input order; batches are formed by length to waste less padding."""
-        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
         out: list[torch.Tensor] = [None] * len(sentences)  # type: ignore[list-item]
         self.eval()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            emb = self(**self.tokenize([sentences[i] for i in idx])).float()
+        for idx, inputs in tokenised_batches(self, sentences, batch_size, longest_first=True):
+            emb = self(**inputs).float()
             for row, i in enumerate(idx):
                 out[i] = emb[row]
         if not out:

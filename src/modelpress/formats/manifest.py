@@ -27,6 +27,8 @@ from modelpress import fileio
 from modelpress.errors import FormatError, ModelNotFoundError
 from modelpress.formats.hf import SUPPORT_FILES
 from modelpress.limits import MAX_JSON_BYTES
+from modelpress.nn.registry import COMPRESSED_TYPES
+from modelpress.nn.simplified import check_simplified
 from modelpress.safeparse import load_json
 
 __all__ = ["MANIFEST", "WEIGHTS", "FILES_KEY", "FORMAT_NAME", "FORMAT_VERSION", "MAX_MANIFEST_BYTES", "bad_manifest",
@@ -38,7 +40,6 @@ FILES_KEY = "files"
 FORMAT_NAME = "modelpress.checkpoint"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = MAX_JSON_BYTES
-MODULE_TYPES = ("linear", "embedding", "conv2d")
 CHECKPOINT_FILES = (WEIGHTS, *SUPPORT_FILES)  # every name a checkpoint's `files` may list
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_DIMS, MAX_DIM = 8, 1 << 40  # an encoded weight's rank and size along one dimension
@@ -81,16 +82,14 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     if not isinstance(manifest["architecture"].get("kind"), str):
         raise bad_manifest(path, "architecture has no kind")
     for name, entry in manifest["modules"].items():
-        if not isinstance(entry, dict) or entry.get("type") not in MODULE_TYPES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) or entry["type"] not in COMPRESSED_TYPES:
             raise bad_manifest(path, f"module {name!r} has an invalid entry")
         if not isinstance(entry.get("weight"), dict):
             raise bad_manifest(path, f"module {name!r} has no weight encoding")
         _check_shapes(entry["weight"], path, name)
     if manifest.get("recipe") is not None and not isinstance(manifest["recipe"], dict):
         raise bad_manifest(path, "recipe must be a mapping or null")
-    if "simplified" in manifest:  # BatchNorms folded / Dropouts dropped (passes/simplify.py)
-        from modelpress.passes.simplify import check_simplified
-
+    if "simplified" in manifest:  # BatchNorms folded / Dropouts dropped (nn/simplified.py)
         try:
             check_simplified(manifest["simplified"])
         except FormatError as exc:

@@ -1,7 +1,7 @@
 """A drop-in nn.Conv2d whose weight is an encoding.
 
 The (out, in/groups, kh, kw) weight is encoded as any `Encoding`; a `QuantizedTensor` views it
-as the matrix (out, in/groups * kh * kw), one row per output channel (`encodings.quantized.as_matrix`),
+as the matrix (out, in/groups * kh * kw), one row per output channel (`encodings.views.as_matrix`),
 so per-channel and per-group schemes work as they do for Linear layers. The module decodes the
 weight once, on first use, to a dense fp32 copy and runs `F.conv2d` on it: PyTorch has no
 low-bit convolution kernel for CPUs, and a conv weight is small next to its activations.
@@ -11,6 +11,9 @@ that is cheaper (r (R + Cin*kh*kw) < R Cin*kh*kw, `factored_is_cheaper`) and gro
 as r filters (r, Cin, kh, kw) with the conv's stride, padding and dilation, then `left` as a 1x1
 conv from r to R channels, with the bias. That is the same sum of products, grouped differently
 (tests compare it with the decoded weight's conv). Otherwise the weight is decoded once.
+
+The module registers with `nn.registry` as "conv2d": its manifest entry records the geometry,
+which a load checks against the encoding and the skeleton's conv.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.encodings import Encoding, LowRankTensor, QuantizedTensor
-from modelpress.errors import ConfigError
+from modelpress.encodings import Encoding, LowRankTensor
+from modelpress.errors import ConfigError, FormatError
+from modelpress.nn.registry import KEEP, register_compressed, source_bias
 
 __all__ = ["CompressedConv2d", "PADDING_NAMES", "CONV_GEOMETRY", "conv_geometry"]
 
@@ -52,6 +56,7 @@ def conv_geometry(conv: nn.Conv2d) -> dict:
     return {name: getattr(conv, name) for name in CONV_GEOMETRY}
 
 
+@register_compressed("conv2d", replaces=nn.Conv2d)
 class CompressedConv2d(nn.Module):
     """y = conv2d(x, W, b) with W held as an encoding and decoded once to fp32 on first use."""
 
@@ -94,10 +99,42 @@ class CompressedConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, weight: Encoding) -> "CompressedConv2d":
         """The compressed twin of `conv` (same geometry and bias), with `weight` as its weight."""
-        geometry = conv_geometry(conv)
         if tuple(weight.shape) != tuple(conv.weight.shape):
             raise ConfigError(f"encoded weight has shape {weight.shape}, the conv expects {tuple(conv.weight.shape)}")
-        return cls(weight, None if conv.bias is None else conv.bias.data, **geometry)
+        return cls.build(conv, weight)
+
+    @classmethod
+    def build(cls, source: nn.Module, weight: Encoding, kernel=None, bias=KEEP) -> "CompressedConv2d":
+        """The twin of a conv-like `source` (same stride, padding, dilation, groups); `kernel` is not used."""
+        if isinstance(source, nn.Conv2d):
+            geometry = conv_geometry(source)  # refuses padding modes other than zeros
+        else:  # a compressed conv or a training stand-in
+            geometry = {k: getattr(source, k) for k in CONV_GEOMETRY}
+        return cls(weight, source_bias(source, bias), **geometry)
+
+    def manifest_fields(self) -> dict:
+        padding = self.padding if isinstance(self.padding, str) else list(self.padding)
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": padding,
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None}
+
+    @classmethod
+    def from_manifest(cls, name: str, entry: dict, weight: Encoding, current: nn.Module) -> "CompressedConv2d":
+        """The conv of a manifest entry whose geometry is checked against the encoding and the model's conv."""
+        if len(weight.shape) != 4 or entry.get("kernel_size") != list(weight.shape[2:]):
+            raise FormatError(f"module {name!r} has kernel_size {entry.get('kernel_size')!r}, "
+                              f"its weight has shape {weight.shape}")
+        groups, bias = entry.get("groups"), entry.get("bias")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or not isinstance(bias, bool):
+            raise FormatError(f"module {name!r} has invalid groups {groups!r} or bias {bias!r}")
+        if weight.shape[1] * groups != current.in_channels or bias != (current.bias is not None):
+            raise FormatError(f"module {name!r} (groups {groups}, bias {bias}) does not match the model's "
+                              f"{current.in_channels} input channels and bias {current.bias is not None}")
+        for key in ("stride", "padding", "dilation"):
+            value = entry.get(key)
+            if not (isinstance(value, list) or (key == "padding" and isinstance(value, str))):
+                raise FormatError(f"module {name!r} has an invalid {key} {value!r}")
+        bias_init = torch.zeros(weight.shape[0]) if bias else None  # filled by the state dict
+        return cls(weight, bias_init, entry["stride"], entry["padding"], entry["dilation"], groups)
 
     @property
     def runs_factors(self) -> bool:
@@ -132,9 +169,8 @@ class CompressedConv2d(nn.Module):
         return self.encoding.decode(torch.float32)
 
     def extra_repr(self) -> str:
-        enc = self.encoding.scheme.describe() if isinstance(self.encoding, QuantizedTensor) else self.encoding.kind
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            f"encoding={enc}"
+            f"encoding={self.encoding.describe()}"
         )

@@ -3,6 +3,7 @@
 A module holds its weight as an `Encoding` (the compressed truth that is saved) and prepares a
 kernel lazily on first use, so building or loading a model is cheap and the kernel is chosen on
 the machine that runs it. `weight` still answers (decoded) for code that reads it directly.
+Both register with `nn.registry` (how they are built from the layer they replace, and saved).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from torch import nn
 
 from modelpress.encodings import Encoding, QuantizedTensor
 from modelpress.encodings.quantized import PER_TENSOR
-from modelpress.errors import ConfigError
+from modelpress.errors import ConfigError, FormatError
 from modelpress.nn.kernels import Kernel, prepare, select_kernel, supports
+from modelpress.nn.registry import KEEP, register_compressed, source_bias
 
 __all__ = ["CompressedLinear", "CompressedEmbedding", "EmbeddingKernel"]
 
 
+@register_compressed("linear", replaces=nn.Linear)
 class CompressedLinear(nn.Module):
     """y = x W^T + b with W held as an encoding and run by the chosen (or fastest measured) kernel."""
 
@@ -44,6 +47,24 @@ class CompressedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: Encoding, kernel: Kernel | str = Kernel.AUTO) -> "CompressedLinear":
         return cls(weight, None if linear.bias is None else linear.bias.data, kernel)
+
+    @classmethod
+    def build(cls, source: nn.Module, weight: Encoding, kernel: Kernel | str | None = None,
+              bias=KEEP) -> "CompressedLinear":
+        """The twin of a Linear-like `source`; kernel None keeps a compressed source's where it runs `weight`."""
+        if kernel is None:
+            keep = isinstance(source, CompressedLinear) and supports(source.kernel, weight)
+            kernel = source.kernel if keep else Kernel.AUTO
+        return cls(weight, source_bias(source, bias), kernel)
+
+    def manifest_fields(self) -> dict:
+        return {"kernel": self.kernel.value}
+
+    @classmethod
+    def from_manifest(cls, name: str, entry: dict, weight: Encoding, current: nn.Module) -> "CompressedLinear":
+        has_bias = getattr(current, "bias", None) is not None
+        bias = torch.zeros(weight.shape[0]) if has_bias else None  # the values come from the state dict
+        return cls(weight, bias, Kernel(entry.get("kernel", "auto")))
 
     def prepare(self) -> Kernel:
         """Resolve AUTO by measurement and build the kernel; returns the kernel used."""
@@ -69,7 +90,7 @@ class CompressedLinear(nn.Module):
     def extra_repr(self) -> str:
         kernel = self.resolved_kernel.value if self.resolved_kernel else self.kernel.value
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"encoding={_describe(self.encoding)}, kernel={kernel}")
+                f"encoding={self.encoding.describe()}, kernel={kernel}")
 
 
 class EmbeddingKernel(str, Enum):
@@ -78,6 +99,7 @@ class EmbeddingKernel(str, Enum):
     GATHER = "gather"  # decode only the looked-up rows, every call
 
 
+@register_compressed("embedding", replaces=nn.Embedding)
 class CompressedEmbedding(nn.Module):
     """A lookup table held as an encoding; rows are dequantised on lookup."""
 
@@ -101,6 +123,29 @@ class CompressedEmbedding(nn.Module):
         if emb.max_norm is not None or emb.sparse or emb.scale_grad_by_freq:
             raise ConfigError("embeddings with max_norm, sparse or scale_grad_by_freq cannot be compressed: ignore them")
         return cls(weight, emb.padding_idx, kernel)
+
+    @classmethod
+    def build(cls, source: nn.Module, weight: Encoding, kernel=None, bias=KEEP) -> "CompressedEmbedding":
+        """The twin of an embedding table (float, or compressed: its kernel kept where it can run `weight`).
+
+        `kernel` is a Linear's and is not used: a recipe's kernel does not apply to lookups.
+        """
+        if bias is not KEEP and bias is not None:
+            raise ConfigError("an embedding table has no bias")
+        if not isinstance(source, CompressedEmbedding):
+            return cls.from_embedding(source, weight)
+        keep = source.kernel is not EmbeddingKernel.GATHER or hasattr(weight, "decode_rows")
+        return cls(weight, source.padding_idx, source.kernel if keep else EmbeddingKernel.AUTO)
+
+    def manifest_fields(self) -> dict:
+        return {"kernel": self.kernel.value, "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_manifest(cls, name: str, entry: dict, weight: Encoding, current: nn.Module) -> "CompressedEmbedding":
+        padding_idx = entry.get("padding_idx")
+        if padding_idx is not None and (not isinstance(padding_idx, int) or not 0 <= padding_idx < weight.shape[0]):
+            raise FormatError(f"module {name!r} has an invalid padding_idx")
+        return cls(weight, padding_idx, EmbeddingKernel(entry.get("kernel", "auto")))
 
     @property
     def resolved_kernel(self) -> EmbeddingKernel:
@@ -127,11 +172,5 @@ class CompressedEmbedding(nn.Module):
         return self.encoding.decode(torch.float32)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, encoding={_describe(self.encoding)}, "
+        return (f"{self.num_embeddings}, {self.embedding_dim}, encoding={self.encoding.describe()}, "
                 f"kernel={self.resolved_kernel.value}")
-
-
-def _describe(enc: Encoding) -> str:
-    if isinstance(enc, QuantizedTensor):
-        return enc.scheme.describe()
-    return enc.kind

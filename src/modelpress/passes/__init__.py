@@ -1,38 +1,49 @@
-"""Compression passes, registered by name so that recipes can use them."""
+"""Compression passes, registered by name (what recipes write) and by config type (what Python hands over)."""
 
-from modelpress.passes.base import PASSES, PassContext, Target, pass_for, register_pass
-from modelpress.passes.quantize import DynamicInt8Config, RangeSearch, RTNConfig
+from modelpress.encodings import RangeSearch
+from modelpress.passes.base import PASSES, PassContext, PassSpec, Target, pass_for, pass_for_config, register_pass
+from modelpress.passes.config import PassConfig, WeightQuant, config_from_dict, config_to_dict
+from modelpress.passes.quantize import DynamicInt8Config, RTNConfig
 from modelpress.passes.gptq import GPTQConfig
 from modelpress.passes.awq import AWQConfig
 from modelpress.passes.qat import QATConfig, convert_qat, prepare_qat
 from modelpress.passes.prune import GradualConfig, GradualPruner, MagnitudeConfig, SparseGPTConfig, WandaConfig
-from modelpress.passes.structured import StructuredConfig
+from modelpress.passes.structured import PruneChannelsConfig, PruneFFNConfig, PruneHeadsConfig, StructuredConfig
 from modelpress.passes.cluster import KMeansConfig, finetune_centroids
 from modelpress.passes.simplify import SimplifyConfig  # simplify() itself: modelpress.passes.simplify.simplify
 from modelpress.passes.lowrank import LowRankConfig
 
 __all__ = [
     "PASSES",
+    "PassConfig",
     "PassContext",
+    "PassSpec",
     "Target",
+    "WeightQuant",
+    "config_from_dict",
+    "config_to_dict",
     "pass_for",
+    "pass_for_config",
     "register_pass",
-    "DynamicInt8Config",
-    "RangeSearch",
-    "RTNConfig",
-    "GPTQConfig",
     "AWQConfig",
-    "QATConfig",
-    "convert_qat",
-    "prepare_qat",
+    "DynamicInt8Config",
+    "GPTQConfig",
     "GradualConfig",
     "GradualPruner",
-    "MagnitudeConfig",
-    "SparseGPTConfig",
-    "WandaConfig",
-    "StructuredConfig",
     "KMeansConfig",
-    "finetune_centroids",
-    "SimplifyConfig",
     "LowRankConfig",
+    "MagnitudeConfig",
+    "PruneChannelsConfig",
+    "PruneFFNConfig",
+    "PruneHeadsConfig",
+    "QATConfig",
+    "RangeSearch",
+    "RTNConfig",
+    "SimplifyConfig",
+    "SparseGPTConfig",
+    "StructuredConfig",
+    "WandaConfig",
+    "convert_qat",
+    "finetune_centroids",
+    "prepare_qat",
 ]

@@ -31,48 +31,38 @@ import torch
 from torch import nn
 
 from modelpress.calibration import LayerStats, run_blockwise
-from modelpress.encodings import QuantizedTensor, QuantScheme
+from modelpress.encodings import QuantizedTensor, QuantScheme, RangeSearch, quantize_weight
 from modelpress.errors import ConfigError
-from modelpress.nn import CompressedLinear, Kernel
-from modelpress.nn.kernels import ACTIVATION_KERNELS
+from modelpress.nn import Kernel, install
 from modelpress.passes.base import PassContext, Target, register_pass
 from modelpress.passes.channel_scales import FoldMode, Site, migrate, share_groups, target_sites, with_input_scale
-from modelpress.passes.gptq import _one_thread
-from modelpress.passes.quantize import RangeSearch, quantize_weight
+from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
+from modelpress.passes.gptq import check_groups
+from modelpress.passes.linalg import one_thread
+from modelpress.passes.quantize import weight_only_kernel
 
 __all__ = ["AWQConfig", "AWQResult", "awq_scale", "awq_search", "output_error_sum"]
 
 MIN_MEAN = 1e-4  # floor of mean|x| before the power: a never-active channel gets a small, finite scale
 
 
-@dataclass(frozen=True)
-class AWQConfig:
-    """Weight-only quantisation of Linear layers with activation-aware per-input-channel scales."""
+@pass_config
+class AWQConfig(PassConfig):
+    """Weight-only quantisation of Linear layers with activation-aware per-input-channel scales.
 
-    bits: int = 4
-    symmetric: bool = False
-    group_size: int | str = 64
+    `quant.search` is how each group's range is chosen for W diag(s).
+    """
+
+    quant: WeightQuant = WeightQuant(bits=4, symmetric=False, group_size=64, search=RangeSearch.MSE)
     grid: int = 20  # alphas searched: 0, 1/grid, ..., (grid - 1)/grid
-    search: RangeSearch = RangeSearch.MSE  # how each group's range is chosen for W diag(s)
     fold: FoldMode = FoldMode.AUTO  # auto: the architecture's producer map; explicit: every layer multiplies
     kernel: Kernel = Kernel.AUTO
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "search", RangeSearch(self.search))
-        object.__setattr__(self, "fold", FoldMode(self.fold))
-        object.__setattr__(self, "kernel", Kernel(self.kernel))
-        if self.kernel in ACTIVATION_KERNELS:
-            raise ConfigError(f"kernel {self.kernel.value} quantises activations: AWQ is weight-only, use kernel auto")
+    def validate(self) -> None:
+        object.__setattr__(self, "fold", enum_value(FoldMode, self.fold, "fold"))
+        object.__setattr__(self, "kernel", weight_only_kernel(self.kernel, "AWQ"))
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 1000:
             raise ConfigError(f"grid {self.grid!r} is not valid: use a number of alphas between 1 and 1000 (e.g. 20)")
-        if self.version != 1:
-            raise ConfigError(f"AWQ config version {self.version!r} is not supported: this modelpress reads version 1")
-        self.scheme  # validates bits and group size
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.symmetric, self.group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,11 +121,7 @@ def awq_search(
 
 @register_pass("awq", AWQConfig, (nn.Linear,))
 def awq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
-    for t in targets:  # fail on a bad group size before spending time on calibration
-        try:
-            t.config.scheme.group_columns(t.module.out_features, t.module.in_features)
-        except ConfigError as exc:
-            raise ConfigError(f"layer {t.name!r}: {exc}") from None
+    check_groups(targets)
     sites = target_sites(model, targets)
     searcher = _Searcher(model, sites, context.log)
     # Scaling leaves the float model's outputs unchanged, so every statistic is measured on the
@@ -143,12 +129,10 @@ def awq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     run_blockwise(model, targets, context.calibration, searcher, context.log, pass_name="awq", sequential=False)
     inverses = searcher.place()
     for t in targets:
-        linear = model.get_submodule(t.name)
-        cfg: AWQConfig = t.config
-        with _one_thread():
-            encoding = quantize_weight(linear.weight.detach().float(), cfg.scheme, cfg.search)
-        model.set_submodule(t.name, CompressedLinear.from_linear(
-            linear, with_input_scale(encoding, inverses.get(t.name)), cfg.kernel))
+        q: WeightQuant = t.config.quant
+        with one_thread():
+            encoding = quantize_weight(model.get_submodule(t.name).weight.detach().float(), q.scheme, q.search)
+        install(model, t.name, with_input_scale(encoding, inverses.get(t.name)), t.config.kernel)
 
 
 @dataclass
@@ -166,14 +150,15 @@ class _Searcher:
             cfg = _one_config([by_name[n][0] for n in names])
             stats = by_name[names[0]][1]
             weights = [self.model.get_submodule(n).weight.detach().float() for n in names]
-            with _one_thread():  # thousands of mid-sized ops: see gptq._one_thread
-                result = awq_search(weights, stats.hessian, stats.mean_abs, cfg.scheme, cfg.search, cfg.grid)
+            with one_thread():  # thousands of mid-sized ops: see linalg.one_thread
+                result = awq_search(weights, stats.hessian, stats.mean_abs, cfg.quant.scheme, cfg.quant.search,
+                                    cfg.grid)
             self.found.append((names, result.scale))
             total = output_error_sum(weights, [torch.zeros_like(W) for W in weights], stats.hessian)
             site = self.sites[names[0]]
             where = f"into {site.producer}" if site.producer else "as an input multiply"
             self.log.append(
-                f"{', '.join(names)}: {cfg.scheme.describe()} awq (alpha {result.alpha:.2f}, scale {where}; "
+                f"{', '.join(names)}: {cfg.quant.scheme.describe()} awq (alpha {result.alpha:.2f}, scale {where}; "
                 f"{stats.tokens} tokens, relative output error {result.error / max(total, 1e-30):.2e}, "
                 f"{result.unscaled_error / max(total, 1e-30):.2e} unscaled)"
             )

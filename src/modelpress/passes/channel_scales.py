@@ -35,7 +35,7 @@ from torch import nn
 from modelpress.encodings import DenseTensor, Encoding
 from modelpress.encodings.scaled import ChannelScaledTensor
 from modelpress.errors import ConfigError, UnsupportedError
-from modelpress.nn import CompressedLinear, Kernel
+from modelpress.nn import Kernel, install
 
 __all__ = [
     "Absorber",
@@ -126,9 +126,8 @@ def with_input_scale(encoding: Encoding, inverse: torch.Tensor | None) -> Encodi
 
 def input_multiply(model: nn.Module, name: str, inverse: torch.Tensor) -> None:
     """Keep 1/s as an explicit multiply in a float Linear (whose weight already holds W diag(s))."""
-    linear = model.get_submodule(name)
-    encoding = with_input_scale(DenseTensor(linear.weight.detach().float().clone()), inverse)
-    model.set_submodule(name, CompressedLinear.from_linear(linear, encoding, Kernel.DENSE))
+    weight = DenseTensor(model.get_submodule(name).weight.detach().float().clone())
+    install(model, name, with_input_scale(weight, inverse), Kernel.DENSE)
 
 
 def migrate(model: nn.Module, consumers: list[str], site: Site, s: torch.Tensor) -> torch.Tensor | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -29,9 +28,9 @@ from modelpress.encodings.clustered import ClusteredTensor, KMeansInit, cluster
 from modelpress.encodings.packing import INDEX_BITS
 from modelpress.encodings.sparse import SparseTensor
 from modelpress.errors import ConfigError, UnsupportedError
-from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
-from modelpress.nn.kernels import supports
+from modelpress.nn import CompressedConv2d, CompressedLinear, TrainingModule, compressed_twin, install
 from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.passes.config import PassConfig, enum_value, pass_config
 
 __all__ = [
     "KMeansConfig",
@@ -44,29 +43,23 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class KMeansConfig:
+@pass_config
+class KMeansConfig(PassConfig):
     """Share each layer's weights among 2^bits float16 centroids found by 1-D k-means."""
 
     bits: int = 4
     init: KMeansInit = KMeansInit.LINEAR
     iterations: int = 30  # Lloyd iterations (stops early once the centroids no longer move)
     seed: int = 0  # for init: random
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "init", KMeansInit(self.init))
-        except ValueError:
-            raise ConfigError(f"init {self.init!r} is not valid: use one of {[i.value for i in KMeansInit]}") from None
+    def validate(self) -> None:
+        object.__setattr__(self, "init", enum_value(KMeansInit, self.init, "init"))
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in INDEX_BITS:
             raise ConfigError(f"bits {self.bits!r} is not valid for k-means: use an integer in 1..8 (2^bits centroids)")
         for name in ("iterations", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} {value!r} is not valid: use a non-negative integer")
-        if self.version != 1:
-            raise ConfigError(f"kmeans config version {self.version!r} is not supported: this modelpress reads version 1")
 
     def describe(self) -> str:
         return f"k-means {1 << self.bits} centroids ({self.init.value} init)"
@@ -95,18 +88,6 @@ def cluster_encoding(name: str, weight: Encoding | torch.Tensor, cfg: KMeansConf
                            "values of a pruned layer; put the kmeans stage before quantisation or exclude the layer")
 
 
-def _with_encoding(module: nn.Module, enc: Encoding) -> nn.Module:
-    """`module` (float or compressed Linear/Conv2d) rebuilt around the weight `enc`, same geometry and bias."""
-    if isinstance(module, nn.Conv2d):
-        return CompressedConv2d.from_conv(module, enc)
-    if isinstance(module, nn.Linear):
-        return CompressedLinear.from_linear(module, enc)
-    bias = None if module.bias is None else module.bias.data
-    if isinstance(module, CompressedConv2d):
-        return CompressedConv2d(enc, bias, module.stride, module.padding, module.dilation, module.groups)
-    return CompressedLinear(enc, bias, module.kernel if supports(module.kernel, enc) else Kernel.AUTO)
-
-
 def _weight_of(module: nn.Module) -> Encoding | torch.Tensor:
     return module.encoding if isinstance(module, (CompressedLinear, CompressedConv2d)) else module.weight.detach()
 
@@ -115,10 +96,7 @@ def _weight_of(module: nn.Module) -> Encoding | torch.Tensor:
 def kmeans(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     encodings = [(t, cluster_encoding(t.name, _weight_of(t.module), t.config)) for t in targets]  # all or nothing
     for t, enc in encodings:
-        try:
-            model.set_submodule(t.name, _with_encoding(t.module, enc))
-        except ConfigError as exc:
-            raise ConfigError(f"layer {t.name!r}: {exc}") from None
+        install(model, t.name, enc)  # a compressed layer keeps its kernel where that can run the clusters
         values = enc.values if isinstance(enc, SparseTensor) else enc
         where = f"{enc.nnz} kept values" if isinstance(enc, SparseTensor) else "all weights"
         context.log.append(f"{t.name}: {t.config.describe()} over {where}, {values.codebook.numel()} used, "
@@ -137,8 +115,10 @@ def _clustered_part(enc: Encoding) -> ClusteredTensor | None:
     return None
 
 
-class ClusteredTrainable(nn.Module):
+class ClusteredTrainable(TrainingModule):
     """A clustered Linear/Conv2d whose codebook is a float32 parameter: W = codebook[indices] (in the kept positions)."""
+
+    not_saveable = "holds a trainable codebook: call convert_centroids(model) before saving"
 
     def __init__(self, module: CompressedLinear | CompressedConv2d, train_bias: bool = False):
         super().__init__()
@@ -178,9 +158,7 @@ class ClusteredTrainable(nn.Module):
         values = dataclasses.replace(part, codebook=codebook.contiguous())
         enc = dataclasses.replace(m.encoding, values=values) if isinstance(m.encoding, SparseTensor) else values
         bias = None if self.bias is None else self.bias.detach()
-        if isinstance(m, CompressedConv2d):
-            return CompressedConv2d(enc, bias, m.stride, m.padding, m.dilation, m.groups)
-        return CompressedLinear(enc, bias, m.kernel)
+        return compressed_twin(m, enc, bias=bias)
 
 
 def _clustered_names(model: nn.Module) -> list[str]:

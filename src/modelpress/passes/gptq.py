@@ -23,48 +23,38 @@ order ("static groups"), so the result is a plain `QuantizedTensor` with no colu
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from modelpress.calibration import LayerStats, run_blockwise
-from modelpress.encodings import QuantizedTensor, QuantScheme, quantize
-from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, _grouped, minmax_params, quantize_with_params
-from modelpress.encodings.range_search import mse_params
-from modelpress.errors import CalibrationError, ConfigError
-from modelpress.nn import CompressedLinear, Kernel
-from modelpress.nn.kernels import ACTIVATION_KERNELS
+from modelpress.encodings import (PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme, RangeSearch, fit_ranges,
+                                  quantize)
+from modelpress.encodings.quantized import quantize_with_params
+from modelpress.errors import ConfigError
+from modelpress.nn import Kernel, install
 from modelpress.passes.base import PassContext, Target, register_pass
-from modelpress.passes.quantize import RangeSearch
+from modelpress.passes.config import PassConfig, WeightQuant, pass_config
+from modelpress.passes.linalg import inverse_cholesky, one_thread, output_error
+from modelpress.passes.quantize import weight_only_kernel
 
-__all__ = ["GPTQConfig", "GPTQResult", "gptq_quantize", "output_error"]
-
-MAX_DAMP_RETRIES = 4  # each retry multiplies the damping by 10 when H + damp I is not positive definite
+__all__ = ["GPTQConfig", "GPTQResult", "check_groups", "gptq_quantize"]
 
 
-@dataclass(frozen=True)
-class GPTQConfig:
+@pass_config
+class GPTQConfig(PassConfig):
     """Weight-only GPTQ quantisation of Linear layers from calibration inputs; activations stay float."""
 
-    bits: int = 4
-    symmetric: bool = False
-    group_size: int | str = 64
+    quant: WeightQuant = WeightQuant(bits=4, symmetric=False, group_size=64, search=RangeSearch.MSE)
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # columns per lazy-update block (speed only: the result is the same)
     act_order: bool = False  # visit columns by decreasing H_jj, with static groups
-    search: RangeSearch = RangeSearch.MSE  # how each group's scale and zero are chosen
     kernel: Kernel = Kernel.AUTO
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "search", RangeSearch(self.search))
-        object.__setattr__(self, "kernel", Kernel(self.kernel))
-        if self.kernel in ACTIVATION_KERNELS:
-            raise ConfigError(f"kernel {self.kernel.value} quantises activations: GPTQ is weight-only, use kernel auto")
-        if self.scheme.group_size == PER_TENSOR:
+    def validate(self) -> None:
+        object.__setattr__(self, "kernel", weight_only_kernel(self.kernel, "GPTQ"))
+        if self.quant.scheme.group_size == PER_TENSOR:
             raise ConfigError("GPTQ takes group_size 'channel' or a positive integer, not 'tensor'")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp <= 1:
             raise ConfigError(f"damp {self.damp!r} is not valid: use a fraction of the mean Hessian diagonal in [0, 1]")
@@ -72,12 +62,6 @@ class GPTQConfig:
             raise ConfigError(f"block_size {self.block_size!r} is not valid: use a positive integer (e.g. 128)")
         if not isinstance(self.act_order, bool):
             raise ConfigError(f"act_order must be true or false, got {self.act_order!r}")
-        if self.version != 1:
-            raise ConfigError(f"GPTQ config version {self.version!r} is not supported: this modelpress reads version 1")
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.symmetric, self.group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,33 +107,11 @@ class _GroupParams:
         self.zero = zero[..., 0].T.to(self.zero.dtype).contiguous()
 
     def _params(self, w: torch.Tensor, scheme: QuantScheme):
-        if self.search is RangeSearch.MSE:
-            return mse_params(w, scheme)
-        return minmax_params(_grouped(w.float(), scheme), scheme)
+        return fit_ranges(w, scheme, self.search)
 
     def as_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero), each (R, G, 1) as `quantize` takes them."""
         return self.scale.T[..., None].contiguous(), self.zero.T[..., None].contiguous()
-
-
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, raising damp until it exists.
-
-    H is a working copy and is damped in place: at most three (C, C) matrices live at once.
-    """
-    mean_diag = float(H.diagonal().mean().clamp_min(1e-12))
-    added = 0.0
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        H.diagonal().add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U, damp
-        damp = max(damp * 10, 1e-4)
-    raise CalibrationError("the calibration Hessian stays singular even with damping 1.0: "
-                           "give more (and more varied) calibration data")
 
 
 def gptq_quantize(
@@ -180,7 +142,7 @@ def gptq_quantize(
         order = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, order], H[order[:, None], order]
     group_of = (order // gs).tolist()  # group of each (visited) column
-    U, damp = _inverse_cholesky(H, damp)  # (C, C) upper
+    U, damp = inverse_cholesky(H, damp)  # (C, C) upper
     del H
     d = U.diagonal().tolist()
 
@@ -221,43 +183,22 @@ def _current(Wt: torch.Tensor, U: torch.Tensor, E1: torch.Tensor, i1: int, j: in
     return Wt[j:end] - U[i1:j, j:end].T @ E1[:j - i1]
 
 
-def output_error(W: torch.Tensor, W_q: torch.Tensor, H: torch.Tensor) -> float:
-    """Relative output error tr(D H D^T) / tr(W H W^T) with D = W - W_q: ||X D^T||^2 / ||X W^T||^2."""
-    D = (W - W_q).to(H.dtype)
-    W = W.to(H.dtype)
-    return float(((D @ H) * D).sum(dtype=torch.float64) / ((W @ H) * W).sum(dtype=torch.float64).clamp_min(1e-30))
-
-
 # ---------------------------------------------------------------------------------------------
 # The pass (module surgery)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run GPTQ's maths on one intra-op thread, restoring the caller's setting afterwards.
-
-    The column loop and the group-parameter searches are many thousands of small sequential
-    tensor ops. Each op large enough to enter a parallel region waits for every worker thread,
-    and on a shared, busy CPU a descheduled worker costs a scheduler time slice: measured on the
-    2-core development machine under load, 16 ms per op on two threads against 2-30 us on one,
-    which made GPTQ of MiniLM take minutes instead of seconds. Calibration forwards (few, large
-    ops) keep the caller's thread count.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def check_groups(targets: list[Target]) -> None:
+    """Fail on a group size that does not divide a layer's input width, before any calibration work."""
+    for t in targets:
+        try:
+            t.config.quant.scheme.group_columns(t.module.out_features, t.module.in_features)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {t.name!r}: {exc}") from None
 
 
 @register_pass("gptq", GPTQConfig, (nn.Linear,))
 def gptq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
-    for t in targets:  # fail on a bad group size before spending time on calibration
-        try:
-            t.config.scheme.group_columns(t.module.out_features, t.module.in_features)
-        except ConfigError as exc:
-            raise ConfigError(f"layer {t.name!r}: {exc}") from None
+    check_groups(targets)
     layers = _Quantiser(context.log)
     try:
         run_blockwise(model, targets, context.calibration, layers, context.log, pass_name="gptq")
@@ -278,14 +219,14 @@ class _Quantiser:
         by_config: dict[GPTQConfig, list[tuple[Target, LayerStats]]] = {}
         for target, stats in group:
             by_config.setdefault(target.config, []).append((target, stats))
-        with _one_thread():
+        with one_thread():
             for cfg, layers in by_config.items():
                 self.quantise(cfg, [t for t, _ in layers], layers[0][1])
 
     def quantise(self, cfg: GPTQConfig, targets: list[Target], stats: LayerStats) -> None:
         H = stats.hessian  # (C, C) sum of x x^T: GPTQ needs H only up to a factor
         W = torch.cat([t.module.weight.detach().float() for t in targets])  # (sum R, C)
-        result = gptq_quantize(W, H, cfg.scheme, cfg.search, cfg.damp, cfg.block_size, cfg.act_order)
+        result = gptq_quantize(W, H, cfg.quant.scheme, cfg.quant.search, cfg.damp, cfg.block_size, cfg.act_order)
         start = 0
         for target in targets:
             stop = start + target.module.out_features
@@ -294,18 +235,18 @@ class _Quantiser:
 
     def apply(self, target: Target, cfg: GPTQConfig, result: GPTQResult, H: torch.Tensor, tokens: int) -> None:
         layer = target.module
-        encoding = result.encoding(cfg.scheme)
+        encoding = result.encoding(cfg.quant.scheme)
         error = output_error(layer.weight.detach().float(), result.weight, H)
         # Later layers are calibrated on this layer's quantised output. The weight is rebound,
         # not overwritten, so a tensor tied to it elsewhere (an embedding) keeps its values.
         layer.weight = nn.Parameter(encoding.decode(layer.weight.dtype), requires_grad=False)
         self.done.append((target, encoding))
-        notes = [cfg.search.value] + (["act_order"] if cfg.act_order else [])
+        notes = [cfg.quant.search.value] + (["act_order"] if cfg.act_order else [])
         if result.damp != cfg.damp:
             notes.append(f"damp raised to {result.damp:g}")
-        self.log.append(f"{target.name}: {cfg.scheme.describe()} gptq ({', '.join(notes)}; {tokens} tokens, "
+        self.log.append(f"{target.name}: {cfg.quant.scheme.describe()} gptq ({', '.join(notes)}; {tokens} tokens, "
                         f"relative output error {error:.2e})")
 
     def swap_in(self, model: nn.Module) -> None:
         for target, encoding in self.done:
-            model.set_submodule(target.name, CompressedLinear.from_linear(target.module, encoding, target.config.kernel))
+            install(model, target.name, encoding, target.config.kernel)

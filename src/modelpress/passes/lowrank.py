@@ -38,39 +38,43 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modelpress.encodings import DenseTensor, Encoding, LowRankTensor, QuantScheme
-from modelpress.encodings.quantized import PER_CHANNEL, as_matrix
+from modelpress.calibration import run_blockwise
+from modelpress.encodings import (PER_CHANNEL, DenseTensor, Encoding, LowRankTensor, QuantScheme, RangeSearch,
+                                  quantize_weight)
 from modelpress.errors import CalibrationError, ConfigError
-from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
-from modelpress.passes.base import PassContext, Target, register_pass
-from modelpress.passes.gptq import _one_thread  # the decompositions run on one thread, as GPTQ's maths does
-from modelpress.passes.quantize import RangeSearch, quantize_weight
+from modelpress.nn import Kernel, compressed_twin, install
+from modelpress.passes.base import PassContext, Target, register_pass, weight_matrix
+from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
+from modelpress.passes.linalg import damped_cholesky, one_thread
 
 __all__ = ["LowRankConfig", "Spectrum", "choose_rank", "factorise", "spectrum", "truncate", "whiten"]
 
-MAX_DAMP_RETRIES = 4  # each retry multiplies the damping by 10 when H + damp I is not positive definite
 LOW_RANK_KERNELS = (Kernel.AUTO, Kernel.DENSE, Kernel.DECODE_PER_CALL, Kernel.LOW_RANK)
 
 
-@dataclass(frozen=True)
-class LowRankConfig:
-    """Replace each weight by rank-r factors; the rank from exactly one of rank, energy, budget."""
+@pass_config
+class LowRankConfig(PassConfig):
+    """Replace each weight by rank-r factors; the rank from exactly one of rank, energy, budget.
+
+    `quant` quantises both factors (asymmetric; bits None keeps them fp32), in groups along each
+    factor's rows, with ranges from its `search`.
+    """
+
+    QUANT_KEYS = {"bits": "bits", "group_size": "group_size", "search": "search"}  # always asymmetric
 
     rank: int | None = None  # the same rank for every layer (capped at min(R, C))
     energy: float | None = None  # keep the smallest rank retaining this fraction of sum s_i^2, in (0, 1]
     budget: float | None = None  # keep this fraction of each layer's parameters, in (0, 1]
     activation_aware: bool = False  # whiten by the calibration inputs' H = X^T X (Linear layers only)
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean (activation-aware only)
-    bits: int | None = None  # quantise both factors to this many bits (asymmetric); None keeps fp32
-    group_size: int | str = "channel"  # quantisation groups along each factor's rows
-    search: RangeSearch = RangeSearch.MSE  # how each group's scale and zero are chosen
+    quant: WeightQuant = WeightQuant(bits=None, symmetric=False, group_size="channel", search=RangeSearch.MSE)
     skip_if_larger: bool = True  # leave (and log) layers whose factors would not be smaller
     kernel: Kernel = Kernel.AUTO  # for Linear layers; AUTO runs the factors where that is cheaper
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "search", RangeSearch(self.search))
-        object.__setattr__(self, "kernel", Kernel(self.kernel))
+    def validate(self) -> None:
+        object.__setattr__(self, "kernel", enum_value(Kernel, self.kernel, "kernel"))
+        if self.quant.symmetric:
+            raise ConfigError("low-rank factors are quantised asymmetrically: leave symmetric false")
         chosen = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
         if len(chosen) != 1:
             raise ConfigError(f"low-rank needs exactly one of rank, energy or budget, got {chosen or 'none'}: "
@@ -90,18 +94,12 @@ class LowRankConfig:
         if self.kernel not in LOW_RANK_KERNELS:
             raise ConfigError(f"kernel {self.kernel.value!r} cannot run low-rank factors: "
                               f"use one of {[k.value for k in LOW_RANK_KERNELS]}")
-        QuantScheme(8 if self.bits is None else self.bits, False, self.group_size)  # validates both
-        if self.version != 1:
-            raise ConfigError(f"low-rank config version {self.version!r} is not supported: "
-                              "this modelpress reads version 1")
 
     def scheme(self, columns: int) -> QuantScheme | None:
         """The factor scheme for rows of `columns` entries (per channel where group_size does not divide)."""
-        if self.bits is None:
-            return None
-        scheme = QuantScheme(self.bits, False, self.group_size)
-        if scheme.group_size > 0 and columns % scheme.group_size:
-            return QuantScheme(self.bits, False, PER_CHANNEL)
+        scheme = self.quant.scheme
+        if scheme is not None and scheme.group_size > 0 and columns % scheme.group_size:
+            return QuantScheme(scheme.bits, False, PER_CHANNEL)
         return scheme
 
 
@@ -122,18 +120,7 @@ class Spectrum:
 
 def whiten(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Lower L with L L^T = H + damp * mean(diag H) * I (float64), raising damp until it exists."""
-    H = H.to(torch.float64, copy=True)
-    mean_diag = float(H.diagonal().mean().clamp_min(1e-12))
-    added = 0.0
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        H.diagonal().add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            return L, damp
-        tried, damp = damp, max(damp * 10, 1e-4)
-    raise CalibrationError(f"the calibration Hessian stays singular even with damping {tried:g}: "
-                           "give more (and more varied) calibration data")
+    return damped_cholesky(H.to(torch.float64, copy=True), damp)
 
 
 def spectrum(W: torch.Tensor, L: torch.Tensor | None = None, damp: float = 0.0) -> Spectrum:
@@ -203,18 +190,12 @@ def lowrank(model: nn.Module, targets: list[Target], context: PassContext) -> No
             "(or set activation_aware: false)"
         )
     factoriser = _Factoriser(model, context.log)
-    with _one_thread():
+    with one_thread():  # the decompositions run on one thread, as GPTQ's maths does
         for t in targets:
             if not t.config.activation_aware:
-                factoriser.apply(t, spectrum(_matrix(t.module)), None, "svd")
+                factoriser.apply(t, spectrum(weight_matrix(t.module)), None, "svd")
     if aware:
-        from modelpress.calibration import run_blockwise
-
         run_blockwise(model, aware, context.calibration, factoriser, context.log, pass_name="lowrank")
-
-
-def _matrix(module: nn.Module) -> torch.Tensor:
-    return as_matrix(module.weight.detach().float())  # (R, C)
 
 
 def _check_target(t: Target) -> None:
@@ -224,17 +205,17 @@ def _check_target(t: Target) -> None:
                           "Linear inputs only): set activation_aware: false for conv layers or exclude this one")
     if isinstance(t.module, nn.Conv2d):
         try:
-            CompressedConv2d.from_conv(t.module, DenseTensor(t.module.weight.detach()))  # geometry it can run
+            compressed_twin(t.module, DenseTensor(t.module.weight.detach()))  # a geometry it can run
         except ConfigError as exc:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
     if not torch.isfinite(t.module.weight).all():
         raise ConfigError(f"layer {t.name!r}: its weight holds NaN or infinity, which has no SVD: "
                           "check the model's weights or exclude this layer")
-    cols = _matrix(t.module).shape[1]
-    group_size = QuantScheme(8, False, cfg.group_size).group_size
-    if cfg.bits is not None and group_size > 0 and cols % group_size:  # the right factor's rows are C wide
-        raise ConfigError(f"layer {t.name!r}: group size {cfg.group_size} does not divide the input width {cols}: "
-                          f"choose a divisor of {cols} (e.g. {math.gcd(cols, 128)}) or exclude this layer")
+    cols = weight_matrix(t.module).shape[1]
+    group_size = QuantScheme(8, False, cfg.quant.group_size).group_size
+    if cfg.quant.bits is not None and group_size > 0 and cols % group_size:  # the right factor's rows are C wide
+        raise ConfigError(f"layer {t.name!r}: group size {cfg.quant.group_size} does not divide the input width "
+                          f"{cols}: choose a divisor of {cols} (e.g. {math.gcd(cols, 128)}) or exclude this layer")
 
 
 @dataclass
@@ -246,19 +227,19 @@ class _Factoriser:
 
     def __call__(self, group: list) -> None:
         whitening: dict[tuple[int, float], tuple[torch.Tensor, float]] = {}  # layers of a group share H
-        with _one_thread():  # calibration forwards, outside this call, keep the caller's threads
+        with one_thread():  # calibration forwards, outside this call, keep the caller's threads
             for target, stats in group:
                 key = (id(stats), target.config.damp)
                 if key not in whitening:
                     whitening[key] = whiten(stats.hessian, target.config.damp)
                 L, damp = whitening[key]
-                self.apply(target, spectrum(_matrix(target.module), L, damp), stats.hessian,
+                self.apply(target, spectrum(weight_matrix(target.module), L, damp), stats.hessian,
                            f"activation-aware, {stats.tokens} tokens")
 
     def apply(self, target: Target, spec: Spectrum, H: torch.Tensor | None, method: str) -> None:
         cfg: LowRankConfig = target.config
         layer = target.module
-        W = _matrix(layer)  # (R, C)
+        W = weight_matrix(layer)  # (R, C)
         rows, cols = W.shape
         rank = choose_rank(spec.S, rows, cols, cfg)
         left, right = (f.float() for f in truncate(spec, rank))
@@ -274,17 +255,13 @@ class _Factoriser:
             self.log.append(f"{target.name}: left unchanged by lowrank: its factors would not be smaller ({summary}); "
                             "lower the rank, or set skip_if_larger: false to factorise anyway")
             return
-        if isinstance(layer, nn.Conv2d):
-            new = CompressedConv2d.from_conv(layer, enc)
-        else:
-            new = CompressedLinear.from_linear(layer, enc, cfg.kernel)
-        self.model.set_submodule(target.name, new)
+        install(self.model, target.name, enc, cfg.kernel)
         self.log.append(f"{target.name}: lowrank {summary}")
 
 
 def _encode(factor: torch.Tensor, cfg: LowRankConfig) -> Encoding:
     scheme = cfg.scheme(factor.shape[1])
-    return DenseTensor(factor.contiguous()) if scheme is None else quantize_weight(factor, scheme, cfg.search)
+    return DenseTensor(factor.contiguous()) if scheme is None else quantize_weight(factor, scheme, cfg.quant.search)
 
 
 def _describe_factors(enc: LowRankTensor) -> str:

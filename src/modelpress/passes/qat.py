@@ -28,28 +28,27 @@ outputs equal the QAT model's.
 `qat` is also a registered pass, and it is exactly the prepare step: `modelpress.compress(model,
 recipe)` with a `qat` stage puts those layers in QAT while other stages (e.g. `rtn` at 8 bits for
 the first conv) compress the rest at once. The training loop stays the caller's, `convert_qat`
-finishes the job, and `modelpress.save` refuses a model that still holds QAT modules.
+finishes the job, and `modelpress.save` refuses a model that still holds QAT modules (they are
+`nn.registry.TrainingModule`s, which convert like the Linear or Conv2d they stand for).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.encodings import QuantizedTensor, QuantScheme, quantize
-from modelpress.encodings.quantized import PARAM_DTYPE, _grouped, as_matrix, minmax_params, quantize_with_params
-from modelpress.encodings.range_search import mse_params
+from modelpress.encodings import QuantizedTensor, QuantScheme, RangeSearch, as_matrix, fit_ranges, grouped, quantize
+from modelpress.encodings.quantized import PARAM_DTYPE, quantize_with_params
 from modelpress.errors import ConfigError
-from modelpress.nn import CompressedConv2d, CompressedLinear, Kernel
-from modelpress.nn.kernels import ACTIVATION_KERNELS
+from modelpress.nn import Kernel, TrainingModule, compressed_twin
 from modelpress.nn.conv import CONV_GEOMETRY, conv_geometry
 from modelpress.passes.base import PassContext, Target, register_pass
-from modelpress.passes.quantize import RangeSearch
+from modelpress.passes.config import PassConfig, WeightQuant, pass_config
+from modelpress.passes.quantize import weight_only_kernel
 
 __all__ = [
     "QATConfig",
@@ -64,34 +63,21 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class QATConfig:
-    """Weight-only QAT: the target scheme, how step sizes start, and the kernel of the converted Linear."""
+@pass_config
+class QATConfig(PassConfig):
+    """Weight-only QAT: the target scheme, how step sizes start, and the kernel of the converted Linear.
 
-    bits: int = 4
-    symmetric: bool = False
-    group_size: int | str = "channel"
-    init: RangeSearch = RangeSearch.MSE  # starting scale/zero: the range RTN would pick
+    In recipes the range search that gives the starting scale/zero is called `init` (the range RTN
+    would pick, by default the error-minimising one).
+    """
+
+    QUANT_KEYS = {"bits": "bits", "symmetric": "symmetric", "group_size": "group_size", "init": "search"}
+
+    quant: WeightQuant = WeightQuant(bits=4, symmetric=False, group_size="channel", search=RangeSearch.MSE)
     kernel: Kernel = Kernel.AUTO
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        for name, enum_type in (("init", RangeSearch), ("kernel", Kernel)):
-            try:
-                object.__setattr__(self, name, enum_type(getattr(self, name)))
-            except ValueError:
-                raise ConfigError(
-                    f"{name} {getattr(self, name)!r} is not valid: use one of {[e.value for e in enum_type]}"
-                ) from None
-        if self.kernel in ACTIVATION_KERNELS:
-            raise ConfigError(f"QAT trains weight-only quantisation: kernel {self.kernel.value} would change the numerics")
-        if self.version != 1:
-            raise ConfigError(f"QAT config version {self.version!r} is not supported: use 1")
-        self.scheme  # validates bits, symmetry (no 2-bit symmetric) and group size
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.symmetric, self.group_size)
+    def validate(self) -> None:
+        object.__setattr__(self, "kernel", weight_only_kernel(self.kernel, "QAT"))
 
 
 # ---------------------------------------------------------------- the fake-quantisation op
@@ -135,7 +121,7 @@ class _LSQ(torch.autograd.Function):
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """quantize(w, scheme, scale, zero).decode(), differentiable in w, scale and zero (LSQ)."""
     m = as_matrix(w)
-    wg = _grouped(m, scheme)  # (R, G, gs)
+    wg = grouped(m, scheme)  # (R, G, gs)
     w_hat = _LSQ.apply(wg, scale, zero, scheme, lsq_grad_scale(scheme, wg.shape[-1]))
     return w_hat.reshape(w.shape)
 
@@ -146,11 +132,7 @@ class WeightFakeQuant(nn.Module):
     def __init__(self, weight: torch.Tensor, scheme: QuantScheme, init: RangeSearch = RangeSearch.MSE):
         super().__init__()
         self.scheme = scheme
-        w = weight.detach().float()
-        if init is RangeSearch.MSE:
-            scale, zero = mse_params(w, scheme)
-        else:
-            scale, zero = minmax_params(_grouped(as_matrix(w), scheme), scheme)
+        scale, zero = fit_ranges(weight.detach().float(), scheme, init)
         self.scale = nn.Parameter(scale.clone())  # (R, G, 1); (1, 1, 1) per tensor
         if scheme.symmetric:  # the zero point is fixed at the midpoint code
             self.register_buffer("zero", zero.clone())
@@ -177,35 +159,38 @@ class WeightFakeQuant(nn.Module):
 # ---------------------------------------------------------------- modules in training
 
 
-class QATModule(nn.Module):
+class QATModule(TrainingModule):
     """Base of modules in quantisation-aware training: a float weight trained through a fake quantiser."""
 
+    not_saveable = ("is still in quantisation-aware training: call convert_qat(model) before saving, so its weight "
+                    "is stored as integer codes")
     weight: nn.Parameter
     weight_quant: WeightFakeQuant
+    config: QATConfig
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight)
 
     def to_compressed(self) -> nn.Module:
-        raise NotImplementedError
+        """The compressed twin holding the trained integer codes (its bias as trained)."""
+        bias = None if self.bias is None else self.bias.detach()
+        return compressed_twin(self, self.weight_quant.encode(self.weight), self.config.kernel, bias)
 
 
 class QATLinear(QATModule):
     """nn.Linear whose forward uses the fake-quantised weight."""
+
+    stands_for = nn.Linear
 
     def __init__(self, linear: nn.Linear, config: QATConfig):
         super().__init__()
         self.in_features, self.out_features, self.config = linear.in_features, linear.out_features, config
         self.weight = nn.Parameter(linear.weight.detach().float().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
-        self.weight_quant = WeightFakeQuant(self.weight, config.scheme, config.init)
+        self.weight_quant = WeightFakeQuant(self.weight, config.quant.scheme, config.quant.search)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
-
-    def to_compressed(self) -> CompressedLinear:
-        bias = None if self.bias is None else self.bias.detach()
-        return CompressedLinear(self.weight_quant.encode(self.weight), bias, self.config.kernel)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -213,6 +198,8 @@ class QATLinear(QATModule):
 
 class QATConv2d(QATModule):
     """nn.Conv2d whose forward uses the fake-quantised weight."""
+
+    stands_for = nn.Conv2d
 
     def __init__(self, conv: nn.Conv2d, config: QATConfig):
         super().__init__()
@@ -222,15 +209,10 @@ class QATConv2d(QATModule):
         self.stride, self.padding, self.dilation, self.groups = (geometry[k] for k in CONV_GEOMETRY)
         self.weight = nn.Parameter(conv.weight.detach().float().clone())  # (out, in/groups, kh, kw)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().float().clone())
-        self.weight_quant = WeightFakeQuant(self.weight, config.scheme, config.init)
+        self.weight_quant = WeightFakeQuant(self.weight, config.quant.scheme, config.quant.search)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def to_compressed(self) -> CompressedConv2d:
-        bias = None if self.bias is None else self.bias.detach()
-        enc = self.weight_quant.encode(self.weight)
-        return CompressedConv2d(enc, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -250,7 +232,7 @@ def qat(model: nn.Module, targets: list[Target], context: PassContext) -> None:
         except ConfigError as exc:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
         model.set_submodule(t.name, new)
-        context.log.append(f"{t.name}: QAT {cfg.scheme.describe()} (init {cfg.init.value})")
+        context.log.append(f"{t.name}: QAT {cfg.quant.scheme.describe()} (init {cfg.quant.search.value})")
 
 
 def prepare_qat(

@@ -3,51 +3,39 @@ optionally smoothed (SmoothQuant)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 import torch
 from torch import nn
 
 from modelpress.calibration import LayerStats, calibration_sentences, run_blockwise
-from modelpress.encodings import QuantScheme, quantize
-from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, _grouped, as_matrix, minmax_params
-from modelpress.encodings.range_search import mse_params
+from modelpress.encodings import PER_CHANNEL, PER_TENSOR, RangeSearch, quantize_weight
 from modelpress.errors import CalibrationError, ConfigError
-from modelpress.nn import CompressedConv2d, CompressedEmbedding, CompressedLinear, Kernel
+from modelpress.nn import Kernel, install
 from modelpress.nn.kernels import ACTIVATION_KERNELS
 from modelpress.passes.base import PassContext, Target, register_pass
 from modelpress.passes.channel_scales import FoldMode, migrate, share_groups, target_sites, with_input_scale
+from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
 
-__all__ = ["RangeSearch", "RTNConfig", "DynamicInt8Config", "quantize_weight", "smooth", "smooth_scale"]
-
-
-class RangeSearch(str, Enum):
-    MINMAX = "minmax"  # each group's full range
-    MSE = "mse"  # clipping search + least-squares refinement of each group's scale and zero
+__all__ = ["RTNConfig", "DynamicInt8Config", "measure_inputs", "smooth", "smooth_scale", "weight_only_kernel"]
 
 
-@dataclass(frozen=True)
-class RTNConfig:
+def weight_only_kernel(kernel: Kernel | str, technique: str) -> Kernel:
+    """`kernel` as a Kernel, refused where it would quantise activations (a weight-only technique's kernel)."""
+    kernel = enum_value(Kernel, kernel, "kernel")
+    if kernel in ACTIVATION_KERNELS:
+        raise ConfigError(f"kernel {kernel.value} quantises activations: {technique} is weight-only; use kernel auto, "
+                          "or the dynamic_int8 pass for W8A8")
+    return kernel
+
+
+@pass_config
+class RTNConfig(PassConfig):
     """Weight-only round-to-nearest quantisation; activations stay float."""
 
-    bits: int = 8
-    symmetric: bool = True
-    group_size: int | str = "channel"
-    search: RangeSearch = RangeSearch.MINMAX
-    kernel: Kernel = Kernel.AUTO
-    version: int = 1
+    quant: WeightQuant = WeightQuant(bits=8, symmetric=True, group_size="channel", search=RangeSearch.MINMAX)
+    kernel: Kernel = Kernel.AUTO  # for Linear layers (embeddings and convolutions choose their own)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "search", RangeSearch(self.search))
-        object.__setattr__(self, "kernel", Kernel(self.kernel))
-        if self.kernel in ACTIVATION_KERNELS:
-            raise ConfigError(f"kernel {self.kernel.value} quantises activations: use the dynamic_int8 pass for W8A8")
-        self.scheme  # validates bits and group size
-
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.symmetric, self.group_size)
+    def validate(self) -> None:
+        object.__setattr__(self, "kernel", weight_only_kernel(self.kernel, "RTN"))
 
 
 ACTIVATION_RANGES = {"tensor": Kernel.DYNAMIC_INT8, "token": Kernel.DYNAMIC_INT8_TOKEN}
@@ -58,8 +46,8 @@ ACTIVATION_RANGES = {"tensor": Kernel.DYNAMIC_INT8, "token": Kernel.DYNAMIC_INT8
 TOKEN_RANGE_RATIO = 6.0
 
 
-@dataclass(frozen=True)
-class DynamicInt8Config:
+@pass_config
+class DynamicInt8Config(PassConfig):
     """W8A8: int8 symmetric weights, activations quantised per call by fbgemm's dynamic kernel.
 
     `weight_bits=7` keeps every u8 x s8 pair sum inside int16 on AVX2 CPUs without VNNI, so the
@@ -77,23 +65,24 @@ class DynamicInt8Config:
     none is smoothed on `calibration_sentences(128)`.
     """
 
-    group_size: int | str = "channel"
+    QUANT_KEYS = {"group_size": "group_size", "search": "search"}  # int8 symmetric weights, always
+
+    quant: WeightQuant = WeightQuant(bits=8, symmetric=True, group_size="channel", search=RangeSearch.MSE)
     weight_bits: int = 7
-    search: RangeSearch = RangeSearch.MSE
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: no smoothing, no calibration
     fold: FoldMode = FoldMode.AUTO  # where smoothing scales go (see passes/channel_scales.py)
     activations: str = "tensor"  # one activation range per call ("tensor"), per token ("token"), or "auto"
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "search", RangeSearch(self.search))
-        object.__setattr__(self, "fold", FoldMode(self.fold))
+    def validate(self) -> None:
+        object.__setattr__(self, "fold", enum_value(FoldMode, self.fold, "fold"))
+        if self.quant.bits != 8 or not self.quant.symmetric:
+            raise ConfigError("dynamic int8 stores int8 symmetric weights: leave bits and symmetric as they are")
         if self.weight_bits not in (7, 8):
             raise ConfigError(f"weight_bits {self.weight_bits} is not valid for dynamic int8: use 7 or 8")
         alpha = self.smooth_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
             raise ConfigError(f"smooth_alpha {alpha!r} is not valid: use a number in [0, 1] (e.g. 0.5) or null")
-        if QuantScheme(8, True, self.group_size).group_size not in (PER_CHANNEL, PER_TENSOR):
+        if self.quant.scheme.group_size not in (PER_CHANNEL, PER_TENSOR):
             raise ConfigError("dynamic int8 takes group_size 'channel' or 'tensor' (fbgemm has no groups)")
         if not isinstance(self.activations, str) or self.activations not in (*ACTIVATION_RANGES, "auto"):
             raise ConfigError(f"activations {self.activations!r} is not valid: use 'tensor' (one range per call), "
@@ -103,47 +92,17 @@ class DynamicInt8Config:
     def needs_calibration(self) -> bool:
         return self.smooth_alpha is not None or self.activations == "auto"
 
-    @property
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(8, True, self.group_size)
-
-
-def quantize_weight(w: torch.Tensor, scheme: QuantScheme, search: RangeSearch, max_code: int | None = None):
-    """Quantise one weight tensor; `max_code` narrows a symmetric range (7-bit values in int8 codes)."""
-    if search is RangeSearch.MSE:
-        scale, zero = mse_params(w, scheme)
-    else:
-        scale = zero = None
-    if max_code is not None:  # e.g. |q| <= 63 inside int8: widen the scale, keeping the chosen clipping
-        if scale is None:
-            scale, zero = minmax_params(_grouped(as_matrix(w.float()), scheme), scheme)
-        scale = scale * ((scheme.midpoint - 1) / max_code)
-    return quantize(w, scheme, scale, zero)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    model.set_submodule(name, new)
-
 
 @register_pass("rtn", RTNConfig, (nn.Linear, nn.Embedding, nn.Conv2d))
 def rtn(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     for t in targets:
-        cfg: RTNConfig = t.config
+        q: WeightQuant = t.config.quant
         try:
-            enc = quantize_weight(t.module.weight.data, cfg.scheme, cfg.search)
+            enc = quantize_weight(t.module.weight.data, q.scheme, q.search)
         except ConfigError as exc:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
-        if isinstance(t.module, nn.Embedding):
-            new = CompressedEmbedding.from_embedding(t.module, enc)
-        elif isinstance(t.module, nn.Conv2d):  # decode-once dense (cfg.kernel is for Linear layers)
-            try:
-                new = CompressedConv2d.from_conv(t.module, enc)
-            except ConfigError as exc:
-                raise ConfigError(f"layer {t.name!r}: {exc}") from None
-        else:
-            new = CompressedLinear.from_linear(t.module, enc, cfg.kernel)
-        _replace(model, t.name, new)
-        context.log.append(f"{t.name}: {cfg.scheme.describe()} ({cfg.search.value})")
+        install(model, t.name, enc, t.config.kernel)
+        context.log.append(f"{t.name}: {q.scheme.describe()} ({q.search.value})")
 
 
 @register_pass("dynamic_int8", DynamicInt8Config, (nn.Linear,))
@@ -154,13 +113,14 @@ def dynamic_int8(model: nn.Module, targets: list[Target], context: PassContext) 
     for t in targets:
         cfg: DynamicInt8Config = t.config
         max_code = 63 if cfg.weight_bits == 7 else None
-        enc = quantize_weight(t.module.weight.data, cfg.scheme, cfg.search, max_code)
+        enc = quantize_weight(t.module.weight.data, cfg.quant.scheme, cfg.quant.search, max_code)
         enc = with_input_scale(enc, inverses.get(t.name))
         kernel, why = activation_kernel(cfg.activations, stats.get(t.name))
-        _replace(model, t.name, CompressedLinear.from_linear(t.module, enc, kernel))
+        install(model, t.name, enc, kernel)
         note = "" if cfg.smooth_alpha is None else f", smoothed (alpha {cfg.smooth_alpha:g})"
         note += ", a range per token" if kernel is Kernel.DYNAMIC_INT8_TOKEN else ""
-        context.log.append(f"{t.name}: W8A8 dynamic, weights int{cfg.weight_bits} {cfg.scheme.describe()}{note}{why}")
+        context.log.append(f"{t.name}: W8A8 dynamic, weights int{cfg.weight_bits} {cfg.quant.scheme.describe()}"
+                           f"{note}{why}")
 
 
 def activation_kernel(activations: str, stats: LayerStats | None) -> tuple[Kernel, str]:

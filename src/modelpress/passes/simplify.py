@@ -11,43 +11,31 @@ where the model cannot be traced, each child is traced on its own, recursively. 
 after a Linear is folded assuming (N, C) activations, its usual use.
 
 A simplified model no longer matches its original skeleton (BatchNorms gone, biases added), so
-`simplify` records what it did on the model (`modelpress_simplified`: {"identity": [names],
-"bias_added": [names]}); checkpoints save that record and `apply_simplified` replays it on the
-skeleton before the weights are loaded.
+`simplify` records what it did with the model ({"identity": [names], "bias_added": [names]},
+`nn/simplified.py`); checkpoints save that record and `nn.simplified.apply_simplified` replays it
+on the skeleton before the weights are loaded.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from modelpress.errors import ConfigError, FormatError
+from modelpress.nn.simplified import BATCHNORM_AFTER, RECORD_KEYS, set_simplified_record, simplified_record
 from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.passes.config import PassConfig, pass_config
 
-__all__ = ["SimplifyConfig", "SIMPLIFIED_ATTR", "apply_simplified", "check_simplified", "find_folds",
-           "fold_batchnorm", "simplify"]
-
-SIMPLIFIED_ATTR = "modelpress_simplified"
-RECORD_KEYS = ("identity", "bias_added")
-MAX_RECORD_NAMES = 100_000  # names a checkpoint may list
-_BATCHNORM_AFTER = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}  # producer type -> foldable BN type
+__all__ = ["SimplifyConfig", "find_folds", "fold_batchnorm", "simplify"]
 
 
-@dataclass(frozen=True)
-class SimplifyConfig:
+@pass_config
+class SimplifyConfig(PassConfig):
     """Fold the selected BatchNorms into their producers and replace the selected Dropouts by Identity."""
-
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        if self.version != 1:
-            raise ConfigError(f"simplify config version {self.version!r} is not supported: this modelpress reads version 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,11 +88,11 @@ def find_folds(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     shared = {n for n, m in modules.items() if uses[id(m)] > 1}  # one object under two names
     folds: dict[str, str] = {}
     refused = {n: "it is not reached by a traceable graph" for n, m in modules.items()
-               if type(m) in _BATCHNORM_AFTER.values()}
+               if type(m) in BATCHNORM_AFTER.values()}
     for prefix, graph in _graphs(model):
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         for node in graph.nodes:
-            if node.op != "call_module" or type(modules.get(prefix + node.target)) not in _BATCHNORM_AFTER.values():
+            if node.op != "call_module" or type(modules.get(prefix + node.target)) not in BATCHNORM_AFTER.values():
                 continue
             name = prefix + node.target
             why = _why_not(modules, shared, calls, prefix, node)
@@ -127,7 +115,7 @@ def _why_not(modules: dict[str, nn.Module], shared: set[str], calls: Counter, pr
     if source is None or getattr(source, "op", None) != "call_module":
         return "its input is not the output of a Conv2d or Linear layer"
     producer = modules.get(prefix + source.target)
-    if _BATCHNORM_AFTER.get(type(producer)) is not type(bn):
+    if BATCHNORM_AFTER.get(type(producer)) is not type(bn):
         return f"its input comes from a {type(producer).__name__}, not a Conv2d (BatchNorm2d) or Linear (BatchNorm1d)"
     channels = producer.out_channels if isinstance(producer, nn.Conv2d) else producer.out_features
     if channels != bn.num_features:
@@ -145,7 +133,7 @@ def _why_not(modules: dict[str, nn.Module], shared: set[str], calls: Counter, pr
 
 def _apply(model: nn.Module, folds: dict[str, str], dropouts: list[str]) -> dict[str, list[str]]:
     """Fold each BatchNorm of `folds` into its producer, replace it and `dropouts` by Identity; record it."""
-    record = {k: list(v) for k, v in (getattr(model, SIMPLIFIED_ATTR, None) or {k: [] for k in RECORD_KEYS}).items()}
+    record = {k: list(v) for k, v in (simplified_record(model) or {k: [] for k in RECORD_KEYS}).items()}
     for bn_name, producer_name in folds.items():
         producer, bn = model.get_submodule(producer_name), model.get_submodule(bn_name)
         weight, bias = fold_batchnorm(producer.weight, producer.bias, bn)
@@ -161,9 +149,8 @@ def _apply(model: nn.Module, folds: dict[str, str], dropouts: list[str]) -> dict
     for name in dropouts:
         model.set_submodule(name, nn.Identity())
         record["identity"].append(name)
-    record = {k: sorted(set(v)) for k, v in record.items()}
-    setattr(model, SIMPLIFIED_ATTR, record)
-    return record
+    set_simplified_record(model, record)
+    return simplified_record(model)
 
 
 def simplify(model: nn.Module) -> nn.Module:
@@ -191,41 +178,3 @@ def simplify_pass(model: nn.Module, targets: list[Target], context: PassContext)
         context.log.append(f"{name}: dropout removed")
     for bn in sorted(chosen & set(refused)):
         context.log.append(f"{bn}: BatchNorm kept, {refused[bn]}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def check_simplified(record: Any) -> dict[str, list[str]]:
-    """Validate the shape of a record read from a file (names are checked against a model by apply_simplified)."""
-    if not isinstance(record, dict) or not set(record) <= set(RECORD_KEYS):
-        raise FormatError(f"'simplified' must be a mapping with only {list(RECORD_KEYS)}")
-    for key in RECORD_KEYS:
-        names = record.get(key, [])
-        if (not isinstance(names, list) or len(names) > MAX_RECORD_NAMES
-                or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
-            raise FormatError(f"'simplified.{key}' must be a list of distinct module names")
-    return {key: list(record.get(key, [])) for key in RECORD_KEYS}
-
-
-def apply_simplified(model: nn.Module, record: Any) -> None:
-    """Replay a simplification on a freshly built skeleton: Identity for the recorded BatchNorms and
-    Dropouts, a zero bias where folding added one (its values come from the state dict). All names
-    are checked before anything changes."""
-    record = check_simplified(record)
-    known = dict(model.named_modules())
-    for name in record["identity"]:
-        if not isinstance(known.get(name), (nn.BatchNorm1d, nn.BatchNorm2d, _DropoutNd, nn.Identity)):
-            raise FormatError(f"simplified module {name!r} is not a BatchNorm or Dropout of the model")
-    for name in record["bias_added"]:
-        if type(known.get(name)) not in _BATCHNORM_AFTER:
-            raise FormatError(f"simplified module {name!r} is not a Conv2d or Linear of the model")
-    for name in record["identity"]:
-        model.set_submodule(name, nn.Identity())
-    for name in record["bias_added"]:
-        layer = known[name]
-        if layer.bias is None:
-            out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
-    setattr(model, SIMPLIFIED_ATTR, record)

@@ -17,6 +17,10 @@ after them needs the training data, so it lives here rather than in a recipe.
 Sizes are the bytes of the arrays as stored (values, positions, codebooks, biases), the unit of
 the paper's tables; `file_bytes` adds the container's framing (the safetensors header and the
 JSON manifest), which is a fixed cost of a few KB that matters only for toy-sized models.
+
+The pipeline is generic over a classifier's training tensors (inputs and integer labels, trained
+with cross-entropy) and takes the held-out score as a function; `demos/digits.py` (not installed)
+has the small networks and data the tests and benchmarks run it on.
 """
 
 from __future__ import annotations
@@ -33,12 +37,27 @@ from torch import nn
 from modelpress.compress import compress
 from modelpress.errors import ConfigError
 from modelpress.formats.checkpoint import MANIFEST, WEIGHTS, load, save
-from modelpress.models.digits import Digits, accuracy
 from modelpress.passes.cluster import finetune_centroids
 from modelpress.passes.prune import GradualConfig, GradualPruner
 from modelpress.recipe import Recipe
 
-__all__ = ["DeepCompressionPlan", "StageResult", "deep_compress", "recipe", "stored_bytes", "fp32_bytes"]
+__all__ = ["DeepCompressionPlan", "StageResult", "TrainingSet", "deep_compress", "describe_results", "fp32_bytes",
+           "recipe", "stored_bytes"]
+
+BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """A classifier's training tensors: inputs (N, ...) and integer class labels (N,)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.labels) or not len(self.labels):
+            raise ConfigError(f"the training set needs as many labels as inputs (at least one), got "
+                              f"{len(self.inputs)} inputs and {len(self.labels)} labels")
 
 
 @dataclass(frozen=True)
@@ -65,7 +84,7 @@ class DeepCompressionPlan:
 @dataclass(frozen=True)
 class StageResult:
     stage: str
-    accuracy: float
+    accuracy: float  # the held-out score of the saved-and-reloaded model
     bytes: int  # arrays as stored
     file_bytes: int  # + safetensors header and JSON manifest
 
@@ -104,18 +123,21 @@ def stored_bytes(path: Path) -> tuple[int, int]:
     return payload, weights.stat().st_size + (path / MANIFEST).stat().st_size
 
 
-def _measure(stage: str, model: nn.Module, data: Digits, skeleton: Callable[[], nn.Module], folder: Path,
+Score = Callable[[nn.Module], float]
+
+
+def _measure(stage: str, model: nn.Module, accuracy: Score, skeleton: Callable[[], nn.Module], folder: Path,
              **save_options: Any) -> tuple[StageResult, nn.Module]:
     """Save, reload into a fresh skeleton, and measure the reloaded model (what ships)."""
     path = save(model, folder / stage, overwrite=True, **save_options)
     loaded = load(path, model=skeleton())
     payload, total = stored_bytes(path)
-    return StageResult(stage, accuracy(loaded, data), payload, total), loaded
+    return StageResult(stage, accuracy(loaded), payload, total), loaded
 
 
-def _prune_with_retraining(model: nn.Module, data: Digits, plan: DeepCompressionPlan) -> None:
+def _prune_with_retraining(model: nn.Module, data: TrainingSet, plan: DeepCompressionPlan) -> None:
     """Train while each layer's magnitude mask tightens to its sparsity (cubic schedule); masks applied at the end."""
-    n, batch_size = len(data.y_train), 64
+    n, batch_size = len(data.labels), BATCH_SIZE
     steps_per_epoch = math.ceil(n / batch_size)
     end = int(0.6 * plan.prune_epochs * steps_per_epoch)
     pruners = [GradualPruner(model, GradualConfig(final_sparsity=s, end_step=max(end, 1), every=steps_per_epoch,
@@ -129,7 +151,7 @@ def _prune_with_retraining(model: nn.Module, data: Digits, plan: DeepCompression
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
-            loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
+            loss = F.cross_entropy(model(data.inputs[index]), data.labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,28 +163,30 @@ def _prune_with_retraining(model: nn.Module, data: Digits, plan: DeepCompression
     model.eval()
 
 
-def _centroid_batches(data: Digits, plan: DeepCompressionPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _centroid_batches(data: TrainingSet, plan: DeepCompressionPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(plan.seed + 1)
-    order = torch.randperm(len(data.y_train), generator=generator)
-    return [(data.x_train[order[i:i + 64]], data.y_train[order[i:i + 64]]) for i in range(0, len(order), 64)]
+    order = torch.randperm(len(data.labels), generator=generator)
+    return [(data.inputs[order[i:i + BATCH_SIZE]], data.labels[order[i:i + BATCH_SIZE]])
+            for i in range(0, len(order), BATCH_SIZE)]
 
 
-def deep_compress(model: nn.Module, data: Digits, plan: DeepCompressionPlan, skeleton: Callable[[], nn.Module],
-                  workdir: Path) -> tuple[nn.Module, list[StageResult]]:
-    """Run the three stages on a trained `model`; returns the final (reloaded) model and every stage's result.
+def deep_compress(model: nn.Module, data: TrainingSet, plan: DeepCompressionPlan, skeleton: Callable[[], nn.Module],
+                  workdir: Path, accuracy: Score) -> tuple[nn.Module, list[StageResult]]:
+    """Run the three stages on a trained classifier; returns the final (reloaded) model and every stage's result.
 
-    `skeleton()` builds an untrained model of the same architecture (to reload checkpoints into).
-    Training runs on one thread, as `models.digits.train` does, so results repeat exactly.
+    `data` is what it retrains on; `accuracy(model)` scores a reloaded model on held-out data (higher
+    is better); `skeleton()` builds an untrained model of the same architecture (to reload checkpoints
+    into). Training runs on one thread, so results repeat exactly.
     """
     workdir = Path(workdir)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = [_measure("fp32", model, data, skeleton, workdir, entropy=False)[0]]
+        results = [_measure("fp32", model, accuracy, skeleton, workdir, entropy=False)[0]]
         _prune_with_retraining(model, data, plan)
         compress(model, recipe(plan))
         # a kmeans stage on its own would also do: the masks are zeros already, so magnitude keeps them
-        results.append(_measure("pruned+clustered", model, data, skeleton, workdir, entropy=False)[0])
+        results.append(_measure("pruned+clustered", model, accuracy, skeleton, workdir, entropy=False)[0])
 
         def loss_fn(m: nn.Module, batch) -> torch.Tensor:
             return F.cross_entropy(m(batch[0]), batch[1])
@@ -171,9 +195,9 @@ def deep_compress(model: nn.Module, data: Digits, plan: DeepCompressionPlan, ske
         finetune_centroids(model, loss_fn, _centroid_batches(data, plan), epochs=plan.centroid_epochs,
                            lr=plan.centroid_lr)
         model.eval()
-        results.append(_measure("+centroid fine-tuning", model, data, skeleton, workdir, entropy=False)[0])
-        results.append(_measure("+entropy coding", model, data, skeleton, workdir)[0])
-        final, loaded = _measure("+float16 biases", model, data, skeleton, workdir, float_params=plan.float_params)
+        results.append(_measure("+centroid fine-tuning", model, accuracy, skeleton, workdir, entropy=False)[0])
+        results.append(_measure("+entropy coding", model, accuracy, skeleton, workdir)[0])
+        final, loaded = _measure("+float16 biases", model, accuracy, skeleton, workdir, float_params=plan.float_params)
         results.append(final)
         return loaded, results
     finally:

@@ -1,0 +1,21 @@
+"""Searching over recipes with measurements: per-layer sensitivity, and mixed precision from it.
+
+The files: sensitivity.py (each layer compressed alone, scored against the float model),
+replay.py (fast re-encoding that replays the blocks a change cannot reach), overrides.py (recipes
+with per-layer config changes), mixed_precision.py (a size budget spent greedily as overrides).
+"""
+
+from modelpress.search.mixed_precision import (MixedPrecisionPlan, default_upgrades, mixed_precision_recipe,
+                                               plan_mixed_precision)
+from modelpress.search.sensitivity import MIN_SENTENCES, LayerSensitivity, Measurement, layer_sensitivity
+
+__all__ = [
+    "MIN_SENTENCES",
+    "LayerSensitivity",
+    "Measurement",
+    "MixedPrecisionPlan",
+    "default_upgrades",
+    "layer_sensitivity",
+    "mixed_precision_recipe",
+    "plan_mixed_precision",
+]

@@ -1,0 +1,38 @@
+"""Recipes with per-layer config changes: one exact-name override per changed layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from modelpress.passes.config import config_to_dict
+from modelpress.recipe import Recipe, Stage
+
+__all__ = ["exact_pattern", "with_override", "with_overrides"]
+
+
+def with_overrides(recipe: Recipe, layer_changes: dict[str, tuple[int, dict[str, Any]]]) -> Recipe:
+    """`recipe` with each layer's config changed (name -> (stage index, changes on top of its config))."""
+    stages = list(recipe.stages)
+    for name, (index, changes) in layer_changes.items():
+        stages[index] = with_override(stages[index], name, changes)
+    return Recipe(tuple(stages), name=recipe.name)
+
+
+def with_override(stage: Stage, name: str, changes: dict[str, Any]) -> Stage:
+    """`stage` with one exact-name override, appended last, that makes layer `name`'s config its
+    current one plus `changes` whatever other overrides match it. An earlier override with the
+    same exact pattern is folded in (a YAML mapping cannot hold the pattern twice)."""
+    target = {**config_to_dict(stage.config_for(name)), **changes}
+    pattern = exact_pattern(name)
+    kept = dataclasses.replace(stage, overrides=tuple((p, c) for p, c in stage.overrides if p != pattern))
+    current = config_to_dict(kept.config_for(name))
+    diff = {k: v for k, v in target.items() if current.get(k) != v}
+    out = dataclasses.replace(kept, overrides=kept.overrides + ((pattern, diff),)) if diff else kept
+    out.config_for(name)  # an invalid change fails here, naming the override
+    return out
+
+
+def exact_pattern(name: str) -> str:
+    """An fnmatch pattern that matches `name` only: wildcard characters as one-character classes."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
