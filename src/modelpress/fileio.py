@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -56,6 +57,7 @@ __all__ = [
     "remove_tree",
     "check_output_dir",
     "swap_in_dir",
+    "locked",
 ]
 
 STORE_MARKER = "STORE"  # the file that makes a folder a modelpress store (store/store.py writes it)
@@ -268,6 +270,35 @@ def remove_tree(path: str | os.PathLike) -> None:
     if path.is_symlink() or not path.is_dir():
         raise UnsafeOutputError(f"{str(path)!r} is not a plain folder; refusing to remove it")
     shutil.rmtree(path)  # (rmtree itself unlinks links inside the tree rather than following them)
+
+
+@contextmanager
+def locked(path: str | os.PathLike, exclusive: bool, what: str = "lock file") -> Iterator[None]:
+    """Hold flock(2) on `path` (created if missing; it must be a regular file, never a link) for the body:
+    shared, or `exclusive`. Waits for the lock."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(
+        os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.ELOOP, errno.EMLINK):
+            raise NotRegularFileError(f"{what} {os.fspath(path)!r} is a folder or a symbolic link, not a file: remove "
+                                      "it (modelpress recreates it)") from None
+        raise _io_error("opening", path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{what} {os.fspath(path)!r} is not a regular file (a FIFO, device or socket): "
+                                      "remove it (modelpress recreates it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as exc:  # e.g. ENOLCK: a file system without locks
+            raise _io_error("locking", path, exc) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # -- output folders -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-/* modelpress._fcodec: the `fans` lossless float codec (float byte planes + static rANS).
+/* modelpress.codecs._fcodec: the `fans` lossless float codec (float byte planes + static rANS).
  *
  * Model. Each element (width 2 or 4 bytes, little-endian) is rotated left by one bit, so the sign
  * moves to bit 0 and the top byte holds the exponent alone (fp32, bf16) or the exponent and the
@@ -1584,7 +1584,7 @@ static PyModuleDef_Slot slots[] = {
 };
 
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "modelpress._fcodec",
+    PyModuleDef_HEAD_INIT, "modelpress.codecs._fcodec",
     "The fans lossless float codec: byte planes coded with static rANS (see _fcodec.c).",
     0, methods, slots, NULL, NULL, NULL,
 };
