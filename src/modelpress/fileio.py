@@ -225,13 +225,18 @@ def write_file(path: str | os.PathLike, data: bytes | memoryview | Sequence[byte
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
-    fault_point("fsync_dir", path)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    """Make a folder's entries (a rename, a new file) durable; StorageIOError if the system cannot (not retried)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fault_point("fsync_dir", path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if isinstance(exc, ModelpressError):
+            raise
+        raise _io_error("syncing folder", path, exc) from None
 
 
 def make_dirs(path: str | os.PathLike) -> None:
@@ -252,8 +257,17 @@ def make_dirs(path: str | os.PathLike) -> None:
 
 
 def remove_file(path: str | os.PathLike) -> None:
-    fault_point("unlink", path)
-    os.unlink(path)
+    """Unlink a file (or a link itself). FileNotFoundError (the builtin) if there is none; StorageIOError if the
+    system refuses."""
+    try:
+        fault_point("unlink", path)
+        os.unlink(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if isinstance(exc, ModelpressError):
+            raise
+        raise _io_error("removing", path, exc) from None
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -266,10 +280,15 @@ def _unlink_quietly(path: Path) -> None:
 def remove_tree(path: str | os.PathLike) -> None:
     """Remove a folder and everything in it, never following a symbolic link out of it."""
     path = Path(path)
-    fault_point("rmtree", path)
     if path.is_symlink() or not path.is_dir():
         raise UnsafeOutputError(f"{str(path)!r} is not a plain folder; refusing to remove it")
-    shutil.rmtree(path)  # (rmtree itself unlinks links inside the tree rather than following them)
+    try:
+        fault_point("rmtree", path)
+        shutil.rmtree(path)  # (rmtree itself unlinks links inside the tree rather than following them)
+    except OSError as exc:
+        if isinstance(exc, ModelpressError):
+            raise
+        raise _io_error("removing folder", path, exc) from None
 
 
 @contextmanager
@@ -399,7 +418,12 @@ def swap_in_dir(staging: Path, out: Path) -> None:
         else:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
-            os.rename(staging, out)
+            try:
+                fault_point("rename", out)
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old, out)  # put the old folder back: a failed replace changes nothing
+                raise
         fsync_dir(out.parent)
     except OSError as exc:
         if isinstance(exc, ModelpressError):

@@ -7,6 +7,10 @@ processes.
     python _store_support.py gc BASE DIR=POINT...          the same for gc(grace=0) of the store BASE/DIR
     python _store_support.py writers STORE N COUNT OUTDIR  N processes, each putting COUNT versions and
                                                            dumping what it put to OUTDIR/writer<i>.json
+    python _store_support.py stress STORE SECONDS OUTDIR   for SECONDS: 4 loader processes, 1 putting versions of
+                                                           model "s" and 1 running gc(grace=0) in a loop; each
+                                                           reports what it did and every exception it met to
+                                                           OUTDIR/<role>.json (see `stress_role`)
 
 The processes are forked from one interpreter that has imported torch once (no torch work happens
 before the fork), so dozens of them cost one import. Points (the fault points are modelpress.fileio's:
@@ -154,6 +158,48 @@ def writer(root: str, index: int, count: int, out: str) -> None:
         json.dump(put, fh)
 
 
+def stress_role(root: str, role: str, deadline: float, out: str) -> None:
+    """One process of the stress run, until `deadline` (time.time()): `put` commits state("s", i) for i = 0, 1, ...
+    and appends each acknowledged version to its report; `gc` collects; `load<k>` reads the versions the
+    catalogue lists, round robin, and compares every byte with what that step put. Every exception is recorded
+    (the test asserts there are none), never raised."""
+    import time
+    import traceback
+
+    from modelpress.store import Store
+
+    small_chunks()
+    report: dict = {"done": 0, "errors": [], "acked": {}}
+    with Store(root) as store:
+        step = 0
+        while time.time() < deadline:
+            try:
+                if role == "put":
+                    vid = store.put(state("s", step), "s", message=f"step {step}")
+                    report["acked"][vid] = step
+                    step += 1
+                elif role == "gc":
+                    store.gc(grace=0)
+                else:
+                    log = store.log("s") if any(m == "s" for m, _ in store.models()) else []
+                    if not log:
+                        continue
+                    version = log[step % len(log)]
+                    step += 1
+                    want = state("s", int(version.message.split()[1]))
+                    names = None if step % 3 else ["encoder.*"]
+                    got = store.get("s", version.id, names=names, threads=1 + step % 2)
+                    assert {k: digest(v) for k, v in got.items()} == {
+                        k: digest(v) for k, v in want.items() if names is None or k.startswith("encoder.")}
+                report["done"] += 1
+            except BaseException as exc:  # recorded for the test, which fails on any
+                if len(report["errors"]) < 5:
+                    report["errors"].append(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")
+                report["failed"] = report.get("failed", 0) + 1
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(report, fh)
+
+
 def run_forked(*args: str, timeout: float = 300) -> dict[str, int]:
     """Run this file with `args` in a fresh interpreter; the exit code of each forked process."""
     import subprocess
@@ -194,6 +240,14 @@ if __name__ == "__main__":
         base, pairs = Path(args[0]), dict(arg.split("=", 1) for arg in args[1:])
         work = functools.partial(commit, model="m", step=2) if mode == "put" else collect
         codes = in_processes({d: functools.partial(work, str(base / d), point=p) for d, p in pairs.items()})
+    elif mode == "stress":
+        import time
+
+        root, seconds, outdir = args[0], float(args[1]), Path(args[2])
+        until = time.time() + seconds
+        roles = ["put", "gc"] + [f"load{i}" for i in range(4)]
+        codes = in_processes({r: functools.partial(stress_role, root, r, until, str(outdir / f"{r}.json"))
+                              for r in roles})
     elif mode == "writers":
         root, n, count, outdir = args[0], int(args[1]), int(args[2]), Path(args[3])
         codes = in_processes({str(i): functools.partial(writer, root, i, count, str(outdir / f"writer{i}.json"))

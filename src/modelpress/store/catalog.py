@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS refs (
 CREATE INDEX IF NOT EXISTS versions_by_model ON versions (model, created);
 """
 _BATCH = 500  # ids per IN (...) query: under SQLite's oldest limit of 999 parameters
+_COLUMNS = {  # each table's columns, in order (what `integrity` expects to find)
+    "meta": ["key", "value"],
+    "chunks": ["id", "codec", "params", "raw_size", "stored_size", "base", "file_hash"],
+    "versions": ["id", "model", "parent", "created", "message", "manifest"],
+    "tensors": ["version", "name", "dtype", "shape", "chunks"],
+    "files": ["version", "path", "chunk"],
+    "refs": ["model", "name", "version"],
+}
 
 
 class Catalog:
@@ -108,13 +116,22 @@ class Catalog:
                               f"(this modelpress reads {SCHEMA_VERSION}); upgrade modelpress")
 
     def integrity(self, thorough: bool = True) -> list[str]:
-        """SQLite's own check of the file (integrity_check, or the cheaper quick_check): its problems, [] if none."""
+        """SQLite's own check of the file (integrity_check, or the cheaper quick_check) and of the tables this
+        schema needs: the problems found, [] if none."""
         pragma = "integrity_check" if thorough else "quick_check"
         try:
             found = [str(r[0]) for r in self.db.execute(f"PRAGMA {pragma}").fetchall()]
+            if found != ["ok"]:
+                return found
+            problems = []
+            for table, columns in _COLUMNS.items():
+                have = [r[1] for r in self.db.execute(f"PRAGMA table_info({table})").fetchall()]
+                if have != columns:
+                    problems.append(f"table {table} is missing" if not have else
+                                    f"table {table} has columns {have}, expected {columns}")
+            return problems
         except sqlite3.Error as exc:
             return [str(exc)]
-        return [] if found == ["ok"] else found
 
     @contextmanager
     def transaction(self) -> Iterator["Catalog"]:
