@@ -8,37 +8,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import stat
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from fs_hazards import device_node, no_hang
 from modelpress import fileio
 from modelpress.errors import LimitExceededError, NotRegularFileError, StorageIOError, UnsafeOutputError
-
-
-@contextmanager
-def no_hang(seconds: int = 10):
-    def alarm(*_):
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _device(path: Path) -> None:
-    try:
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
-    except PermissionError:
-        pytest.skip("creating a device node needs CAP_MKNOD")
 
 
 # ---------------------------------------------------------------- reading: regular files, bounded
@@ -49,7 +27,7 @@ NOT_REGULAR = {
     "link to a regular file": lambda p, tmp: ((tmp / "real").write_bytes(b"x"), p.symlink_to(tmp / "real")),
     "dangling link": lambda p, tmp: p.symlink_to(tmp / "nowhere"),
     "folder": lambda p, tmp: p.mkdir(),
-    "device": lambda p, tmp: _device(p),
+    "device": lambda p, tmp: device_node(p),
 }
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-STORE_TESTS = Path(__file__).resolve().parent.parent / "store"
-if str(STORE_TESTS) not in sys.path:
-    sys.path.insert(0, str(STORE_TESTS))
+TESTS = Path(__file__).resolve().parent.parent
+for _folder in (TESTS / "store", TESTS):  # _store_support.py; fs_hazards.py
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 from _store_support import (  # noqa: E402
     SMALL_CHUNK,
@@ -34,7 +35,7 @@ from _store_support import (  # noqa: E402
 from modelpress.store import Store, layout  # noqa: E402
 
 __all__ = ["SMALL_CHUNK", "in_processes", "stress", "assert_identical", "bits", "chunk_files", "digest", "recorder", "run_forked", "snapshot",
-           "state", "Seed", "make_seed", "copy_store", "small_chunks", "intact", "Victim", "victim", "tiny_encoder",
+           "state", "Seed", "make_seed", "traced_put", "copy_store", "small_chunks", "intact", "Victim", "victim", "tiny_encoder",
            "forge", "check_stress"]
 
 
@@ -58,6 +59,20 @@ def make_seed(root: Path) -> Seed:
     with Store.init(root) as s:
         versions = {s.put(state("m", step), "m", message=f"step {step}"): step for step in (0, 1)}
     return Seed(root, versions)
+
+
+def traced_put(base: Path) -> tuple[Seed, list]:
+    """A seeded store (small chunks) at base/seed, and the fault points met putting state("m", 2) into a copy of it
+    (each (op, path, whether it carries data), in order)."""
+    from modelpress.fileio import inject_faults
+
+    with pytest.MonkeyPatch.context() as mp:
+        small_chunks(mp)
+        seed = make_seed(base / "seed")
+        ops: list = []
+        with Store(copy_store(seed, base / "trace")) as s, inject_faults(recorder(ops)):
+            s.put(state("m", 2), "m", message="step 2")
+    return seed, ops
 
 
 def copy_store(seed: Seed, to: Path) -> Path:

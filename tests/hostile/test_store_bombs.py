@@ -68,17 +68,35 @@ def test_peak_growth_sees_a_real_allocation():
     assert outcome == "returned" and grown >= 200 * MB
 
 
+def refused_before_allocation(victim: Victim, read, error: type, match: str | None = None) -> None:
+    """`read(store)` ends in `error` while the peak memory grows by less than 64 MB; then the store's versions
+    still read back and verify (verify reporting only the forged chunk)."""
+    with Store(victim.root) as s:
+        grown, outcome = peak_growth(lambda: read(s))
+        assert outcome == error.__name__ and grown < 64 * MB, (outcome, grown)
+        with pytest.raises(error, match=match):
+            read(s)
+    victim.intact((FAKE,))
+
+
+def forge_tensor(victim: Victim, row: ChunkRow, payload: bytes, shape: tuple, listed: int = 1) -> None:
+    forge(victim.root, "bomb", {"w": ("float32", shape, [row.id] * listed)}, {row.id: (row, payload)})
+
+
+def forge_tokenizer(victim: Victim, row: ChunkRow, payload: bytes) -> None:
+    """A version of the encoder whose tokenizer.json is the given chunk."""
+    with Store(victim.root) as s:
+        enc = s.version("enc")
+    tensors = {t.name: (t.dtype, t.shape, t.chunks) for t in enc.tensors}
+    forge(victim.root, "bomb", tensors, {row.id: (row, payload)}, {**enc.files, "tokenizer.json": row.id},
+          enc.manifest)
+
+
 def test_a_16_kb_zstd_chunk_declaring_a_gibibyte_is_refused_before_allocation(victim):
     payload = zstd_of_zeros(1 << 30)
     assert len(payload) < 64 * 1024 and Zstd().declared_size(memoryview(payload)) == 1 << 30
-    row = ChunkRow(FAKE, Zstd(), 1 << 30, len(payload))
-    forge(victim.root, "bomb", {"w": ("float32", (1 << 28,), [FAKE])}, {FAKE: (row, payload)})
-    with Store(victim.root) as s:
-        grown, outcome = peak_growth(lambda: s.get("bomb"))
-        assert outcome == "LimitExceededError" and grown < 64 * MB
-        with pytest.raises(LimitExceededError, match=f"more than the {MAX_CHUNK_RAW}"):
-            s.get("bomb")
-    victim.intact((FAKE,))
+    forge_tensor(victim, ChunkRow(FAKE, Zstd(), 1 << 30, len(payload)), payload, (1 << 28,))
+    refused_before_allocation(victim, lambda s: s.get("bomb"), LimitExceededError, f"more than the {MAX_CHUNK_RAW}")
 
 
 @pytest.mark.parametrize("where", ["tensor", "tokenizer.json"])
@@ -86,61 +104,32 @@ def test_a_tiny_constant_plane_fans_payload_declaring_2_gib_is_refused_before_al
     payload = constant_fans(1 << 29)  # 14 bytes that decode to 2 GiB of one value
     row = ChunkRow(FAKE, Fans(4), 1 << 31, len(payload))
     if where == "tensor":
-        forge(victim.root, "bomb", {"w": ("float32", (1 << 29,), [FAKE])}, {FAKE: (row, payload)})
-        run = lambda s: s.get("bomb")  # noqa: E731
+        forge_tensor(victim, row, payload, (1 << 29,))
+        refused_before_allocation(victim, lambda s: s.get("bomb"), LimitExceededError)
     else:
-        with Store(victim.root) as s:
-            enc = s.version("enc")
-        files = {**enc.files, "tokenizer.json": FAKE}
-        tensors = {t.name: (t.dtype, t.shape, t.chunks) for t in enc.tensors}
-        forge(victim.root, "bomb", tensors, {FAKE: (row, payload)}, files, enc.manifest)
-        run = lambda s: s.load("bomb")  # noqa: E731
-    with Store(victim.root) as s:
-        grown, outcome = peak_growth(lambda: run(s))
-        assert outcome == "LimitExceededError" and grown < 64 * MB
-        with pytest.raises(LimitExceededError):
-            run(s)
-    victim.intact((FAKE,))
+        forge_tokenizer(victim, row, payload)
+        refused_before_allocation(victim, lambda s: s.load("bomb"), LimitExceededError)
 
 
 def test_a_support_file_over_its_cap_is_refused_before_allocation(victim):
     """Under the chunk cap but over the support-file cap (64 MiB): a tokenizer.json of 200 MB is no tokenizer."""
     payload = constant_fans(50 * MB, width=4)
-    row = ChunkRow(FAKE, Fans(4), 200 * MB, len(payload))
-    with Store(victim.root) as s:
-        enc = s.version("enc")
-    tensors = {t.name: (t.dtype, t.shape, t.chunks) for t in enc.tensors}
-    forge(victim.root, "bomb", tensors, {FAKE: (row, payload)}, {**enc.files, "tokenizer.json": FAKE}, enc.manifest)
-    with Store(victim.root) as s:
-        grown, outcome = peak_growth(lambda: s.load("bomb"))
-        assert outcome == "LimitExceededError" and grown < 64 * MB
-    victim.intact((FAKE,))
+    forge_tokenizer(victim, ChunkRow(FAKE, Fans(4), 200 * MB, len(payload)), payload)
+    refused_before_allocation(victim, lambda s: s.load("bomb"), LimitExceededError)
 
 
 @pytest.mark.parametrize("codec, payload", [(Fans(4), constant_fans(1 << 28)), (Zstd(), zstd_of_zeros(256 * MB))])
 def test_a_payload_stating_another_size_than_its_row_is_refused_before_decoding(victim, codec, payload):
     """Row: 4 KiB. Payload: a header declaring 1 GiB (fans) or 256 MiB (zstd)."""
-    row = ChunkRow(FAKE, codec, 4096, len(payload))
-    forge(victim.root, "bomb", {"w": ("float32", (1024,), [FAKE])}, {FAKE: (row, payload)})
-    with Store(victim.root) as s:
-        grown, outcome = peak_growth(lambda: s.get("bomb"))
-        assert outcome == "CorruptChunkError" and grown < 64 * MB
-        with pytest.raises(CorruptChunkError, match="declares"):
-            s.get("bomb")
-    victim.intact((FAKE,))
+    forge_tensor(victim, ChunkRow(FAKE, codec, 4096, len(payload)), payload, (1024,))
+    refused_before_allocation(victim, lambda s: s.get("bomb"), CorruptChunkError, "declares")
 
 
 def test_one_chunk_listed_thousands_of_times_cannot_claim_more_memory_than_there_is(victim):
     """A 64 MiB chunk (a 14-byte payload) listed 4096 times: a 256 GiB tensor, refused from the catalogue alone."""
     payload = constant_fans(16 * MB)
-    row = ChunkRow(FAKE, Fans(4), 64 * MB, len(payload))
-    forge(victim.root, "bomb", {"w": ("float32", (4096, 16 * MB), [FAKE] * 4096)}, {FAKE: (row, payload)})
-    with Store(victim.root) as s:
-        grown, outcome = peak_growth(lambda: s.get("bomb"))
-        assert outcome == "LimitExceededError" and grown < 64 * MB
-        with pytest.raises(LimitExceededError, match="memory is available"):
-            s.get("bomb")
-    victim.intact((FAKE,))
+    forge_tensor(victim, ChunkRow(FAKE, Fans(4), 64 * MB, len(payload)), payload, (4096, 16 * MB), listed=4096)
+    refused_before_allocation(victim, lambda s: s.get("bomb"), LimitExceededError, "memory is available")
 
 
 def test_one_chunk_listed_several_times_is_a_legitimate_repetition(victim):

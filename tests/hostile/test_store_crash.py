@@ -26,6 +26,7 @@ from _store_hostile import (
     run_forked,
     small_chunks,
     state,
+    traced_put,
 )
 from modelpress.codecs import Raw
 from modelpress.fileio import inject_faults
@@ -61,12 +62,7 @@ def put_crashes(tmp_path_factory):
     """A seeded store, the fault points of committing state("m", 2) to it, and a copy of the store per kill point
     after a process died there (with its exit code)."""
     base = tmp_path_factory.mktemp("put-crash")
-    with pytest.MonkeyPatch.context() as mp:
-        small_chunks(mp)
-        seed = make_seed(base / "seed")
-        ops: list = []
-        with Store(copy_store(seed, base / "trace")) as s, inject_faults(recorder(ops)):
-            s.put(state("m", 2), "m", message="step 2")
+    seed, ops = traced_put(base)
     assert sum(op == "link" for op, _, _ in ops) >= 4 and [op for op, _, _ in ops][-1] == "commit"
     for point in points(ops):
         copy_store(seed, base / folder(point))

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from _store_hostile import chunk_files, copy_store, intact, make_seed, recorder, small_chunks, state
+from _store_hostile import chunk_files, copy_store, intact, small_chunks, state, traced_put
 from modelpress.errors import StorageIOError
 from modelpress.fileio import inject_faults
 from modelpress.store import Store
@@ -53,14 +53,7 @@ FAULTS = {  # name: (fault point, errno, only points with data?)
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """A seeded store and the fault points of putting state("m", 2) into it."""
-    base = tmp_path_factory.mktemp("faults")
-    with pytest.MonkeyPatch.context() as mp:
-        small_chunks(mp)
-        seed = make_seed(base / "seed")
-        ops: list = []
-        with Store(copy_store(seed, base / "trace")) as s, inject_faults(recorder(ops)):
-            s.put(state("m", 2), "m")
-    return seed, ops
+    return traced_put(tmp_path_factory.mktemp("faults"))
 
 
 def _count(ops, target, data) -> int:

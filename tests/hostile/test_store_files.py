@@ -8,46 +8,23 @@ store verifies clean."""
 from __future__ import annotations
 
 import os
-import signal
-import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from _store_hostile import Victim, bits, state, victim  # noqa: F401  (victim: the fixture)
+from fs_hazards import device_node, no_hang
 from modelpress.cli import main
 from modelpress.errors import CorruptChunkError, ModelpressError, NotRegularFileError, StoreError
 from modelpress.store import Store
 from modelpress.store.objects import chunk_id
 
 
-@contextmanager
-def no_hang(seconds: int = 30):
-    """Fail (instead of hanging the run) if the body blocks, as a reader opening a FIFO would."""
-    def alarm(*_):
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _device(path: Path) -> None:
-    try:
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero's numbers
-    except PermissionError:
-        pytest.skip("creating a device node needs CAP_MKNOD")
-
-
 KINDS = {
     "fifo": lambda p, outside: os.mkfifo(p),
     "link to /dev/zero": lambda p, outside: p.symlink_to("/dev/zero"),
-    "device": lambda p, outside: _device(p),
+    "device": lambda p, outside: device_node(p),
     "folder": lambda p, outside: p.mkdir(),
     "link to a copy of itself outside the store": lambda p, outside: p.symlink_to(outside),
 }

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 
 from modelpress.codecs.base import Codec, check_width, register
-from modelpress.errors import FormatError, UnsupportedError
+from modelpress.errors import FormatError, LimitExceededError, UnsupportedError
 
 try:
     from modelpress.codecs import _fcodec
@@ -98,3 +98,6 @@ class Fans(Codec):
             native.decode_into(payload, out, self.width)
         except ValueError as exc:
             raise FormatError(f"fans chunk is corrupt: {exc}") from None
+        except MemoryError:  # its fixed tables (~100 KiB) could not be allocated
+            raise LimitExceededError("the fans decoder's tables (~100 KiB) could not be allocated: free memory") \
+                from None

@@ -81,19 +81,24 @@ def decode_planes(payload: memoryview, out: memoryview, width: int) -> None:
     np.frombuffer(out, dtype=np.uint8)[:] = words.view(np.uint8)
 
 
-@register
 @dataclass(frozen=True)
-class Planes(Codec):
-    width: int
+class _ElementCodec(Codec):
+    """A codec whose one parameter is the element width (bytes)."""
 
-    name = "planes"
+    width: int
 
     def __post_init__(self):
         check_width(self.name, self.width)
 
     @classmethod
-    def for_data(cls, raw: memoryview, width: int) -> "Planes":
+    def for_data(cls, raw: memoryview, width: int) -> "_ElementCodec":
         return cls(width)
+
+
+@register
+@dataclass(frozen=True)
+class Planes(_ElementCodec):
+    name = "planes"
 
     def encode(self, raw: memoryview, base: memoryview | None = None) -> bytes:
         return encode_planes(raw, self.width)
@@ -104,19 +109,10 @@ class Planes(Codec):
 
 @register
 @dataclass(frozen=True)
-class Xor(Codec):
-    width: int
-
+class Xor(_ElementCodec):
     name = "xor"
     delta = True
     per_tensor = False  # a writer picks it per chunk, where a parent's chunk makes it smaller
-
-    def __post_init__(self):
-        check_width(self.name, self.width)
-
-    @classmethod
-    def for_data(cls, raw: memoryview, width: int) -> "Xor":
-        return cls(width)
 
     def encode(self, raw: memoryview, base: memoryview | None = None) -> bytes:
         if base is None or len(base) != len(raw):

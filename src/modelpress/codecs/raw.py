@@ -22,12 +22,6 @@ DEFAULT_ALIGN = 4096  # what writers use: the x86-64 / common ARM page
 _CHECK = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _copy(payload: memoryview, out: memoryview) -> None:
-    if len(payload) != len(out):
-        raise FormatError(f"raw chunk holds {len(payload)} bytes, the catalogue says {len(out)}")
-    out[:] = payload
-
-
 @register
 @dataclass(frozen=True)
 class Raw(Codec):
@@ -43,12 +37,14 @@ class Raw(Codec):
         return bytes(raw)
 
     def decode_into(self, payload: memoryview, out: memoryview, base: memoryview | None = None) -> None:
-        _copy(payload, out)
+        if len(payload) != len(out):
+            raise FormatError(f"raw chunk holds {len(payload)} bytes, the catalogue says {len(out)}")
+        out[:] = payload
 
 
 @register
 @dataclass(frozen=True)
-class Aligned(Codec):
+class Aligned(Raw):
     """The raw bytes on an `align` boundary of the file, checked by XXH3-128 (`xxh3_128`, 32 hex digits).
 
     Why a second hash beside the chunk's BLAKE3 name: an aligned chunk exists to load at page-cache
@@ -61,7 +57,6 @@ class Aligned(Codec):
     xxh3_128: str
 
     name = "aligned"
-    verbatim = True
     page_aligned = True
 
     def __post_init__(self):
@@ -81,12 +76,3 @@ class Aligned(Codec):
 
     def check(self, raw: memoryview) -> bool:
         return xxhash.xxh3_128_hexdigest(raw) == self.xxh3_128
-
-    def declared_size(self, payload: memoryview) -> int:
-        return len(payload)
-
-    def encode(self, raw: memoryview, base: memoryview | None = None) -> bytes:
-        return bytes(raw)
-
-    def decode_into(self, payload: memoryview, out: memoryview, base: memoryview | None = None) -> None:
-        _copy(payload, out)
