@@ -47,6 +47,7 @@ __all__ = [
     "fault_point",
     "inject_faults",
     "open_regular",
+    "open_regular_sized",
     "read_file",
     "write_file",
     "write_temp",
@@ -99,6 +100,11 @@ def open_regular(path: str | os.PathLike, what: str) -> int:
     Raises FileNotFoundError (the builtin: callers say what is missing in their own terms),
     NotRegularFileError, or StorageIOError.
     """
+    return open_regular_sized(path, what)[0]
+
+
+def open_regular_sized(path: str | os.PathLike, what: str) -> tuple[int, int]:
+    """`open_regular`, and the file's size (from the same fstat)."""
     try:
         fd = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
@@ -111,15 +117,15 @@ def open_regular(path: str | os.PathLike, what: str) -> int:
             raise NotRegularFileError(f"{what} {os.fspath(path)!r} is a folder, not a file") from None
         raise StorageIOError(f"cannot open {what} {os.fspath(path)!r} ({exc.strerror})") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise NotRegularFileError(f"{what} {os.fspath(path)!r} is not a regular file (a FIFO, device or "
                                       "socket); replace it with the file itself")
-        os.set_blocking(fd, True)
+        # (O_NONBLOCK is left set: it changes nothing for a regular file, and the store opens one per chunk)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, info.st_size
 
 
 def read_file(path: str | os.PathLike, limit: int, what: str) -> bytes:

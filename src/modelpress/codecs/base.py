@@ -11,6 +11,7 @@ allocates more than that output, whatever the payload says.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import functools
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -41,13 +42,13 @@ class Codec(ABC):
 
     def params(self) -> dict[str, Any]:
         """The parameters a file records beside the codec's name."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
     @classmethod
     def from_params(cls, params: Any) -> "Codec":
         """The codec a file describes; FormatError unless `params` are exactly this codec's, each valid."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(params, dict) or set(params) != names:
+        names = _field_names(cls)
+        if not isinstance(params, dict) or params.keys() != set(names):
             raise FormatError(f"codec {cls.name!r} takes parameters {sorted(names)}, the file gives {params!r}; "
                               "run `modelpress store verify`")
         return cls(**params)
@@ -74,6 +75,12 @@ class Codec(ABC):
     def decode_into(self, payload: memoryview, out: memoryview, base: memoryview | None = None) -> None:
         """Write the raw bytes into `out`, exactly len(out) bytes; FormatError if the payload does not
         decode to exactly that."""
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A codec's parameter names (its dataclass fields), looked up once per class: a load asks per chunk."""
+    return tuple(f.name for f in fields(cls))
 
 
 def check_width(codec: str, width: Any, allowed: tuple[int, ...] = ELEMENT_WIDTHS) -> None:

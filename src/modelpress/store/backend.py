@@ -4,7 +4,7 @@ The store reads and writes chunks only through `ObjectStore` (keys such as `chun
 so that remotes (fsspec, S3) can implement the same few methods, and caching or logging can be
 wrapper stores. Capability flags say what a backend can do beyond the minimum:
 
-- `can_map`: `open(key)` gives a file descriptor whose bytes can be read in place and mapped
+- `can_map`: `open(key)` gives a file descriptor (and the size) whose bytes can be read in place and mapped
   (the loader's fast paths: preadv into the arena, decoding from the page cache, mapping
   `aligned` payloads); without it the loader reads whole objects with `get`.
 - `atomic_conditional_write`: `put_if_absent` is atomic (two writers can never both win).
@@ -73,8 +73,8 @@ class ObjectStore(ABC):
     def remove_stale_temporaries(self, older_than: float) -> int:
         """Remove what writers that died left half-written, if at least `older_than` seconds old; how many."""
 
-    def open(self, key: str) -> int:
-        """A read-only file descriptor of the object (only where `can_map`)."""
+    def open(self, key: str) -> tuple[int, int]:
+        """A read-only file descriptor of the object and its size (only where `can_map`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot map objects")
 
 
@@ -87,12 +87,13 @@ class LocalFolder(ObjectStore):
     def __init__(self, root: Path, temporaries: str = "tmp"):
         self.root = Path(root)
         self.tmp = self.root / temporaries
+        self._prefix = os.fspath(self.root) + "/"
 
-    def _path(self, key: str) -> Path:
-        parts = key.split("/")
-        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    def _path(self, key: str) -> str:
+        """The file of a key (plain string work: a load forms one per chunk)."""
+        if not key or key[0] == "/" or "\0" in key or any(p in ("", ".", "..") for p in key.split("/")):
             raise ValueError(f"invalid object key {key!r}")
-        return self.root.joinpath(*parts)
+        return self._prefix + key
 
     def _folder(self, folder: Path) -> None:
         """Make sure `folder` (inside root) is a real folder, creating it (and making that durable) if needed."""
@@ -111,7 +112,7 @@ class LocalFolder(ObjectStore):
         return fileio.read_file(self._path(key), limit, "chunk file")
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        fd = self.open(key)
+        fd, _ = self.open(key)
         try:
             return os.pread(fd, length, start)
         except OSError as exc:
@@ -119,11 +120,11 @@ class LocalFolder(ObjectStore):
         finally:
             os.close(fd)
 
-    def open(self, key: str) -> int:
-        return fileio.open_regular(self._path(key), "chunk file")
+    def open(self, key: str) -> tuple[int, int]:
+        return fileio.open_regular_sized(self._path(key), "chunk file")
 
     def _write(self, key: str, parts: Parts, replace: bool) -> bool:
-        path = self._path(key)
+        path = Path(self._path(key))
         self._folder(self.tmp)
         self._folder(path.parent)
         return fileio.publish(fileio.write_temp(self.tmp, path.name, parts), path, replace=replace)
@@ -136,7 +137,7 @@ class LocalFolder(ObjectStore):
 
     def list(self, prefix: str) -> Iterator[Entry]:
         """Regular files and symbolic links (never followed) under root/prefix; folders that are links are skipped."""
-        top = self._path(prefix)
+        top = Path(self._path(prefix))
         if top.is_symlink() or not top.is_dir():
             return
         stack = [(top, prefix)]

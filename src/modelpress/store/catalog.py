@@ -181,11 +181,12 @@ class Catalog:
         return version_info(row, tags)
 
     def version(self, vid: str) -> Version:
-        """A version's rows (not yet checked against its root hash: see Version.check)."""
-        info = self.info(vid)
-        (text,) = self.one("SELECT manifest FROM versions WHERE id=?", (vid,))
-        manifest = json_column(text, dict, f"version {vid[:12]}'s manifest")
-        return Version(info, manifest, tuple(self.tensors(vid)), self.files(vid))
+        """A version's rows (not yet checked against its root hash: see Version.check; its tags are not read)."""
+        row = self.one("SELECT id, model, parent, created, message, manifest FROM versions WHERE id=?", (vid,))
+        if row is None:
+            raise VersionNotFoundError(f"version {vid[:12]} does not exist")
+        manifest = json_column(row[5], dict, f"version {vid[:12]}'s manifest")
+        return Version(version_info(row[:5], ()), manifest, tuple(self.tensors(vid)), self.files(vid))
 
     def version_ids(self) -> list[str]:
         return [r[0] for r in self.rows("SELECT id FROM versions ORDER BY rowid")]

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import blake3
 
@@ -62,21 +61,21 @@ class Scratch:
         return memoryview(self.buf)[:n]
 
 
-@contextmanager
-def _as_corrupt(where: str) -> Iterator[None]:
-    """A chunk's format errors become CorruptChunkError naming it; missing, irregular, oversized and I/O errors
-    stay what they are, and an OSError becomes StorageIOError."""
-    try:
-        yield
-    except (IntegrityError, NotRegularFileError, LimitExceededError):
-        raise
-    except FormatError as exc:
-        raise CorruptChunkError(f"{where} is corrupt ({exc}); run `modelpress store verify`") from None
-    except OSError as exc:
-        if isinstance(exc, ModelpressError):
-            raise
-        raise StorageIOError(f"{where} cannot be read ({exc.strerror or exc}); check the disk and run "
-                             "`modelpress store verify`") from None
+def _reported(exc: BaseException, row: ChunkRow) -> BaseException:
+    """The error to raise for one met while reading a chunk: its format errors become CorruptChunkError naming
+    it; missing, irregular, oversized and I/O errors stay what they are; an OSError becomes StorageIOError.
+    (A plain function, not a context manager: the loader calls through here once per chunk.)"""
+    where = f"chunk {row.id[:12]}"
+    if isinstance(exc, (IntegrityError, NotRegularFileError, LimitExceededError)):
+        return exc
+    if isinstance(exc, FormatError):
+        return CorruptChunkError(f"{where} is corrupt ({exc}); run `modelpress store verify`")
+    if isinstance(exc, OSError) and not isinstance(exc, ModelpressError):
+        return StorageIOError(f"{where} cannot be read ({exc.strerror or exc}); check the disk and run "
+                              "`modelpress store verify`")
+    if isinstance(exc, MemoryError) and not isinstance(exc, ModelpressError):
+        return LimitExceededError(f"{where} could not be decoded: out of memory; free memory or load less")
+    return exc
 
 
 class ChunkReader:
@@ -128,7 +127,8 @@ class ChunkReader:
         raise CorruptChunkError(f"{where} has {held} payload bytes, the catalogue says {row.stored_size}; "
                                 "run `modelpress store verify`")
 
-    def _open(self, row: ChunkRow) -> int:
+    def _open(self, row: ChunkRow) -> tuple[int, int]:
+        """A descriptor of the chunk's file (a regular file, not through a link) and the file's size."""
         try:
             return self.backend.open(chunk_key(row.id))
         except FileNotFoundError:
@@ -168,7 +168,7 @@ class ChunkReader:
         if depth > MAX_DELTA_DEPTH:
             raise CorruptChunkError(f"{where} sits under too many deltas (a cycle?); the store is corrupt")
         self._check_size(row, limit)
-        with _as_corrupt(where):
+        try:
             data, payload = self._whole(row)
             if expect_file is not None and file_hash(data) != expect_file:
                 raise CorruptChunkError(f"{where}'s file does not match its recorded hash")
@@ -179,27 +179,30 @@ class ChunkReader:
             limits.check_allocation(row.raw_size, where)
             out = memoryview(bytearray(row.raw_size))
             self._decode(row, payload, out, depth)
+        except (FormatError, OSError, MemoryError) as exc:
+            raise _reported(exc, row) from None
         self.check(row, out, strong=True)
         return out
 
     def land(self, row: ChunkRow, out: memoryview, scratch: Scratch, check: bool = True) -> None:
         """Read, decode and check one chunk into `out` (exactly its raw size: a slice of a load arena)."""
-        where = f"chunk {row.id[:12]}"
-        self._check_size(row, MAX_CHUNK_RAW)
-        with _as_corrupt(where):
+        if row.raw_size > MAX_CHUNK_RAW:
+            self._check_size(row, MAX_CHUNK_RAW)
+        try:
             if not self.backend.can_map:
                 self._decode(row, self._whole(row)[1], out, 0)
             else:
                 self._land_fd(row, out, scratch)
+        except (FormatError, OSError, MemoryError) as exc:
+            raise _reported(exc, row) from None
         if check:
             self.check(row, out)
 
     def _land_fd(self, row: ChunkRow, out: memoryview, scratch: Scratch) -> None:
         head = self.head(row)
         size = len(head) + row.stored_size
-        fd = self._open(row)
+        fd, actual = self._open(row)
         try:
-            actual = os.fstat(fd).st_size
             if actual != size:
                 self._diagnose(row, os.pread(fd, HEAD_LIMIT, 0), actual)
             if row.codec.verbatim:  # straight into the arena: one copy from the page cache
@@ -225,13 +228,12 @@ class ChunkReader:
     def map_into(self, row: ChunkRow, arena, offset: int, scratch: Scratch) -> None:
         """Map a verbatim, page-aligned payload into the arena at `offset` (copy-on-write), or copy it where
         mapping fails; the caller checks the hash afterwards (`check`)."""
-        where = f"chunk {row.id[:12]}"
-        self._check_size(row, MAX_CHUNK_RAW)
-        with _as_corrupt(where):
+        if row.raw_size > MAX_CHUNK_RAW:
+            self._check_size(row, MAX_CHUNK_RAW)
+        try:
             head = self.head(row)
-            fd = self._open(row)
+            fd, actual = self._open(row)
             try:
-                actual = os.fstat(fd).st_size
                 got = scratch.get(len(head))
                 if actual != len(head) + row.raw_size or os.preadv(fd, [got], 0) != len(head) \
                         or not scratch.buf.startswith(head):
@@ -243,3 +245,5 @@ class ChunkReader:
                         self._diagnose(row, os.pread(fd, HEAD_LIMIT, 0), actual)
             finally:
                 os.close(fd)
+        except (FormatError, OSError, MemoryError) as exc:
+            raise _reported(exc, row) from None
