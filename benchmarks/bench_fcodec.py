@@ -29,7 +29,7 @@ import torch
 import zstandard
 from safetensors.torch import load_file
 
-from modelpress.store.codecs import CODECS, NATIVE_AVAILABLE
+from modelpress.codecs import NATIVE_AVAILABLE, codec_class
 from modelpress.store.layout import split_rows
 
 RESULTS = Path(__file__).with_name("results_fcodec.md")
@@ -68,7 +68,7 @@ class StoreCodecCase:
     """One store codec over the model's chunks."""
 
     def __init__(self, name: str, raw: bytes, spans: list[tuple[int, int]], width: int):
-        self.codec, self.params = CODECS[name], {"width": width}
+        self.codec = codec_class(name)(width)
         self.view = memoryview(raw)
         self.chunks = [self.view[off:off + length] for off, length in spans]
         self.spans = spans
@@ -78,14 +78,14 @@ class StoreCodecCase:
         assert self.out == raw, f"{name} round trip failed"
 
     def compress(self) -> list[bytes]:
-        return [self.codec.encode(chunk, self.params) for chunk in self.chunks]
+        return [self.codec.encode(chunk) for chunk in self.chunks]
 
     def decompress(self, threads: int) -> None:
         out = memoryview(self.out)
 
         def one(i: int) -> None:
             off, length = self.spans[i]
-            self.codec.decode_into(memoryview(self.payloads[i]), out[off:off + length], self.params)
+            self.codec.decode_into(memoryview(self.payloads[i]), out[off:off + length])
 
         if threads == 1:
             for i in range(len(self.spans)):
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     args = parser.parse_args()
     if not NATIVE_AVAILABLE:
-        raise SystemExit("the fans codec needs modelpress._fcodec; reinstall modelpress with a C compiler")
+        raise SystemExit("the fans codec needs modelpress.codecs._fcodec; reinstall modelpress with a C compiler")
     state = load_file(str(weights_file()))
     rows = []
     for label in args.dtypes:

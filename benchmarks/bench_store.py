@@ -34,7 +34,7 @@ import torch
 
 import modelpress
 from modelpress.store import Store
-from modelpress.store import codecs as store_codecs
+from modelpress import codecs as store_codecs
 from modelpress.store.arena import Arena
 from modelpress.store.layout import CHUNK_BYTES
 
@@ -52,7 +52,7 @@ def weights_file() -> Path:
 
 def float_codec() -> str:
     """The store's best float codec on this install (the native one when it is built)."""
-    return "fans" if "fans" in store_codecs.CODECS and getattr(store_codecs, "NATIVE_AVAILABLE", False) else "planes"
+    return "fans" if store_codecs.NATIVE_AVAILABLE else "planes"
 
 
 def best_of(fn, repeats: int) -> float:
@@ -77,15 +77,14 @@ def codec_rows(repeats: int) -> list[dict]:
         width = flat.element_size()
         pieces = [memoryview(raw)[o:o + CHUNK_BYTES] for o in range(0, len(raw), CHUNK_BYTES)]
         name = float_codec()
-        codec = store_codecs.codec_for(name)
-        params = {"width": width}
-        payloads = [codec.encode(p, params) for p in pieces]
+        codec = store_codecs.codec_class(name)(width)
+        payloads = [codec.encode(p) for p in pieces]
         arena = Arena(len(raw), len(raw))  # decode where the store's loader does: a fresh page-aligned arena
         view = arena.view
 
         def decode(pool=None):
             offsets = [i * CHUNK_BYTES for i in range(len(pieces))]
-            jobs = [(memoryview(p), view[o:o + len(pieces[i])], params) for i, (p, o) in enumerate(zip(payloads, offsets))]
+            jobs = [(memoryview(p), view[o:o + len(pieces[i])]) for i, (p, o) in enumerate(zip(payloads, offsets))]
             if pool is None:
                 for job in jobs:
                     codec.decode_into(*job)
@@ -101,7 +100,7 @@ def codec_rows(repeats: int) -> list[dict]:
         fresh = [bytearray(raw) for _ in range(repeats)]  # ZipNN's compress overwrites its input
         with ThreadPoolExecutor(2) as pool:
             timed = {  # every case once per round, so that a burst of load hits them alike
-                "ours_c": lambda: [codec.encode(p, params) for p in pieces], "ours_d1": decode,
+                "ours_c": lambda: [codec.encode(p) for p in pieces], "ours_d1": decode,
                 "ours_d2": lambda: decode(pool), "zip_c": lambda: z1.compress(fresh.pop()),
                 "zip_d1": lambda: z1.decompress(zip_payload), "zip_d2": lambda: z2.decompress(zip_payload2),
                 "zstd_c": lambda: zstandard.ZstdCompressor(level=3).compress(raw),
@@ -240,7 +239,7 @@ def version_rows(workdir: Path) -> list[dict]:
     top = fine_tune(modelpress.load_sentence_encoder("minilm"), steps=30, lr=5e-5,
                     trainable=["model.encoder.layer.4.", "model.encoder.layer.5.", "model.pooler."])
     child = store.put(top, "minilm", parent="latest", message="top two layers + pooler fine-tuned")
-    added = store.stored_bytes("minilm", child, exclusive_of=store.catalog.version(child)[0].parent)
+    added = store.stored_bytes("minilm", child, exclusive_of=store.catalog.info(child).parent)
     alone = Store.init(workdir / "alone-top")
     alone.put(top, "x", parent=None)
     rows.append({"child": "top two layers + pooler trained (30 AdamW steps, lr 5e-5)", "added": added,

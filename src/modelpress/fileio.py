@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -47,6 +48,7 @@ __all__ = [
     "fault_point",
     "inject_faults",
     "open_regular",
+    "open_regular_sized",
     "read_file",
     "read_buffer",
     "write_file",
@@ -58,6 +60,7 @@ __all__ = [
     "remove_tree",
     "check_output_dir",
     "swap_in_dir",
+    "locked",
 ]
 
 STORE_MARKER = "STORE"  # the file that makes a folder a modelpress store (store/store.py writes it)
@@ -99,6 +102,11 @@ def open_regular(path: str | os.PathLike, what: str) -> int:
     Raises FileNotFoundError (the builtin: callers say what is missing in their own terms),
     NotRegularFileError, or StorageIOError.
     """
+    return open_regular_sized(path, what)[0]
+
+
+def open_regular_sized(path: str | os.PathLike, what: str) -> tuple[int, int]:
+    """`open_regular`, and the file's size (from the same fstat)."""
     try:
         fd = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
@@ -111,15 +119,15 @@ def open_regular(path: str | os.PathLike, what: str) -> int:
             raise NotRegularFileError(f"{what} {os.fspath(path)!r} is a folder, not a file") from None
         raise StorageIOError(f"cannot open {what} {os.fspath(path)!r} ({exc.strerror})") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise NotRegularFileError(f"{what} {os.fspath(path)!r} is not a regular file (a FIFO, device or "
                                       "socket); replace it with the file itself")
-        os.set_blocking(fd, True)
+        # (O_NONBLOCK is left set: it changes nothing for a regular file, and the store opens one per chunk)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, info.st_size
 
 
 def read_buffer(path: str | os.PathLike, limit: int, what: str) -> bytearray:
@@ -233,13 +241,18 @@ def write_file(path: str | os.PathLike, data: bytes | memoryview | Sequence[byte
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
-    fault_point("fsync_dir", path)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    """Make a folder's entries (a rename, a new file) durable; StorageIOError if the system cannot (not retried)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fault_point("fsync_dir", path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if isinstance(exc, ModelpressError):
+            raise
+        raise _io_error("syncing folder", path, exc) from None
 
 
 def make_dirs(path: str | os.PathLike) -> None:
@@ -260,8 +273,17 @@ def make_dirs(path: str | os.PathLike) -> None:
 
 
 def remove_file(path: str | os.PathLike) -> None:
-    fault_point("unlink", path)
-    os.unlink(path)
+    """Unlink a file (or a link itself). FileNotFoundError (the builtin) if there is none; StorageIOError if the
+    system refuses."""
+    try:
+        fault_point("unlink", path)
+        os.unlink(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if isinstance(exc, ModelpressError):
+            raise
+        raise _io_error("removing", path, exc) from None
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -274,10 +296,44 @@ def _unlink_quietly(path: Path) -> None:
 def remove_tree(path: str | os.PathLike) -> None:
     """Remove a folder and everything in it, never following a symbolic link out of it."""
     path = Path(path)
-    fault_point("rmtree", path)
     if path.is_symlink() or not path.is_dir():
         raise UnsafeOutputError(f"{str(path)!r} is not a plain folder; refusing to remove it")
-    shutil.rmtree(path)  # (rmtree itself unlinks links inside the tree rather than following them)
+    try:
+        fault_point("rmtree", path)
+        shutil.rmtree(path)  # (rmtree itself unlinks links inside the tree rather than following them)
+    except OSError as exc:
+        if isinstance(exc, ModelpressError):
+            raise
+        raise _io_error("removing folder", path, exc) from None
+
+
+@contextmanager
+def locked(path: str | os.PathLike, exclusive: bool, what: str = "lock file") -> Iterator[None]:
+    """Hold flock(2) on `path` (created if missing; it must be a regular file, never a link) for the body:
+    shared, or `exclusive`. Waits for the lock."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(
+        os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EISDIR, errno.ELOOP, errno.EMLINK):
+            raise NotRegularFileError(f"{what} {os.fspath(path)!r} is a folder or a symbolic link, not a file: remove "
+                                      "it (modelpress recreates it)") from None
+        raise _io_error("opening", path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{what} {os.fspath(path)!r} is not a regular file (a FIFO, device or socket): "
+                                      "remove it (modelpress recreates it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as exc:  # e.g. ENOLCK: a file system without locks
+            raise _io_error("locking", path, exc) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # -- output folders -------------------------------------------------------------------------------
@@ -386,7 +442,12 @@ def swap_in_dir(staging: Path, out: Path) -> None:
         else:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
-            os.rename(staging, out)
+            try:
+                fault_point("rename", out)
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old, out)  # put the old folder back: a failed replace changes nothing
+                raise
         fsync_dir(out.parent)
     except OSError as exc:
         if isinstance(exc, ModelpressError):

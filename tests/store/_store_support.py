@@ -1,20 +1,24 @@
-"""Helpers for the store tests, and the store writers that the crash and concurrency tests run as processes.
+"""Helpers for the store tests, and the store operations that the crash, fault and concurrency tests run as
+processes.
 
-    python _store_support.py crash BASE DIR=POINT...       for each pair, a process that commits state("m", 2)
-                                                           to the store BASE/DIR and is SIGKILLed at kill
-                                                           POINT; prints {DIR: exit code}
+    python _store_support.py put BASE DIR=POINT...         for each pair, a process that commits state("m", 2) to
+                                                           the store BASE/DIR and dies at POINT; prints
+                                                           {DIR: exit code}
+    python _store_support.py gc BASE DIR=POINT...          the same for gc(grace=0) of the store BASE/DIR
     python _store_support.py writers STORE N COUNT OUTDIR  N processes, each putting COUNT versions and
                                                            dumping what it put to OUTDIR/writer<i>.json
+    python _store_support.py stress STORE SECONDS OUTDIR   for SECONDS: 4 loader processes, 1 putting versions of
+                                                           model "s" and 1 running gc(grace=0) in a loop; each
+                                                           reports what it did and every exception it met to
+                                                           OUTDIR/<role>.json (see `stress_role`)
 
 The processes are forked from one interpreter that has imported torch once (no torch work happens
-before the fork), so a dozen writers cost one import. Kill points:
-    chunk-write:N       after the Nth chunk file is written (moved into place)
-    chunk-rename        inside the first chunk write: temp file written and fsynced, not yet moved into place
-    before-transaction  every chunk file written, the catalogue transaction not begun
-    insert-version      inside the transaction: version rows inserted, refs not yet set, no COMMIT
-    set-ref             inside the transaction: `latest` set, no COMMIT
-    after-commit        put() returned
-    (empty)             no kill
+before the fork), so dozens of them cost one import. Points (the fault points are modelpress.fileio's:
+every file creation, write, fsync, link, rename, unlink, mkdir and catalogue commit goes through one):
+    fault:N    SIGKILL just before the Nth fault point
+    torn:N     at the Nth write of data: half of the data written to the file, then SIGKILL
+    after      SIGKILL once the operation returned
+    (empty)    no kill
 Chunks are cut at SMALL_CHUNK bytes so that a commit writes many chunk files.
 """
 
@@ -91,65 +95,48 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _arm(point: str) -> None:
-    """Install the kill point (patches in this process only)."""
-    from modelpress.store import objects, store
-    from modelpress.store.catalog import Catalog
+def killer(point: str) -> Callable[..., None]:
+    """A fault injector that kills this process at `point` (see the module docstring)."""
+    kind, _, n = point.partition(":")
+    seen = [0]
 
-    if point.startswith("chunk-write:"):
-        limit, original, calls = int(point.split(":")[1]), store.write_chunk, []
-
-        def write_chunk(*args, **kwargs):
-            result = original(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == limit:
-                _die()
-            return result
-
-        store.write_chunk = write_chunk
-    elif point == "chunk-rename":
-        class _Os:  # objects.py's own view of `os`: the file moves into place by replace() or link()
-            def __getattr__(self, name):
-                return getattr(os, name)
-
-            @staticmethod
-            def replace(src, dst):
+    def injector(op: str, path: str, fd: int | None, data) -> None:
+        if kind == "fault" or (kind == "torn" and op == "write" and data is not None):
+            seen[0] += 1
+            if seen[0] == int(n):
+                if kind == "torn":
+                    os.write(fd, bytes(memoryview(data).cast("B")[: len(data) // 2]))
                 _die()
 
-            link = replace
-
-        objects.os = _Os()
-    elif point == "before-transaction":
-        version_id = store._version_id
-
-        def _version_id(*args, **kwargs):
-            vid = version_id(*args, **kwargs)
-            _die()
-            return vid
-
-        store._version_id = _version_id
-    elif point in ("insert-version", "set-ref"):
-        name = point.replace("-", "_")
-        original = getattr(Catalog, name)
-
-        def wrapped(*args, **kwargs):
-            result = original(*args, **kwargs)
-            _die()
-            return result
-
-        setattr(Catalog, name, staticmethod(wrapped))
-    elif point not in ("", "after-commit"):
-        raise SystemExit(f"unknown kill point {point!r}")
+    return injector
 
 
-def commit(root: str, model: str, step: int, point: str) -> None:
+def recorder(ops: list) -> Callable[..., None]:
+    """A fault injector that only records (op, path, whether it carries data) at each fault point."""
+    def injector(op: str, path: str, fd: int | None, data) -> None:
+        ops.append((op, path, data is not None))
+    return injector
+
+
+def commit(root: str, model: str, step: int, point: str = "") -> str:
+    from modelpress.fileio import inject_faults
     from modelpress.store import Store
 
     small_chunks()
-    _arm(point)
-    with Store(root) as store:
-        store.put(state(model, step), model, message=f"step {step}")
-    if point == "after-commit":
+    with Store(root) as store, inject_faults(killer(point)):
+        vid = store.put(state(model, step), model, message=f"step {step}")
+    if point == "after":
+        _die()
+    return vid
+
+
+def collect(root: str, point: str = "") -> None:
+    from modelpress.fileio import inject_faults
+    from modelpress.store import Store
+
+    with Store(root) as store, inject_faults(killer(point)):
+        store.gc(grace=0)
+    if point == "after":
         _die()
 
 
@@ -169,6 +156,48 @@ def writer(root: str, index: int, count: int, out: str) -> None:
             put[vid] = {"model": model, "tensors": {k: digest(v) for k, v in tensors.items()}}
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(put, fh)
+
+
+def stress_role(root: str, role: str, deadline: float, out: str) -> None:
+    """One process of the stress run, until `deadline` (time.time()): `put` commits state("s", i) for i = 0, 1, ...
+    and appends each acknowledged version to its report; `gc` collects; `load<k>` reads the versions the
+    catalogue lists, round robin, and compares every byte with what that step put. Every exception is recorded
+    (the test asserts there are none), never raised."""
+    import time
+    import traceback
+
+    from modelpress.store import Store
+
+    small_chunks()
+    report: dict = {"done": 0, "errors": [], "acked": {}}
+    with Store(root) as store:
+        step = 0
+        while time.time() < deadline:
+            try:
+                if role == "put":
+                    vid = store.put(state("s", step), "s", message=f"step {step}")
+                    report["acked"][vid] = step
+                    step += 1
+                elif role == "gc":
+                    store.gc(grace=0)
+                else:
+                    log = store.log("s") if any(m == "s" for m, _ in store.models()) else []
+                    if not log:
+                        continue
+                    version = log[step % len(log)]
+                    step += 1
+                    want = state("s", int(version.message.split()[1]))
+                    names = None if step % 3 else ["encoder.*"]
+                    got = store.get("s", version.id, names=names, threads=1 + step % 2)
+                    assert {k: digest(v) for k, v in got.items()} == {
+                        k: digest(v) for k, v in want.items() if names is None or k.startswith("encoder.")}
+                report["done"] += 1
+            except BaseException as exc:  # recorded for the test, which fails on any
+                if len(report["errors"]) < 5:
+                    report["errors"].append(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}")
+                report["failed"] = report.get("failed", 0) + 1
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(report, fh)
 
 
 def run_forked(*args: str, timeout: float = 300) -> dict[str, int]:
@@ -207,9 +236,18 @@ if __name__ == "__main__":
     import modelpress.store  # noqa: F401  (import once, before forking)
 
     mode, args = sys.argv[1], sys.argv[2:]
-    if mode == "crash":
+    if mode in ("put", "gc"):
         base, pairs = Path(args[0]), dict(arg.split("=", 1) for arg in args[1:])
-        codes = in_processes({d: functools.partial(commit, str(base / d), "m", 2, p) for d, p in pairs.items()})
+        work = functools.partial(commit, model="m", step=2) if mode == "put" else collect
+        codes = in_processes({d: functools.partial(work, str(base / d), point=p) for d, p in pairs.items()})
+    elif mode == "stress":
+        import time
+
+        root, seconds, outdir = args[0], float(args[1]), Path(args[2])
+        until = time.time() + seconds
+        roles = ["put", "gc"] + [f"load{i}" for i in range(4)]
+        codes = in_processes({r: functools.partial(stress_role, root, r, until, str(outdir / f"{r}.json"))
+                              for r in roles})
     elif mode == "writers":
         root, n, count, outdir = args[0], int(args[1]), int(args[2]), Path(args[3])
         codes = in_processes({str(i): functools.partial(writer, root, i, count, str(outdir / f"writer{i}.json"))

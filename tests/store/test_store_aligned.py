@@ -15,11 +15,12 @@ import torch
 import xxhash
 
 from _store_support import assert_identical, bits
+from modelpress.codecs import NATIVE_AVAILABLE, Aligned, Fans, codec_from
 from modelpress.errors import FormatError
-from modelpress.store import CorruptChunkError, Store, StoreError, arena, layout, loader
-from modelpress.store.catalog import TensorRecord
-from modelpress.store.codecs import NATIVE_AVAILABLE, codec_for
-from modelpress.store.objects import ChunkHeader, aligned_params, chunk_id, chunk_path, read_chunk, write_chunk
+from modelpress.store import CorruptChunkError, Store, StoreError, arena, layout, loader, reader
+from modelpress.store.backend import LocalFolder
+from modelpress.store.objects import ChunkHeader, chunk_id, chunk_key, chunk_path
+from modelpress.store.rows import ChunkRow, TensorRecord
 
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux") or not arena.can_map(),
                            reason="mapping file pages into the arena needs Linux")
@@ -39,14 +40,22 @@ def mapped_chunk_files() -> set[str]:
 
 
 def general_path(store: Store, vid: str) -> dict[str, torch.Tensor]:
-    """Every tensor rebuilt chunk by chunk through the slow, general path (`_chunk_bytes`)."""
+    """Every tensor rebuilt chunk by chunk through the slow, general path (`ChunkReader.read`)."""
     out = {}
     for record in store.catalog.tensors(vid):
-        raw = b"".join(bytes(store._chunk_bytes(cid)) for cid in record.chunks)
+        raw = b"".join(bytes(chunk_bytes(store, cid)) for cid in record.chunks)
         dtype = layout.torch_dtype(record.dtype)
         out[record.name] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(record.shape) if raw else \
             torch.empty(record.shape, dtype=dtype)
     return out
+
+
+def chunk_bytes(store: Store, cid: str) -> memoryview:
+    return store.reader.read(store.catalog.chunk(cid))
+
+
+def aligned_params(raw, align: int = 4096) -> dict:
+    return Aligned.for_data(memoryview(raw), 1, align).params()
 
 
 # ---------------------------------------------------------------- chunk files and cutting
@@ -57,8 +66,8 @@ def params(align: int = 4096, check: str = "0" * 32) -> dict:
 
 def test_aligned_params_carry_the_xxh3_128_of_the_bytes():
     raw = bytes(range(256)) * 20
-    assert aligned_params(raw, 4096) == {"align": 4096, "xxh3_128": xxhash.xxh3_128(raw).hexdigest()}
-    assert aligned_params(raw[:-1] + b"\x01", 4096)["xxh3_128"] != aligned_params(raw, 4096)["xxh3_128"]
+    assert aligned_params(raw) == {"align": 4096, "xxh3_128": xxhash.xxh3_128(raw).hexdigest()}
+    assert aligned_params(raw[:-1] + b"\x01")["xxh3_128"] != aligned_params(raw)["xxh3_128"]
 
 
 def test_aligned_chunk_file_is_header_zero_padding_then_payload_on_a_page(tmp_path):
@@ -66,21 +75,23 @@ def test_aligned_chunk_file_is_header_zero_padding_then_payload_on_a_page(tmp_pa
     raw = bytes(range(256)) * 20
     cid = chunk_id(raw)
     check = xxhash.xxh3_128(raw).hexdigest()
-    header = ChunkHeader("aligned", params(4096, check), len(raw))
-    payload = codec_for("aligned").encode(memoryview(raw), params(4096, check))
-    assert write_chunk(tmp_path, cid, header, payload)[1] == len(raw)
+    header = ChunkHeader(Aligned(4096, check), len(raw))
+    payload = header.codec.encode(memoryview(raw))
+    assert len(payload) == len(raw)
+    assert LocalFolder(tmp_path).put_if_absent(chunk_key(cid), [header.head(), payload])
     body = b'{"base":null,"codec":"aligned","params":{"align":4096,"xxh3_128":"' + check.encode() + b'"},"raw_size":5120}'
     want = b"MPCHUNK\x01" + struct.pack("<I", len(body)) + body
     want += bytes(4096 - len(want)) + raw
     assert chunk_path(tmp_path, cid).read_bytes() == want
-    assert read_chunk(tmp_path, cid) == (header, memoryview(raw))
+    assert ChunkHeader.parse(want, "chunk") == (header, 4096)
 
 
 @pytest.mark.parametrize("align", [64, 4096, 65536])
 def test_padding_reaches_the_next_multiple_of_align(align):
-    head = ChunkHeader("aligned", params(align), 10).head()
-    assert len(head) % align == 0 and len(head) - len(ChunkHeader("aligned", params(align), 10).to_bytes()) < align
-    assert not any(head[len(ChunkHeader("aligned", params(align), 10).to_bytes()):])
+    header = ChunkHeader(Aligned(align, "0" * 32), 10)
+    head = header.head()
+    assert len(head) % align == 0 and len(head) - len(header.to_bytes()) < align
+    assert not any(head[len(header.to_bytes()):])
 
 
 @pytest.mark.parametrize("bad", [{}, params(100), params(32), params(1 << 17), params(True), params(4096.0),
@@ -88,7 +99,7 @@ def test_padding_reaches_the_next_multiple_of_align(align):
                                  params(check="G" * 32), params(check=7), params(check="A" * 32)])
 def test_invalid_align_parameters_are_format_errors(bad):
     with pytest.raises(FormatError, match="align"):
-        codec_for("aligned").decode_into(memoryview(b"ab"), memoryview(bytearray(2)), bad)
+        codec_from("aligned", bad)
     body = json.dumps({"base": None, "codec": "aligned", "params": bad, "raw_size": 2}, sort_keys=True,
                       separators=(",", ":")).encode()
     with pytest.raises(FormatError, match="chunk x"):
@@ -115,7 +126,7 @@ def test_aligned_chunks_are_larger_than_compressed_ones(store):
     """Mapped chunks cost system calls, not decoding: fewer, larger ones (ALIGNED_CHUNK_BYTES)."""
     w = torch.randn(8192, 384)  # 12 MiB
     vid = store.put({"a": w, "c": w + 1}, "m", codecs={"a": "aligned", "c": "zstd"})
-    sizes = {t.name: [store.catalog.chunk(c)[2] for c in t.chunks] for t in store.catalog.tensors(vid)}
+    sizes = {t.name: [store.catalog.chunk(c).raw_size for c in t.chunks] for t in store.catalog.tensors(vid)}
     assert max(sizes["a"]) > layout.CHUNK_BYTES >= max(sizes["c"])
     assert all(n <= layout.ALIGNED_CHUNK_BYTES and n % 4096 == 0 for n in sizes["a"][:-1])
     assert_identical(store.get("m"), {"a": w, "c": w + 1})
@@ -130,10 +141,10 @@ def test_aligned_tensors_are_cut_in_page_multiples_and_never_stored_as_deltas(st
     for vid in (v1, v2):
         for record in store.catalog.tensors(vid):
             rows = [store.catalog.chunk(c) for c in record.chunks]
-            assert all(r[0] == "aligned" and r[2] == r[3] and r[4] is None for r in rows)
-            assert [r[1] for r in rows] == [aligned_params(store._chunk_bytes(c), 4096) for c in record.chunks]
-            assert all(r[2] % 4096 == 0 for r in rows[:-1])
-    emb = [store.catalog.chunk(c)[2] for c in store.catalog.tensors(v2)[0].chunks]
+            assert all(r.codec.name == "aligned" and r.raw_size == r.stored_size and r.base is None for r in rows)
+            assert [r.codec.params() for r in rows] == [aligned_params(chunk_bytes(store, c)) for c in record.chunks]
+            assert all(r.raw_size % 4096 == 0 for r in rows[:-1])
+    emb = [store.catalog.chunk(c).raw_size for c in store.catalog.tensors(v2)[0].chunks]
     assert len(emb) == 5 and emb[:4] == [1536 * 680] * 4  # 680 rows: a page multiple just under 1 MiB
     assert_identical(store.get("m", v2), child)
 
@@ -181,7 +192,7 @@ def test_mapped_tensors_outlive_gc_of_their_version(store):
     store.catalog.db.execute("DELETE FROM tensors")
     store.catalog.db.execute("DELETE FROM versions")
     store.catalog.db.execute("DELETE FROM refs")
-    assert store.gc().chunks_removed > 0
+    assert store.gc(grace=0).chunks_removed > 0
     assert_identical(got, want)
 
 
@@ -212,14 +223,15 @@ def test_arena_holds_copied_tensors_first_then_page_aligned_mapped_ones(monkeypa
     monkeypatch.setattr(loader, "can_map", lambda: True)
     records = [TensorRecord("a", "float32", (100,), ("a0",)), TensorRecord("b", "float32", (2048,), ("b0", "b1")),
                TensorRecord("c", "float32", (3,), ("c0",)), TensorRecord("d", "float32", (1024, 2), ("d0", "d1"))]
-    rows = {"a0": ("aligned", params(), 400, 400, None), "b0": ("aligned", params(), 4096, 4096, None),
-            "b1": ("aligned", params(), 4096, 4096, None), "c0": ("fans", {"width": 4}, 12, 20, None),
-            "d0": ("aligned", params(), 4000, 4000, None), "d1": ("aligned", params(), 4192, 4192, None)}
+    aligned = Aligned(4096, "0" * 32)
+    rows = {"a0": ChunkRow("a0", aligned, 400, 400), "b0": ChunkRow("b0", aligned, 4096, 4096),
+            "b1": ChunkRow("b1", aligned, 4096, 4096), "c0": ChunkRow("c0", Fans(4), 12, 20),
+            "d0": ChunkRow("d0", aligned, 4000, 4000), "d1": ChunkRow("d1", aligned, 4192, 4192)}
     plan = loader.plan(records, rows)
     assert [(r.name, off, n) for r, off, n in plan.tensors] == [("a", 12288, 400), ("b", 16384, 8192), ("c", 0, 12),
                                                                  ("d", 64, 8192)]  # d's first chunk is no page multiple
     assert plan.written == 64 + 8192 and plan.size == 16384 + 8192
-    assert {j.cid: (j.offset, j.mapped) for j in plan.jobs} == {
+    assert {j.row.id: (j.offset, j.mapped) for j in plan.jobs} == {
         "c0": (0, False), "d0": (64, False), "d1": (4064, False), "a0": (12288, True), "b0": (16384, True),
         "b1": (20480, True)}
 
@@ -300,14 +312,14 @@ def test_a_tampered_aligned_catalogue_row_is_a_clear_error(aligned_store, sql, v
     root, chunks = aligned_store
     cid = chunks["w"][0]
     with Store(root) as s:
-        with s.catalog.transaction() as db:
-            db.execute(sql, (value, cid))
+        with s.catalog.transaction() as catalog:
+            catalog.rows(sql, (value, cid))
         with pytest.raises(FormatError, match=r"chunk|tensor"):
             s.get("m")
 
 
 def test_a_forgery_that_rewrites_the_fast_check_everywhere_is_caught_by_verify(aligned_store):
-    """The mapped load trusts XXH3-128 (objects.aligned_params): a forger who changes the bytes and rewrites
+    """The mapped load trusts XXH3-128 (codecs.Aligned): a forger who changes the bytes and rewrites
     that value in both the file header and the catalogue gets past a load, never past `verify` (BLAKE3)."""
     root, chunks = aligned_store
     cid = chunks["w"][0]
@@ -317,8 +329,8 @@ def test_a_forgery_that_rewrites_the_fast_check_everywhere_is_caught_by_verify(a
     check = xxhash.xxh3_128(forged[4096:]).hexdigest()
     path.write_bytes(_with_header({"xxh3_128": check})(forged))
     with Store(root) as s:
-        with s.catalog.transaction() as db:
-            db.execute("UPDATE chunks SET params=? WHERE id=?", (json.dumps(params(4096, check)), cid))
+        with s.catalog.transaction() as catalog:
+            catalog.rows("UPDATE chunks SET params=? WHERE id=?", (json.dumps(params(4096, check)), cid))
         assert cid in s.verify().corrupt
 
 
@@ -344,7 +356,7 @@ def test_an_aligned_put_adopts_chunks_already_stored_otherwise(store):
     store.put({"w": w}, "a", codecs={"w": "zstd"})
     vid = store.put({"w": w}, "b", codecs={"w": "aligned"})
     (cid,) = store.catalog.tensors(vid)[0].chunks
-    assert store.catalog.chunk(cid)[0] == "zstd"
+    assert store.catalog.chunk(cid).codec.name == "zstd"
     assert_identical(store.get("b"), {"w": w})
 
 
@@ -388,8 +400,8 @@ def big_compressed(tmp_path):
         with Store.init(root) as s:
             vid = s.put({"w": w}, "m", codecs={"w": codec})
             (cid,) = s.catalog.tensors(vid)[0].chunks
-            assert s.catalog.chunk(cid)[0] == codec
-        assert chunk_path(root, cid).stat().st_size >= loader._MAP_MIN
+            assert s.catalog.chunk(cid).codec.name == codec
+        assert chunk_path(root, cid).stat().st_size >= reader._MAP_MIN
         return root, cid, w
     return make
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from _store_support import assert_identical
+from modelpress.codecs import NATIVE_AVAILABLE
 from modelpress.store import CorruptChunkError, Store
-from modelpress.store.codecs import NATIVE_AVAILABLE
 from modelpress.store.objects import chunk_path
 
 
@@ -33,9 +33,9 @@ def template(tmp_path_factory):
         by_codec = {}
         for vid in (v1, v2):
             for t in store.catalog.tensors(vid):
-                by_codec.setdefault(store.catalog.chunk(t.chunks[0])[0], (vid, t.name, t.chunks[0]))
+                by_codec.setdefault(store.catalog.chunk(t.chunks[0]).codec.name, (vid, t.name, t.chunks[0]))
         assert set(by_codec) == {"planes", "zstd", "raw", "xor"} | ({"fans"} if NATIVE_AVAILABLE else set())
-        assert by_codec["xor"][0] == v2 and store.catalog.chunk(by_codec["xor"][2])[4] == by_codec["planes"][2]
+        assert by_codec["xor"][0] == v2 and store.catalog.chunk(by_codec["xor"][2]).base == by_codec["planes"][2]
     return root, by_codec, {v1: v1_state, v2: v2_state}
 
 

@@ -108,8 +108,13 @@ def test_verify_and_gc_on_a_healthy_store(built, capsys):
     code, out, _ = run(capsys, "verify", root)
     assert code == 0 and out.startswith("ok: ") and "chunks verified" in out
     (root / "tmp" / "junk.part").write_bytes(b"x")
-    code, out, _ = run(capsys, "gc", root)
+    code, out, _ = run(capsys, "gc", root)  # the temporary is younger than the grace period: kept
+    assert code == 0 and out.strip() == "removed 0 chunks (0.0 MB) and 0 temporaries"
+    code, out, _ = run(capsys, "gc", root, "--grace", "0")
     assert code == 0 and out.strip() == "removed 0 chunks (0.0 MB) and 1 temporaries"
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it, as it does any bad option
+        run(capsys, "gc", root, "--grace", "-1")
+    assert exit_info.value.code == 2 and "not a number of seconds" in capsys.readouterr().err
 
 
 def test_verify_on_a_corrupted_store_names_the_chunk_and_fails(built, capsys):
@@ -122,7 +127,8 @@ def test_verify_on_a_corrupted_store_names_the_chunk_and_fails(built, capsys):
     path.write_bytes(bytes(data))
     code, out, err = run(capsys, "verify", root)
     assert code == 2
-    assert f"corrupt chunk {cid}" in out.splitlines()
+    assert [line for line in out.splitlines() if line.startswith("corrupt")] == [
+        f"corrupt chunk {cid}: chunk {cid[:12]}'s file does not match its recorded hash"]
     assert "1 corrupt and 0 missing chunks" in one_line_error(err)
 
 
@@ -194,7 +200,7 @@ def test_put_with_the_aligned_layout_loads_identically(minilm, tmp_path, capsys)
     assert code == 0, err
     with Store(root) as s:
         vid = s.resolve("minilm")
-        codecs = {t.name: {s.catalog.chunk(c)[0] for c in t.chunks} for t in s.catalog.tensors(vid)}
+        codecs = {t.name: {s.catalog.chunk(c).codec.name for c in t.chunks} for t in s.catalog.tensors(vid)}
         assert all(c == {"aligned"} for name, c in codecs.items() if name.endswith(".weight"))
         assert any(c != {"aligned"} for name, c in codecs.items() if name.endswith(".bias"))
         assert_identical(s.load("minilm").state_dict(), copy.deepcopy(minilm).state_dict())

@@ -14,10 +14,9 @@ import modelpress
 from _store_support import assert_identical, bits, chunk_files
 from modelpress.errors import FormatError
 from modelpress.store import CorruptChunkError, Store, StoreError, VersionNotFoundError
-from modelpress.store.catalog import Catalog
-from modelpress.store.codecs import NATIVE_AVAILABLE
 from modelpress.store.layout import ALIGN, DTYPES
-from modelpress.store.objects import ChunkHeader, chunk_id, chunk_path, write_chunk
+from modelpress.codecs import NATIVE_AVAILABLE, Raw, Xor
+from modelpress.store.objects import ChunkHeader, chunk_id, chunk_key, chunk_path
 
 SHAPES = [(), (0,), (1,), (5,), (3, 7), (2, 3, 4, 5), (0, 4), (4, 0, 2)]
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
@@ -182,11 +181,11 @@ def test_a_slightly_changed_child_is_stored_as_an_exact_xor_delta(store, tmp_pat
     v1 = store.put(parent, "m")
     v2 = store.put(child, "m", message="fine-tune")
     (w_chunk,) = tensor_chunks(store, v2)["w"]
-    codec, params, raw_size, stored, base = store.catalog.chunk(w_chunk)
-    assert (codec, params, base) == ("xor", {"width": 4}, tensor_chunks(store, v1)["w"][0])
+    row = store.catalog.chunk(w_chunk)
+    assert (row.codec, row.base) == (Xor(4), tensor_chunks(store, v1)["w"][0])
     with Store.init(tmp_path / "alone") as alone:  # not `store`: there the child's chunk would dedupe to the delta
         vid = alone.put(child, "m")
-        assert alone.catalog.chunk(tensor_chunks(alone, vid)["w"][0])[0] in ("planes", "fans")
+        assert alone.catalog.chunk(tensor_chunks(alone, vid)["w"][0]).codec.name in ("planes", "fans")
         assert store.stored_bytes("m", v2, exclusive_of=v1) < 0.8 * alone.stored_bytes("m", vid)
     assert_identical(store.get("m", v2), child)
     assert_identical(store.get("m", v1), parent)
@@ -196,7 +195,7 @@ def test_a_child_with_no_parent_gets_no_delta(store):
     parent = {"w": torch.randn(64, 64)}
     store.put(parent, "m")
     vid = store.put({"w": parent["w"] + 1e-4}, "m", parent=None)
-    assert store.catalog.chunk(tensor_chunks(store, vid)["w"][0])[4] is None
+    assert store.catalog.chunk(tensor_chunks(store, vid)["w"][0]).base is None
     assert store.log("m")[0].parent is None
 
 
@@ -210,9 +209,9 @@ def test_delta_chains_stay_short_and_exact(store):
     for vid, want in versions:
         assert_identical(store.get("m", vid), {"w": want})
     for vid, _ in versions:
-        depth, base = 0, store.catalog.chunk(tensor_chunks(store, vid)["w"][0])[4]
+        depth, base = 0, store.catalog.chunk(tensor_chunks(store, vid)["w"][0]).base
         while base is not None:
-            depth, base = depth + 1, store.catalog.chunk(base)[4]
+            depth, base = depth + 1, store.catalog.chunk(base).base
         assert depth <= 4
 
 
@@ -235,7 +234,7 @@ def test_rows_that_did_not_change_keep_their_chunks(store, small_chunks):
 def test_codec_override_is_used_and_lossless(store, codec):
     state = {"w": torch.randn(16, 16), "i": torch.arange(64, dtype=torch.int32)}
     vid = store.put(state, "m", codecs={"w": codec, "i": codec if codec in ("raw", "zstd") else "zstd"})
-    assert store.catalog.chunk(tensor_chunks(store, vid)["w"][0])[0] == codec
+    assert store.catalog.chunk(tensor_chunks(store, vid)["w"][0]).codec.name == codec
     assert_identical(store.get("m"), state)
 
 
@@ -346,25 +345,26 @@ def test_gc_removes_orphans_and_temporaries_and_keeps_every_version(store):
     store.put(state2, "m")
     used = chunk_files(store.root)
     orphan = b"left by a killed writer"
-    write_chunk(store.root, chunk_id(orphan), ChunkHeader("raw", {}, len(orphan)), orphan)
+    store.backend.put_if_absent(chunk_key(chunk_id(orphan)), [ChunkHeader(Raw(), len(orphan)).to_bytes(), orphan])
     (store.root / "tmp" / "x.part").write_bytes(b"partial")
     (store.root / "tmp" / "cache-abc-1").mkdir()
     (store.root / "tmp" / "cache-abc-1" / "f").write_bytes(b"partial")
-    report = store.gc()
+    assert store.gc() == type(store.gc())(0, 0, 0, 1)  # younger than the grace period: kept
+    report = store.gc(grace=0)
     assert (report.chunks_removed, report.bytes_removed, report.temporaries_removed) == (
-        1, len(ChunkHeader("raw", {}, len(orphan)).to_bytes()) + len(orphan), 2)
+        1, len(ChunkHeader(Raw(), len(orphan)).to_bytes()) + len(orphan), 2)
     assert chunk_files(store.root) == used and list((store.root / "tmp").iterdir()) == []
     assert store.verify().ok
     assert_identical(store.get("m", store.log("m")[1].id), state1)
     assert_identical(store.get("m"), state2)
-    assert store.gc() == type(report)(0, 0, 0)
+    assert store.gc(grace=0) == type(report)(0, 0, 0)
 
 
 def _forget_version(store: Store, vid: str) -> None:
     """What deleting a version would do (the API has no delete): its rows go, its chunks stay."""
-    with store.catalog.transaction() as db:
+    with store.catalog.transaction() as catalog:
         for table, column in (("tensors", "version"), ("files", "version"), ("refs", "version"), ("versions", "id")):
-            db.execute(f"DELETE FROM {table} WHERE {column}=?", (vid,))
+            catalog.rows(f"DELETE FROM {table} WHERE {column}=?", (vid,))
 
 
 def test_gc_removes_a_chunk_only_when_no_version_uses_it_as_data_or_base(store):
@@ -373,10 +373,10 @@ def test_gc_removes_a_chunk_only_when_no_version_uses_it_as_data_or_base(store):
     v1 = store.put(parent, "m")
     v2 = store.put(child, "m")
     parent_chunks, child_chunks = tensor_chunks(store, v1), tensor_chunks(store, v2)
-    assert store.catalog.chunk(child_chunks["w"][0])[4] == parent_chunks["w"][0]  # child's w rests on parent's
-    assert store.gc().chunks_removed == 0
+    assert store.catalog.chunk(child_chunks["w"][0]).base == parent_chunks["w"][0]  # child's w rests on parent's
+    assert store.gc(grace=0).chunks_removed == 0
     _forget_version(store, v1)
-    report = store.gc()
+    report = store.gc(grace=0)
     assert report.chunks_removed == 1
     remaining = chunk_files(store.root)
     assert parent_chunks["only_parent"][0] not in remaining
@@ -384,7 +384,7 @@ def test_gc_removes_a_chunk_only_when_no_version_uses_it_as_data_or_base(store):
     assert_identical(store.get("m"), child)
     assert store.verify().ok
     _forget_version(store, v2)
-    assert store.gc().chunks_removed == 3 and chunk_files(store.root) == set()
+    assert store.gc(grace=0).chunks_removed == 3 and chunk_files(store.root) == set()
 
 
 # ---------------------------------------------------------------- models
@@ -440,8 +440,8 @@ def test_init_refuses_a_non_empty_folder(tmp_path):
 def test_catalog_transaction_rolls_back_on_error(store):
     store.put({"a": torch.zeros(1)}, "m")
     with pytest.raises(RuntimeError):
-        with store.catalog.transaction() as db:
-            Catalog.set_ref(db, "m", "half", store.resolve("m"))
+        with store.catalog.transaction() as catalog:
+            catalog.set_ref("m", "half", store.resolve("m"))
             raise RuntimeError("abort")
     with pytest.raises(VersionNotFoundError):
         store.resolve("m", "half")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import time
 from pathlib import Path
 
+from modelpress import fileio
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
-from modelpress.errors import ModelpressError
+from modelpress.errors import ModelpressError, StoreError
 
 __all__ = ["add_store_commands"]
 
@@ -62,6 +65,8 @@ def cmd_get(args) -> int:
                 table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(len(t.chunks)))
             _console().print(table)
             return 0
+        # refuse an --out that is, holds or lies in the store (or is not ours to replace) before any work
+        fileio.check_output_dir(args.out, args.overwrite, [store.root])
         model = store.load(args.name, args.ref)
         import modelpress
 
@@ -119,22 +124,35 @@ def cmd_verify(args) -> int:
         task = progress.add_task("verifying chunks", total=len(store.catalog.all_chunk_ids()))
         report = store.verify(progress=lambda k: progress.advance(task, k))
     if report.ok:
-        _console().print(f"ok: {report.checked} chunks verified")
+        _console().print(f"ok: {report.checked} chunks verified, and the catalogue and every version's root hash")
         return 0
-    for cid in report.corrupt:
-        print(f"corrupt chunk {cid}")
-    for cid in report.missing:
-        print(f"missing chunk {cid}")
-    raise ModelpressError(f"{len(report.corrupt)} corrupt and {len(report.missing)} missing chunks: "
-                          "restore them from a remote or a backup")
+    for line in report.problems:
+        print(line)
+    raise StoreError(f"{len(report.corrupt)} corrupt and {len(report.missing)} missing chunks, {len(report.versions)} "
+                     f"damaged versions, {len(report.catalogue)} catalogue problems: restore them from a remote or "
+                     "a backup")
 
 
 def cmd_gc(args) -> int:
+    from modelpress.store import GC_GRACE
+
+    grace = GC_GRACE if args.grace is None else args.grace
     with _open(args.store) as store:
-        report = store.gc()
+        report = store.gc(grace=grace)
+    kept = f"; kept {report.kept_young} younger than {grace:g} s (--grace 0 removes them)" if report.kept_young else ""
     _console().print(f"removed {report.chunks_removed} chunks ({report.bytes_removed / 1e6:.1f} MB) "
-                     f"and {report.temporaries_removed} temporaries")
+                     f"and {report.temporaries_removed} temporaries{kept}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def add_store_commands(sub) -> None:
@@ -176,5 +194,7 @@ def add_store_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("ref")
     p.add_argument("tag")
-    command("verify", cmd_verify, "recheck every chunk's hash")
-    command("gc", cmd_gc, "remove unreferenced chunks and temporaries")
+    command("verify", cmd_verify, "recheck the catalogue, every version's root hash and every chunk's hash")
+    p = command("gc", cmd_gc, "remove unreferenced chunks and temporaries")
+    p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+                   help="keep unreferenced files younger than this (default 3600: a writer may still need them)")

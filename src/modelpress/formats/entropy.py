@@ -4,7 +4,7 @@ Quantised codes, cluster indices and sparsity bitmasks are bit-packed, but their
 from uniform (a 4-bit code of a bell-shaped weight uses its middle values most), so their packed
 bytes carry less information than their length. When saving, each 1-byte integer array of an
 encoding is coded with the `fans` codec's order-0 rANS (`width` 1, the same C coder the store
-uses) and kept coded only when that saves at least `MIN_SAVING` of its bytes.
+uses) and kept coded only when that saves at least `codecs.MIN_SAVING` of its bytes.
 
 The symbols are either the array's bytes (`symbol_bits` 8: for 1, 2, 4 and 8-bit packing a byte
 holds whole codes, so an order-0 byte model captures the codes' distribution, jointly for the
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelpress.codecs import NATIVE_AVAILABLE, Fans, pays
 from modelpress.errors import FormatError, UnsupportedError
 from modelpress.limits import check_allocation
 
@@ -39,7 +40,6 @@ __all__ = ["entropy_code", "entropy_decode", "ENTROPY_KEY", "coder_available"]
 
 ENTROPY_KEY = "entropy_coded"
 CODEC = "fans"
-MIN_SAVING = 0.02  # keep the coded form only when it is at least 2% smaller
 MIN_BYTES = 64  # tinier arrays cost more in table than they could save
 _DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
 _MAX_ELEMENTS = 2**34
@@ -85,15 +85,11 @@ def symbol_count(nbytes: int, bits: int) -> int:
 
 def coder_available() -> bool:
     """Whether the native rANS coder was built (it is optional; without it nothing is coded)."""
-    from modelpress.store.codecs import NATIVE_AVAILABLE
-
     return NATIVE_AVAILABLE
 
 
-def _codec():
-    from modelpress.store.codecs import codec_for
-
-    return codec_for(CODEC)
+def _codec() -> Fans:
+    return Fans(1)  # plain bytes, order-0 rANS
 
 
 def entropy_code(tensors: dict[str, torch.Tensor], names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -113,9 +109,9 @@ def entropy_code(tensors: dict[str, torch.Tensor], names: set[str]) -> tuple[dic
             continue
         raw = array.contiguous().view(torch.uint8).reshape(-1).numpy()
         sample = raw[:_SAMPLE_BYTES]
-        bits = min(SYMBOL_BITS, key=lambda b: len(codec.encode(memoryview(to_symbols(sample, b)), {"width": 1})))
-        payload = codec.encode(memoryview(np.ascontiguousarray(to_symbols(raw, bits))), {"width": 1})
-        if len(payload) > (1 - MIN_SAVING) * raw.nbytes:
+        bits = min(SYMBOL_BITS, key=lambda b: len(codec.encode(memoryview(to_symbols(sample, b)))))
+        payload = codec.encode(memoryview(np.ascontiguousarray(to_symbols(raw, bits))))
+        if not pays(len(payload), raw.nbytes):
             continue
         out[name] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         entries[name] = {"codec": CODEC, "dtype": dtype, "shape": list(array.shape), "symbol_bits": bits}
@@ -162,7 +158,7 @@ def entropy_decode(tensors: dict[str, torch.Tensor], entries: Any, where: Path) 
     if entries and not coder_available():
         raise UnsupportedError(
             f"{where}: the checkpoint's integer codes are entropy-coded, which needs the C extension "
-            "modelpress._fcodec; reinstall modelpress where a C compiler is available"
+            "modelpress.codecs._fcodec; reinstall modelpress where a C compiler is available"
         )
     out = dict(tensors)
     for name, entry in entries.items():
@@ -176,7 +172,7 @@ def entropy_decode(tensors: dict[str, torch.Tensor], entries: Any, where: Path) 
         check_allocation(symbol_count(nbytes, bits) + nbytes, f"{where}: entropy-coded array {name!r}")
         symbols = np.empty(symbol_count(nbytes, bits), np.uint8)
         try:
-            _codec().decode_into(memoryview(coded.contiguous().numpy()), memoryview(symbols), {"width": 1})
+            _codec().decode_into(memoryview(coded.contiguous().numpy()), memoryview(symbols))
         except FormatError as exc:
             raise FormatError(f"{where}: entropy-coded array {name!r}: {exc}; re-save the model") from None
         if bits < 8 and symbols.size and int(symbols.max()) >= 1 << bits:

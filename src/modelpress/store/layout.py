@@ -3,7 +3,8 @@
 Row-block ("block") layout: a tensor of shape (R, ...) is cut between rows, so every chunk holds
 whole rows; a chunk's rows decode on their own, which is what partial reads, streaming and
 parallel decoding need, and identical rows in two versions fall into identical chunks when the
-rows before them are identical too. 0-D and 1-D tensors are cut between elements.
+rows before them are identical too. 0-D and 1-D tensors, and tensors whose rows are longer than
+MAX_STEP, are cut between elements (so no chunk is ever larger than a few MiB).
 
 Tensors stored with the `aligned` codec are cut so that every chunk but the last holds a multiple
 of PAGE bytes as well as whole rows: a load can then map the chunk files one after another into
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from modelpress.errors import FormatError
@@ -66,11 +66,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES,
                multiple: int = 1) -> list[tuple[int, int]]:
-    """(offset, length) of each chunk: whole rows (or elements for 0/1-D), about `target` bytes each, and a
-    multiple of `multiple` bytes each but the last where rows allow it (their lcm is at most MAX_STEP)."""
+    """(offset, length) of each chunk: whole rows (or elements for 0/1-D tensors and rows over MAX_STEP bytes),
+    about `target` bytes each, and a multiple of `multiple` bytes each but the last where rows allow it (their
+    lcm is at most MAX_STEP)."""
     if nbytes == 0:
         return []
     unit = max(itemsize * (math.prod(shape[1:]) if len(shape) >= 2 else 1), 1)
+    if unit > MAX_STEP:  # a row this long is cut between elements, as a 1-D tensor is
+        unit = max(itemsize, 1)
     step = math.lcm(unit, multiple)
     if step > max(MAX_STEP, target):
         step = unit
@@ -81,6 +84,3 @@ def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int =
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
-
-def as_uint8(buf) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.uint8)

@@ -1,4 +1,4 @@
-/* modelpress._fcodec: the `fans` lossless float codec (float byte planes + static rANS).
+/* modelpress.codecs._fcodec: the `fans` lossless float codec (float byte planes + static rANS).
  *
  * Model. Each element (width 2 or 4 bytes, little-endian) is rotated left by one bit, so the sign
  * moves to bit 0 and the top byte holds the exponent alone (fp32, bf16) or the exponent and the
@@ -1457,10 +1457,6 @@ static int check_width(int width)
     return 1;
 }
 
-PyDoc_STRVAR(encode_doc,
-"encode(raw, width) -> bytes\n\n"
-"Losslessly code a buffer of width-byte little-endian elements (width 1, 2 or 4).");
-
 static PyObject *py_encode(PyObject *Py_UNUSED(module), PyObject *args)
 {
     Py_buffer raw;
@@ -1501,11 +1497,6 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(decode_into_doc,
-"decode_into(payload, out, width) -> None\n\n"
-"Decode a payload written by encode() into the writable buffer out, which must hold exactly the\n"
-"decoded size. Raises ValueError if the payload is invalid.");
-
 static PyObject *py_decode_into(PyObject *Py_UNUSED(module), PyObject *args)
 {
     Py_buffer payload, out;
@@ -1532,11 +1523,6 @@ static PyObject *py_decode_into(PyObject *Py_UNUSED(module), PyObject *args)
     return result;
 }
 
-PyDoc_STRVAR(simd_doc,
-"_simd(enabled=None) -> bool\n\n"
-"Test hook: whether the AVX2 paths are used; with an argument, switch them on (when the CPU has\n"
-"AVX2) or off. Not thread-safe; payloads are identical either way.");
-
 static PyObject *py_simd(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *enabled = Py_None;
@@ -1556,6 +1542,21 @@ static PyObject *py_simd(PyObject *Py_UNUSED(module), PyObject *args)
     return PyBool_FromLong(0);
 #endif
 }
+
+/* The functions' docstrings, beside the table that names them. */
+PyDoc_STRVAR(encode_doc,
+"encode(raw, width) -> bytes\n\n"
+"Losslessly code a buffer of width-byte little-endian elements (width 1, 2 or 4).");
+
+PyDoc_STRVAR(decode_into_doc,
+"decode_into(payload, out, width) -> None\n\n"
+"Decode a payload written by encode() into the writable buffer out, which must hold exactly the\n"
+"decoded size. Raises ValueError if the payload is invalid.");
+
+PyDoc_STRVAR(simd_doc,
+"_simd(enabled=None) -> bool\n\n"
+"Test hook: whether the AVX2 paths are used; with an argument, switch them on (when the CPU has\n"
+"AVX2) or off. Not thread-safe; payloads are identical either way.");
 
 static PyMethodDef methods[] = {
     {"encode", py_encode, METH_VARARGS, encode_doc},
@@ -1584,7 +1585,7 @@ static PyModuleDef_Slot slots[] = {
 };
 
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "modelpress._fcodec",
+    PyModuleDef_HEAD_INIT, "modelpress.codecs._fcodec",
     "The fans lossless float codec: byte planes coded with static rANS (see _fcodec.c).",
     0, methods, slots, NULL, NULL, NULL,
 };

@@ -1,45 +1,44 @@
-"""The `fans` codec (modelpress._fcodec): exact round trips, the payload layout as documented, the
+"""The `fans` codec (modelpress.codecs._fcodec): exact round trips, the payload layout as documented, the
 entropy it reaches, hostile payloads, and threads.
 
-A plain-Python reader written from FansCodec's docstring decodes real payloads, so the spec and
+A plain-Python reader written from the Fans docstring (fans_reference.py) decodes real payloads, so the spec and
 the C code cannot drift apart; the AVX2 and scalar paths must write identical payloads.
 """
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fans_reference import CONST, JOINT, LOW6, ORDER0, RAW, _order0_table, _u32, plane_modes, reference_decode
+from modelpress.codecs import NATIVE_AVAILABLE, Fans, Planes
+from modelpress.codecs import fans as fans_module
 from modelpress.errors import FormatError, ModelpressError, UnsupportedError
-from modelpress.store import codecs
-from modelpress.store.codecs import CODECS, NATIVE_AVAILABLE
 
 if NATIVE_AVAILABLE:
-    from modelpress import _fcodec
+    from modelpress.codecs import _fcodec
 
-FANS = CODECS.get("fans")
-EXAMPLES = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-RAW, CONST, ORDER0, JOINT, LOW6 = range(5)
+EXAMPLES = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 BLOCK = 8192  # the decoder's block, so sizes around it cross block boundaries
 rng = np.random.default_rng(0)
 
 
 def encode(raw: bytes, width: int) -> bytes:
-    return FANS.encode(memoryview(raw), {"width": width})
+    return Fans(width).encode(memoryview(raw))
 
 
 def decode(payload: bytes, size: int, width: int) -> bytes:
     out = bytearray(size)
-    FANS.decode_into(memoryview(payload), memoryview(out), {"width": width})
+    Fans(width).decode_into(memoryview(payload), memoryview(out))
     return bytes(out)
 
 
@@ -51,7 +50,7 @@ def round_trip(raw: bytes, width: int) -> bytes:
 def _native(request):
     """Every test here needs the C extension, except the one about its absence."""
     if not NATIVE_AVAILABLE and "without_the_extension" not in request.node.name:
-        pytest.skip("modelpress._fcodec is not built (no C compiler at install time)")
+        pytest.skip("modelpress.codecs._fcodec is not built (no C compiler at install time)")
 
 
 @pytest.fixture
@@ -91,120 +90,6 @@ def model_pieces(dtype: str) -> list[bytes]:
     rounded = np.asarray(rng.normal(0, 0.04, 20_000), dtype=np.float16).astype(np.float64)
     return [gaussian(30_000, dtype), floats(rounded, dtype), floats(1 + rng.normal(0, 1e-3, 384), dtype),
             floats(np.concatenate([rng.normal(0, 0.04, 5000), np.zeros(5000)]), dtype)]
-
-
-# ---------------------------------------------------------------- a reader written from the docstring
-
-def _u32(b: bytes, pos: int) -> int:
-    return int.from_bytes(b[pos:pos + 4], "little")
-
-
-def _freq(b: bytes, pos: int) -> tuple[int, int]:
-    v = b[pos]
-    if v & 0x80:
-        return ((v & 0x7F) << 8 | b[pos + 1]) + 1, pos + 2
-    return v + 1, pos + 1
-
-
-def _order0_table(b: bytes, pos: int) -> tuple[list[int], int]:
-    k = b[pos]
-    bins, nbytes = 1 << k, ((1 << k) + 7) // 8
-    bitmap, pos = b[pos + 1:pos + 1 + nbytes], pos + 1 + nbytes
-    u = [0] * bins
-    for i in range(bins):
-        if bitmap[i // 8] >> (i % 8) & 1:
-            u[i], pos = _freq(b, pos)
-    assert sum(u) == 1 << (4 + k)
-    return [u[s >> (8 - k)] for s in range(256)], pos
-
-
-def _joint_table(b: bytes, pos: int) -> tuple[list[int], int]:
-    bitmap, pos = b[pos:pos + 32], pos + 32
-    f = [0] * 1024
-    for t in range(256):
-        if bitmap[t // 8] >> (t % 8) & 1:
-            mask, pos = b[pos], pos + 1
-            for h in range(4):
-                if mask >> h & 1:
-                    f[t << 2 | h], pos = _freq(b, pos)
-    assert sum(f) == 4096 and max(f) <= 2048
-    return f, pos
-
-
-def _rans(b: bytes, pos: int, freq: list[int], n: int) -> tuple[list[int], int]:
-    length = _u32(b, pos)
-    data, end = b[pos + 4:pos + 4 + length], pos + 4 + length
-    states = [_u32(data, 4 * j) for j in range(32)]
-    words = [int.from_bytes(data[i:i + 2], "little") for i in range(128, length, 2)]
-    present = [s for s, f in enumerate(freq) if f]
-    starts = list(np.cumsum([0] + [freq[s] for s in present[:-1]]))
-    out, w = [], 0
-    for i in range(n):
-        x = states[i % 32]
-        slot = x % 4096
-        j = bisect.bisect_right(starts, slot) - 1
-        s = present[j]
-        x = freq[s] * (x >> 12) + slot - starts[j]
-        if x < 1 << 15:
-            x = x << 16 | words[w]
-            w += 1
-        states[i % 32] = x
-        out.append(s)
-    assert w == len(words) and states == [1 << 15] * 32
-    return out, end
-
-
-def reference_decode(payload: bytes, width: int) -> bytes:
-    """Decode a fans payload following FansCodec's docstring, in plain Python."""
-    assert payload[0] == 1 and payload[1] == width
-    n, pos, planes, joint = _u32(payload, 2), 6, [], None
-    for _ in range(width):
-        mode, pos = payload[pos], pos + 1
-        if mode == RAW:
-            planes.append(list(payload[pos:pos + n]))
-            pos += n
-        elif mode == CONST:
-            planes.append([payload[pos]] * n)
-            pos += 1
-        elif mode == ORDER0:
-            freq, pos = _order0_table(payload, pos)
-            symbols, pos = _rans(payload, pos, freq, n)
-            planes.append(symbols)
-        elif mode == JOINT:
-            freq, pos = _joint_table(payload, pos)
-            joint, pos = _rans(payload, pos, freq, n)
-            planes.append([s >> 2 for s in joint])
-        else:
-            assert mode == LOW6 and joint is not None
-            size = (6 * n + 7) // 8
-            bits = int.from_bytes(payload[pos:pos + size], "little")
-            planes.append([(joint[i] & 3) << 6 | (bits >> (6 * i)) & 63 for i in range(n)])
-            pos += size
-    assert pos == len(payload)
-    out = bytearray()
-    for i in range(n):
-        y = 0
-        for plane in planes:
-            y = y << 8 | plane[i]
-        if width > 1:
-            y = y >> 1 | (y & 1) << (8 * width - 1)
-        out += y.to_bytes(width, "little")
-    return bytes(out)
-
-
-def plane_modes(payload: bytes, width: int) -> list[int]:
-    """The mode byte of each plane record."""
-    n, pos, modes = _u32(payload, 2), 6, []
-    for _ in range(width):
-        mode = payload[pos]
-        modes.append(mode)
-        pos += 1
-        if mode in (RAW, CONST, LOW6):
-            pos += {RAW: n, CONST: 1, LOW6: (6 * n + 7) // 8}[mode]
-        else:
-            _, pos = (_order0_table if mode == ORDER0 else _joint_table)(payload, pos)
-            pos += 4 + _u32(payload, pos)
-    return modes
 
 
 # ---------------------------------------------------------------- round trips
@@ -362,7 +247,7 @@ def decode_at(payload: bytes, size: int, width: int, misalign: int) -> bytes:
     with mmap.mmap(-1, size + 64) as buffer:
         view = memoryview(buffer)
         try:
-            FANS.decode_into(memoryview(payload), view[misalign:misalign + size], {"width": width})
+            Fans(width).decode_into(memoryview(payload), view[misalign:misalign + size])
             return bytes(view[misalign:misalign + size])
         finally:
             view.release()
@@ -409,7 +294,7 @@ def test_skewed_bytes_code_within_one_percent_of_their_entropy(p):
 def test_weights_beat_the_planes_codec():
     for dtype, width in WIDTH.items():
         raw = gaussian(250_000, dtype)
-        assert len(encode(raw, width)) < len(CODECS["planes"].encode(memoryview(raw), {"width": width}))
+        assert len(encode(raw, width)) < len(Planes(width).encode(memoryview(raw)))
 
 
 def test_random_bytes_grow_by_a_few_bytes_only():
@@ -484,9 +369,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="width must be 1, 2 or 4"):
         _fcodec.encode(b"abcdefgh", 8)
     with pytest.raises(FormatError, match="width"):
-        FANS.encode(memoryview(b"abcd"), {"width": 8})
+        Fans(8)
     with pytest.raises(FormatError, match="width"):
-        FANS.encode(memoryview(b"abcd"), {})
+        Fans.from_params({})
     with pytest.raises(TypeError):
         _fcodec.decode_into(_payload(), b"read-only output", 2)
 
@@ -494,12 +379,26 @@ def test_bad_arguments():
 FUZZ_SCRIPT = textwrap.dedent("""
     import random, sys
     import numpy as np
+    sys.path.insert(0, sys.argv[3])
+    from fans_reference import reference_decode
+    from modelpress.codecs import Fans, _fcodec
     from modelpress.errors import FormatError
-    from modelpress.store.codecs import CODECS
-    fans = CODECS["fans"]
+    _fcodec._simd(sys.argv[1] == "1")
     rnd = random.Random(int(sys.argv[1]))
     rng = np.random.default_rng(int(sys.argv[1]))
-    decoded = refused = 0
+    decoded = refused = checked = 0
+
+    def other_path(payload, size, width):
+        # the same payload through the other decoder (AVX2 <-> scalar): both must agree
+        before = _fcodec._simd()
+        _fcodec._simd(not before)
+        try:
+            out = bytearray(size)
+            Fans(width).decode_into(memoryview(payload), memoryview(out))
+            return bytes(out)
+        finally:
+            _fcodec._simd(before)
+
     for trial in range(int(sys.argv[2])):
         width = rnd.choice([1, 2, 4])
         n = rnd.choice([rnd.randrange(0, 300), rnd.randrange(300, 3000), rnd.randrange(8000, 20000)])
@@ -512,7 +411,7 @@ FUZZ_SCRIPT = textwrap.dedent("""
             raw = np.minimum(rng.geometric(0.4, n * width), 255).astype(np.uint8).tobytes()
         else:
             raw = rng.integers(0, 256, n * width, dtype=np.uint8).tobytes()
-        good = bytearray(fans.encode(memoryview(raw), {"width": width}))
+        good = bytearray(Fans(width).encode(memoryview(raw)))
         for _ in range(10):
             bad = bytearray(good)
             op = rnd.randrange(5)
@@ -532,23 +431,32 @@ FUZZ_SCRIPT = textwrap.dedent("""
                     bad[:6] = bytes([1, width]) + n.to_bytes(4, "little")
             out = bytearray(n * width)
             try:
-                fans.decode_into(memoryview(bytes(bad)), memoryview(out), {"width": width})
-                decoded += 1
+                Fans(width).decode_into(memoryview(bytes(bad)), memoryview(out))
             except FormatError:
                 refused += 1
-    print(decoded, refused)
+                continue
+            decoded += 1
+            # a payload that decodes is a valid one: the other decoder and (for small ones) the reader written
+            # from the spec must give exactly the same bytes
+            assert other_path(bytes(bad), n * width, width) == bytes(out), (trial, op)
+            if n * width <= 4096:
+                assert reference_decode(bytes(bad), width) == bytes(out), (trial, op)
+                checked += 1
+    print(decoded, refused, checked)
 """)
 
 
 @pytest.mark.parametrize("simd", [True, False], ids=["avx2", "scalar"])
 def test_fuzzed_payloads_decode_or_raise_format_error_never_crash(simd):
-    """Thousands of mutated payloads in a child process, so a crash fails the test, not pytest."""
-    script = FUZZ_SCRIPT if simd else "from modelpress import _fcodec; _fcodec._simd(False)\n" + FUZZ_SCRIPT
-    proc = subprocess.run([sys.executable, "-c", script, str(int(simd)), "400"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, f"decoder crashed or raised another error (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    decoded, refused = map(int, proc.stdout.split())
-    assert decoded + refused == 4000 and refused > 1500
+    """Thousands of mutated payloads in a child process, so a crash fails the test, not pytest. Each either is
+    refused with FormatError or decodes to what the other decoder path and the reference reader decode."""
+    here = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", FUZZ_SCRIPT, str(int(simd)), "400", here], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"decoder crashed, disagreed or raised another error (rc {proc.returncode}): " \
+                                 f"{proc.stderr[-2000:]}"
+    decoded, refused, checked = map(int, proc.stdout.split())
+    assert decoded + refused == 4000 and refused > 1500 and decoded > 100 and checked > 50
 
 
 # ---------------------------------------------------------------- threads and the C extension's absence
@@ -577,12 +485,12 @@ def test_two_threads_decode_at_once():
 
 
 def test_without_the_extension_fans_raises_a_clear_error(monkeypatch):
-    monkeypatch.setattr(codecs, "_fcodec", None)
+    monkeypatch.setattr(fans_module, "_fcodec", None)
     with pytest.raises(UnsupportedError, match="C extension") as info:
-        FANS.encode(memoryview(b"abcd"), {"width": 4})
+        Fans(4).encode(memoryview(b"abcd"))
     assert isinstance(info.value, ModelpressError)
     with pytest.raises(UnsupportedError):
-        FANS.decode_into(memoryview(b""), memoryview(bytearray()), {"width": 4})
+        Fans(4).decode_into(memoryview(b""), memoryview(bytearray()))
 
 
 def test_simd_hook_reports_and_restores():

@@ -1,4 +1,5 @@
-"""Chunk codecs: decode(encode(x)) == x byte for byte, and hostile payloads raise FormatError only."""
+"""Byte codecs: decode(encode(x)) == x byte for byte, parameters checked as they are read, and hostile payloads
+either raise FormatError or decode to exactly what a reference decoder gives."""
 
 from __future__ import annotations
 
@@ -11,11 +12,28 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fans_reference import reference_decode
+from modelpress.codecs import (
+    NATIVE_AVAILABLE,
+    Aligned,
+    Codec,
+    Fans,
+    Planes,
+    Raw,
+    Xor,
+    Zstd,
+    choose,
+    codec_class,
+    codec_from,
+    codec_names,
+    delta_codec,
+    pays,
+    register,
+)
 from modelpress.errors import FormatError
-from modelpress.store.codecs import CODECS, NATIVE_AVAILABLE, codec_for
 
 WIDTHS = (1, 2, 4, 8)
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 NATIVE = pytest.mark.skipif(not NATIVE_AVAILABLE, reason="the fans codec's C extension is not built")
 WIDE = {"planes": WIDTHS, "xor": WIDTHS, "fans": (1, 2, 4)}  # codecs that take a width, and the widths they take
 
@@ -26,17 +44,18 @@ def element_codecs(widths=(1, 2, 4, 8), codecs=("planes", "xor", "fans")):
             for c in codecs for w in WIDE[c] if w in widths]
 
 
+def make(codec: str, width=None) -> Codec:
+    """The codec of that name, its parameters read as from a file (so bad ones raise FormatError)."""
+    return codec_from(codec, {"width": width} if codec in WIDE else {})
+
+
 def encode(codec: str, raw: bytes, width: int | None = None, base: bytes | None = None) -> bytes:
-    params = {"width": width} if codec in WIDE else {}
-    reference = (lambda: memoryview(base)) if base is not None else None
-    return codec_for(codec).encode(memoryview(raw), params, base=reference)
+    return make(codec, width).encode(memoryview(raw), memoryview(base) if base is not None else None)
 
 
 def decode(codec: str, payload: bytes, size: int, width: int | None = None, base: bytes | None = None) -> bytes:
     out = bytearray(size)
-    params = {"width": width} if codec in WIDE else {}
-    codec_for(codec).decode_into(memoryview(payload), memoryview(out), params,
-                                 base=(lambda: memoryview(base)) if base is not None else None)
+    make(codec, width).decode_into(memoryview(payload), memoryview(out), memoryview(base) if base is not None else None)
     return bytes(out)
 
 
@@ -51,8 +70,72 @@ def whole_elements(width: int, max_elements: int = 300):
 # ---------------------------------------------------------------- lossless round trips
 
 def test_registry_names_match_the_codecs():
-    assert {"raw", "zstd", "planes", "xor", "fans"} <= set(CODECS)
-    assert all(codec.name == name for name, codec in CODECS.items())
+    assert set(codec_names()) == {"raw", "aligned", "zstd", "planes", "xor", "fans"}
+    assert set(codec_names(per_tensor_only=True)) == {"raw", "aligned", "zstd", "planes", "fans"}
+    assert all(codec_class(name).name == name for name in codec_names())
+
+
+EXAMPLES_OF_EACH = [Raw(), Aligned(4096, "0" * 32), Aligned(64, "ab" * 16), Zstd(), Planes(1), Planes(8), Xor(2),
+                    Fans(1), Fans(4)]
+
+
+@pytest.mark.parametrize("codec", EXAMPLES_OF_EACH, ids=repr)
+def test_parameters_round_trip_through_what_files_record(codec):
+    assert codec_from(codec.name, codec.params()) == codec
+    assert hash(codec_from(codec.name, codec.params())) == hash(codec)  # frozen: usable as a key
+
+
+@pytest.mark.parametrize("name, params", [
+    ("raw", {"width": 4}), ("zstd", None), ("zstd", []), ("planes", {}), ("planes", {"width": 4, "x": 1}),
+    ("planes", {"width": 3}), ("planes", {"width": 4.0}), ("planes", {"width": True}), ("planes", {"width": "4"}),
+    ("xor", {"width": 16}), ("fans", {"width": 8}), ("aligned", {"align": 4096}),
+    ("aligned", {"align": 4095, "xxh3_128": "0" * 32}), ("aligned", {"align": 1 << 17, "xxh3_128": "0" * 32}),
+    ("aligned", {"align": 4096, "xxh3_128": "0" * 31}), ("aligned", {"align": 4096, "xxh3_128": "G" * 32}),
+    ("lz4", {}), (None, {}), (5, {})])
+def test_parameters_a_file_gives_are_checked(name, params):
+    with pytest.raises(FormatError):
+        codec_from(name, params)
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="twice"):
+        register(type("Again", (Raw,), {"name": "raw"}))
+
+
+def test_payloads_state_their_decoded_size_where_they_can():
+    raw = memoryview(bytes(range(256)) * 8)
+    for codec in (Raw(), Aligned.for_data(raw, 1), Zstd()) + ((Fans(2),) if NATIVE_AVAILABLE else ()):
+        assert codec.declared_size(memoryview(codec.encode(raw))) == len(raw), codec
+    assert Planes(4).declared_size(memoryview(Planes(4).encode(raw))) is None
+    with pytest.raises(FormatError):
+        Zstd().declared_size(memoryview(b"not zstd"))
+    with pytest.raises(FormatError, match="does not declare"):
+        Zstd().declared_size(memoryview(zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 99)))
+
+
+def test_aligned_carries_a_check_of_its_bytes():
+    raw = memoryview(bytes(range(200)))
+    codec = Aligned.for_data(raw, 1)
+    assert codec.alignment == 4096 and codec.check(raw) is True
+    assert codec.check(memoryview(bytes(200))) is False
+    assert Zstd().check(raw) is None and Raw().alignment == 1
+
+
+def test_coding_pays_from_two_percent():
+    assert pays(98, 100) and not pays(99, 100) and pays(0, 0)
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_choose_picks_the_smallest_that_pays(width):
+    weights = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(
+        torch.float16 if width == 2 else torch.float32)
+    sample = memoryview(weights.view(torch.uint8).numpy())
+    chosen = choose(sample, width, floating=True)
+    assert chosen == (Fans(width) if NATIVE_AVAILABLE else Planes(width))
+    assert choose(memoryview(bytes(4096)), width, floating=False) == Zstd()  # integers: zstd or raw only
+    noise = memoryview(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert choose(noise, width, floating=True) == Raw()
+    assert delta_codec(width) == Xor(width)
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
@@ -218,29 +301,69 @@ HOSTILE = {
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_payload_raises_format_error(case):
     codec, payload, size, width, base = HOSTILE[case]
-    params = {} if width is None else {"width": width}
     with pytest.raises(FormatError):
-        codec_for(codec).decode_into(memoryview(payload), memoryview(bytearray(size)), params,
-                                     base=(lambda: memoryview(base)) if base is not None else None)
+        decode(codec, payload, size, width, base)
 
 
 def test_unknown_codec_name_is_a_format_error():
     with pytest.raises(FormatError, match="unknown codec 'lz4'"):
-        codec_for("lz4")
+        codec_class("lz4")
 
 
-@pytest.mark.parametrize("codec, width", [("raw", None), ("zstd", None), ("planes", 4), ("xor", 4),
+def reference_planes(payload: bytes, size: int, width: int) -> bytes:
+    """The planes layout of planes.py's docstring, read in plain Python (asserts: for payloads known to decode)."""
+    n, pos, planes = size // width, 0, []
+    for _ in range(width):
+        mode, length = struct.unpack_from("<BQ", payload, pos)
+        data = payload[pos + 9:pos + 9 + length]
+        planes.append(data if mode == 0 else zstandard.ZstdDecompressor().decompress(data))
+        pos += 9 + length
+    assert pos == len(payload) and all(len(p) == n for p in planes)
+    out = bytearray()
+    for i in range(n):
+        y = int.from_bytes(bytes(p[i] for p in planes), "big")  # plane 0 is the most significant byte
+        y = y >> 1 | (y & 1) << (8 * width - 1)  # the sign back from bit 0
+        out += y.to_bytes(width, "little")
+    return bytes(out)
+
+
+def reference(codec: str, payload: bytes, size: int, width: int | None, base: bytes) -> bytes:
+    if codec == "raw":
+        return payload
+    if codec == "zstd":
+        return zstandard.ZstdDecompressor().decompress(payload)
+    if codec == "planes":
+        return reference_planes(payload, size, width)
+    if codec == "xor":
+        return bytes(a ^ b for a, b in zip(reference_planes(payload, size, width), base))
+    return reference_decode(payload, width)
+
+
+def _plausible(codec: str, width: int | None, size: int, data) -> bytes:
+    """A payload near valid ones (so that some decode): a valid payload of random bytes, mutated."""
+    raw = data.draw(st.binary(min_size=size, max_size=size))
+    payload = bytearray(encode(codec, raw, width, bytes(size) if codec == "xor" else None))
+    for _ in range(data.draw(st.integers(0, 3))):
+        if payload:
+            payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(payload[:data.draw(st.integers(0, len(payload)))])
+
+
+@pytest.mark.parametrize("codec, width", [("raw", None), ("zstd", None), ("planes", 4), ("planes", 2), ("xor", 4),
                                           pytest.param("fans", 4, marks=NATIVE), pytest.param("fans", 1, marks=NATIVE)])
 @FUZZ
-@given(payload=st.binary(max_size=400), size=st.integers(0, 256))
-def test_random_payloads_raise_only_format_errors(codec, width, payload, size):
+@given(size=st.integers(0, 256), data=st.data())
+def test_random_payloads_decode_exactly_or_raise_format_errors(codec, width, size, data):
     size -= size % (width or 1)
-    params = {} if width is None else {"width": width}
+    payload = data.draw(st.one_of(st.binary(max_size=400), st.just(None)))
+    if payload is None:
+        payload = _plausible(codec, width, size, data)
+    base = bytes(range(256))[:size]
     try:
-        codec_for(codec).decode_into(memoryview(payload), memoryview(bytearray(size)), params,
-                                     base=lambda: memoryview(bytes(size)))
+        got = decode(codec, payload, size, width, base)
     except FormatError:
-        pass
+        return
+    assert got == reference(codec, payload, size, width, base)
 
 
 def _fans_payload(width: int = 4, n: int = 64) -> bytes:
@@ -271,25 +394,6 @@ def test_hostile_fans_payload_raises_format_error(case):
         decode("fans", payload, size, width)
 
 
-@NATIVE
-@pytest.mark.parametrize("width", [1, 2, 4])
-@FUZZ
-@given(data=st.data())
-def test_mutated_fans_payloads_raise_only_format_errors(width, data):
-    """Valid payloads with a few bytes changed or cut: the C decoder must refuse them cleanly (or decode)."""
-    n = data.draw(st.integers(1, 300))
-    raw = data.draw(st.binary(min_size=n * width, max_size=n * width))
-    payload = bytearray(encode("fans", raw, width))
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(payload) - 1))
-        payload[i] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(payload)))
-    try:
-        decode("fans", bytes(payload[:cut]), n * width, width)
-    except FormatError:
-        pass
-
-
 def _frame_with_content_size(declared: int) -> bytes:
     """A zstd frame of 256 bytes whose header declares `declared` bytes (single-segment, 8-byte size)."""
     frame = zstandard.ZstdCompressor(level=1).compress(b"a" * 256)
@@ -304,7 +408,7 @@ def test_zstd_frame_declaring_a_huge_size_is_a_format_error():
     payload = _frame_with_content_size(1 << 62)
     assert zstandard.get_frame_parameters(payload).content_size == 1 << 62
     with pytest.raises(FormatError):
-        codec_for("zstd").decode_into(memoryview(payload), memoryview(bytearray(256)), {})
+        Zstd().decode_into(memoryview(payload), memoryview(bytearray(256)))
 
 
 
@@ -315,7 +419,7 @@ def test_zstd_bomb_is_refused_before_it_is_decoded():
     tracemalloc.start()
     try:
         with pytest.raises(FormatError):
-            codec_for("zstd").decode_into(memoryview(bomb), memoryview(bytearray(256)), {})
+            Zstd().decode_into(memoryview(bomb), memoryview(bytearray(256)))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
