@@ -16,6 +16,7 @@ import pytest
 
 from fs_hazards import device_node, no_hang
 from modelpress import fileio
+import modelpress.fileio.outputs  # noqa: F401  (patched below)
 from modelpress.errors import LimitExceededError, NotRegularFileError, StorageIOError, UnsafeOutputError
 
 
@@ -168,7 +169,7 @@ def _folder(path: Path, text: str) -> Path:
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2 exchange", "two renames"])
 def test_swap_in_dir_replaces_an_existing_folder(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fileio.outputs, "_exchange", lambda a, b: False)
     out = _folder(tmp_path / "out", "old")
     staging = _folder(tmp_path / ".out.new", "new")
     fileio.swap_in_dir(staging, out)
@@ -185,7 +186,7 @@ def test_swap_in_dir_moves_a_folder_into_a_free_place(tmp_path):
                          ids=["the exchange", "the first of two renames", "the second of two renames"])
 def test_a_failed_swap_keeps_the_old_folder(tmp_path, monkeypatch, exchange, nth):
     if not exchange:
-        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fileio.outputs, "_exchange", lambda a, b: False)
     out = _folder(tmp_path / "out", "old")
     staging = _folder(tmp_path / ".out.new", "new")
     with fileio.inject_faults(_faulty("rename", nth)):

