@@ -6,28 +6,38 @@ import json
 import os
 from pathlib import Path
 
+from rich.table import Table
+
+from modelpress import fileio
+from modelpress.calibration import calibration_sentences
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
 from modelpress.cli.console import stderr_console as _stderr_console
+from modelpress.compress import compress, resolve_recipe
+from modelpress.data.corpus import corpus_splits
+from modelpress.errors import ConfigError, OutputExistsError, UnsafeOutputError
+from modelpress.evaluate.report import evaluate_encoder
+from modelpress.evaluate.size import folder_bytes, size_report
+from modelpress.formats.checkpoint import WEIGHTS, load, read_manifest, save
+from modelpress.formats.hf import load_sentence_encoder, resolve_model_path
+from modelpress.nn.provenance import provenance
+from modelpress.presets import preset, preset_names
+from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
+                               plan_mixed_precision)
+from modelpress.store import Store
 
 __all__ = ["cmd_compress", "cmd_eval", "cmd_inspect", "cmd_presets", "cmd_sensitivity"]
 
 
 def _load_original(model: str):
-    from modelpress.formats.hf import load_sentence_encoder
-
     return load_sentence_encoder(model)
 
 
 def _eval_sentences(n: int):
-    from modelpress.data.corpus import corpus_splits
-
     return list(corpus_splits(n_eval=n, n_calib=1).evaluation)
 
 
 def _evaluate(original, compressed, name: str, n_sentences: int, threads: int, latency: bool):
-    from modelpress.evaluate.report import evaluate_encoder
-
     sentences = _eval_sentences(n_sentences)
     with _progress() as progress:
         task = progress.add_task("encoding evaluation sentences", total=2 * len(sentences))
@@ -40,8 +50,6 @@ def _evaluate(original, compressed, name: str, n_sentences: int, threads: int, l
 
 
 def _render(evaluation, console, original_file_bytes: int | None, file_bytes: int | None) -> None:
-    from rich.table import Table
-
     table = Table(title=f"modelpress report: {evaluation.name}", show_header=True)
     table.add_column("metric")
     table.add_column("original", justify="right")
@@ -66,10 +74,6 @@ def _render(evaluation, console, original_file_bytes: int | None, file_bytes: in
 
 
 def _layers_table(model, console, limit: int | None = None) -> None:
-    from rich.table import Table
-
-    from modelpress.evaluate.size import size_report
-
     report = size_report(model)
     table = Table(title="layers", show_header=True)
     for col in ("tensor", "encoding", "shape", "params", "bytes", "bits/weight"):
@@ -88,7 +92,6 @@ def _calibration(n: int | None):
     """`--calibration N`: N corpus sentences (disjoint from the evaluation sentences), or none."""
     if n is None:
         return None
-    from modelpress.calibration import calibration_sentences
 
     return calibration_sentences(n)
 
@@ -97,7 +100,6 @@ def _output_file(path: str | None, what: str, protected: list) -> Path | None:
     """Check a report file the command will write (`--json`, `--write-recipe`) before any work is done."""
     if path is None:
         return None
-    from modelpress.errors import UnsafeOutputError
 
     out = Path(path)
     real = Path(os.path.realpath(out))
@@ -117,18 +119,11 @@ def _output_file(path: str | None, what: str, protected: list) -> Path | None:
 
 def _write_report(path: Path | None, text: str) -> None:
     if path is not None:
-        from modelpress import fileio
 
         fileio.write_file(path, text.encode("utf-8"))
 
 
 def cmd_compress(args) -> int:
-    from modelpress import fileio
-    from modelpress.compress import compress, resolve_recipe
-    from modelpress.evaluate.size import folder_bytes
-    from modelpress.formats.checkpoint import WEIGHTS, save
-    from modelpress.formats.hf import load_sentence_encoder, resolve_model_path
-
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on a bad recipe, model path or --out before loading anything
     source = resolve_model_path(args.model)
@@ -144,7 +139,6 @@ def cmd_compress(args) -> int:
     save(model, out, recipe, overwrite=args.overwrite, protected=protected)
     console.print(f"saved {recipe.name} model to {out}")
     if args.store:
-        from modelpress.store import Store
 
         with Store.init(args.store) as store:
             name = args.name or f"{Path(str(args.model)).name}-{recipe.name}"
@@ -165,11 +159,6 @@ def cmd_compress(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from modelpress.evaluate.size import folder_bytes
-    from modelpress.formats.checkpoint import WEIGHTS, load
-    from modelpress.formats.hf import resolve_model_path
-    from modelpress.nn.provenance import provenance
-
     console = _console()
     report = _output_file(args.json, "--json", [resolve_model_path(args.original), args.compressed])
     original = _load_original(args.original)
@@ -183,8 +172,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from modelpress.formats.checkpoint import load, read_manifest
-
     console = _console()
     manifest = read_manifest(args.path)
     model = load(args.path)
@@ -196,8 +183,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from modelpress.presets import preset, preset_names
-
     console = _console()
     for name in preset_names():
         console.print(f"[bold]{name}[/]")
@@ -206,11 +191,6 @@ def cmd_presets(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
-    from modelpress.compress import resolve_recipe
-    from modelpress.errors import ConfigError, OutputExistsError
-    from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
-                                   plan_mixed_precision)
-
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on bad arguments before loading anything
     if args.sentences < MIN_SENTENCES:
@@ -251,8 +231,6 @@ def _print_plan(plan, rows, budget: float, console) -> None:
 
 
 def _sensitivity_table(rows, console, name: str, n_sentences: int) -> None:
-    from rich.table import Table
-
     table = Table(title=f"each layer alone with {name}, most damaging first ({n_sentences} sentences)")
     for col in ("layer", "bits", "mean cos", "overlap@10", "bytes", "saved"):
         table.add_column(col, justify="left" if col in ("layer", "bits") else "right")

@@ -8,37 +8,35 @@ import math
 import time
 from pathlib import Path
 
+from rich.table import Table
+
 from modelpress import fileio
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
 from modelpress.errors import ModelpressError, StoreError
+from modelpress.formats.checkpoint import MANIFEST, load, save
+from modelpress.formats.hf import load_sentence_encoder
+from modelpress.store import GC_GRACE, Store
 
 __all__ = ["add_store_commands"]
 
 
 def _open(path: str):
-    from modelpress.store import Store
-
     return Store(path)
 
 
 def cmd_init(args) -> int:
-    from modelpress.store import Store
-
     Store.init(args.store).close()
     _console().print(f"store ready at {args.store}")
     return 0
 
 
 def cmd_put(args) -> int:
-    import modelpress
-    from modelpress.formats.checkpoint import MANIFEST
-
     source = Path(args.source)
     if (source / MANIFEST).is_file():
-        model = modelpress.load(source)
+        model = load(source)
     else:
-        model = modelpress.load_sentence_encoder(args.source)
+        model = load_sentence_encoder(args.source)
     bad = [item for item in args.codec or () if "=" not in item]
     if bad:
         raise ModelpressError(f"--codec {bad[0]!r} is not PATTERN=CODEC: write e.g. --codec '*embeddings*=raw'")
@@ -55,7 +53,6 @@ def cmd_put(args) -> int:
 def cmd_get(args) -> int:
     with _open(args.store) as store:
         if args.out is None:
-            from rich.table import Table
 
             vid = store.resolve(args.name, args.ref)
             table = Table(title=f"{args.name}@{vid[:12]}")
@@ -68,9 +65,8 @@ def cmd_get(args) -> int:
         # refuse an --out that is, holds or lies in the store (or is not ours to replace) before any work
         fileio.check_output_dir(args.out, args.overwrite, [store.root])
         model = store.load(args.name, args.ref)
-        import modelpress
 
-        modelpress.save(model, args.out, overwrite=args.overwrite, protected=[store.root])
+        save(model, args.out, overwrite=args.overwrite, protected=[store.root])
         _console().print(f"wrote {args.name}@{args.ref} to {args.out}")
     return 0
 
@@ -134,8 +130,6 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from modelpress.store import GC_GRACE
-
     grace = GC_GRACE if args.grace is None else args.grace
     with _open(args.store) as store:
         report = store.gc(grace=grace)
