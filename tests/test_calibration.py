@@ -284,6 +284,7 @@ def test_sentences_are_tokenised_in_length_sorted_batches():
     assert seen["inner.layers.0.q"].tokens == 15
 
 
+@pytest.mark.slow
 def test_calibration_sentences_are_disjoint_from_evaluation_sentences():
     from modelpress.data.corpus import corpus_splits, stdlib_sentences
 
