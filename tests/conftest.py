@@ -4,10 +4,12 @@ what makes every test repeat exactly.
 Determinism (issue 12): every run of a test sees the same numbers, whichever tests ran before it,
 whichever subset was selected (`-m "not slow"`, `-k`), and whatever the hash seed:
 
-- torch runs on THREADS intra-op threads (the CI machine's 2 cores; float reductions split by
-  thread count), set before torch is imported so subprocesses (the CLI tests) get it too. A
-  module may pin another count in a module-scoped fixture; each test's own changes are undone
-  after it.
+- torch's intra-op thread count is fixed, since float reductions split by thread count: tests
+  marked slow (real models) run on THREADS = 2 threads, the CI machine's cores; the others run on
+  FAST_THREADS = 1, which is faster for their small tensors and immune to other jobs on shared
+  cores (an OpenMP thread that waits for a descheduled sibling spins). Subprocesses (the CLI
+  tests) get THREADS through OMP_NUM_THREADS, set before torch is imported. A test's own changes
+  are undone after it; module-scoped fixtures run on THREADS.
 - the global generators of torch, `random` and numpy are seeded before each test and again after
   it, so module-scoped fixtures built lazily between tests see a fixed state too.
 - hypothesis runs the "modelpress" profile: derandomized (examples fixed by each test's code, so
@@ -24,6 +26,7 @@ from __future__ import annotations
 import os
 
 THREADS = 2
+FAST_THREADS = 1
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # before torch is imported; inherited by subprocesses
 os.environ["MKL_NUM_THREADS"] = str(THREADS)
@@ -71,9 +74,11 @@ def _session_determinism():
 
 
 @pytest.fixture(autouse=True)
-def _test_determinism():
-    """Seed before and after each test; undo any thread-count change the test made."""
+def _test_determinism(request):
+    """Seed before and after each test; the test's thread count, undone after it."""
     threads = torch.get_num_threads()
+    if threads == THREADS:  # not pinned by a module-scoped fixture
+        torch.set_num_threads(THREADS if request.node.get_closest_marker("slow") else FAST_THREADS)
     _seed_everything()
     yield
     torch.set_num_threads(threads)
