@@ -60,6 +60,9 @@ def _seed_everything() -> None:
     np.random.seed(SEED)
 
 
+_seed_everything()  # for anything drawn while test modules are imported
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_determinism():
     """THREADS torch threads, seeded generators, and a kernel choice that does not depend on timing."""
