@@ -48,6 +48,7 @@ def test_sentences_are_tokenised_in_length_sorted_batches():
     assert seen["inner.layers.0.q"].tokens == 15
 
 
+@pytest.mark.slow
 def test_calibration_sentences_are_disjoint_from_evaluation_sentences():
     from modelpress.data.corpus import corpus_splits, stdlib_sentences
 
@@ -59,6 +60,7 @@ def test_calibration_sentences_are_disjoint_from_evaluation_sentences():
     assert calibration_sentences(8, seed=1) != calibration_sentences(8)
 
 
+@pytest.mark.slow  # reads the corpus size: parses the whole stdlib
 @pytest.mark.parametrize("n", [0, -1, 10**7])
 def test_calibration_sentences_refuses_impossible_counts(n):
     with pytest.raises(CalibrationError, match=r"ask for between 1 and \d+ sentences"):

@@ -53,6 +53,13 @@ def _native(request):
         pytest.skip("modelpress.codecs._fcodec is not built (no C compiler at install time)")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test draws from a freshly seeded `rng`, whichever tests ran before it (-k, -m)."""
+    global rng
+    rng = np.random.default_rng(0)
+
+
 @pytest.fixture
 def scalar_only():
     """Run with the AVX2 paths switched off (a no-op on CPUs without AVX2)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -57,12 +59,60 @@ def test_threads_restored_when_encode_raises(restore_threads):
     assert torch.get_num_threads() == 3
 
 
-def test_median_of_timed_runs_only(monkeypatch, restore_threads):
-    # Each perf_counter pair brackets one timed call; warmup calls are not timed at all.
-    ticks = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])  # runs of 5, 1 and 3 seconds
-    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: next(ticks))
-    result = measure_latency(RecordingEncoder(), ["x"], threads=1, repeats=3, warmup=2)
-    assert result == Latency(median_s=3.0, runs_s=(5.0, 1.0, 3.0), threads=1, n_sentences=1)
+class FakeClock:
+    """A clock that moves only when a fake encoder "sleeps": the time of each call is known exactly."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SleepingEncoder:
+    """Call i takes durations[i] seconds (on `sleep`: a FakeClock's or the real time.sleep)."""
+
+    def __init__(self, durations, sleep):
+        self.durations = list(durations)
+        self.sleep = sleep
+        self.calls = 0
+
+    def __call__(self, batch: list[str]) -> None:
+        self.sleep(self.durations[self.calls])
+        self.calls += 1
+
+
+@pytest.mark.parametrize(
+    ("durations", "warmup", "runs", "median"),
+    [
+        ([9.0, 5.0, 1.0, 3.0], 1, (5.0, 1.0, 3.0), 3.0),  # odd count: the middle run
+        ([8.0, 7.0, 0.4, 0.1, 0.3, 0.2], 2, (0.4, 0.1, 0.3, 0.2), 0.25),  # even: the mean of the middle two
+        ([2.0], 0, (2.0,), 2.0),
+        ([0.0, 4.0, 4.0, 1.0, 100.0, 4.0], 1, (4.0, 4.0, 1.0, 100.0, 4.0), 4.0),  # one outlier leaves the median
+    ],
+)
+def test_each_timed_call_is_bracketed_and_warmups_are_not(monkeypatch, restore_threads, durations, warmup, runs,
+                                                            median):
+    clock = FakeClock()
+    monkeypatch.setattr(latency_module, "time", clock)
+    encode = SleepingEncoder(durations, clock.sleep)
+    result = measure_latency(encode, ["x", "y"], threads=1, repeats=len(durations) - warmup, warmup=warmup)
+    assert encode.calls == len(durations)
+    assert result.runs_s == pytest.approx(runs, abs=1e-9)  # differences of clock readings near 1000 s
+    assert result.median_s == pytest.approx(median, abs=1e-9)
+    assert (result.threads, result.n_sentences) == (1, 2)
+
+
+def test_wall_clock_is_measured_not_cpu_time(restore_threads):
+    # Sleeping costs no CPU: a timer of CPU time, or one started after the call, reads ~0 here.
+    # time.sleep sleeps at least as long as asked, so each run is at least its sleep.
+    sleeps = [0.0, 0.03, 0.01, 0.02]
+    result = measure_latency(SleepingEncoder(sleeps, time.sleep), ["a"] * 8, threads=1, repeats=3, warmup=1)
+    assert all(run >= asked for run, asked in zip(result.runs_s, sleeps[1:]))
+    assert result.median_s >= 0.02
 
 
 @pytest.mark.parametrize(
@@ -104,10 +154,3 @@ def test_latency_validates_fields(kwargs):
     fields = {"median_s": 1.0, "runs_s": (1.0,), "threads": 1, "n_sentences": 1} | kwargs
     with pytest.raises(ConfigError):
         Latency(**fields)
-
-
-def test_real_encode_is_timed(restore_threads):
-    x = torch.randn(64, 64)
-    result = measure_latency(lambda batch: [x @ x for _ in batch], ["a"] * 8, threads=1, repeats=3)
-    assert all(t > 0 for t in result.runs_s)
-    assert min(result.runs_s) <= result.median_s <= max(result.runs_s)

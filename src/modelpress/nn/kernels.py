@@ -96,7 +96,10 @@ def prepare(kernel: Kernel, enc: Encoding, bias: torch.Tensor | None = None) -> 
     if kernel is Kernel.SPARSE_CSR:
         return prepare_sparse_csr(enc, bias)
     if kernel is Kernel.LOW_RANK:
-        left, right = (f.contiguous() for f in enc.factors(torch.float32))  # (R, r), (r, C)
+        # canonical strides (a size-1 dimension's stride included): F.linear picks its BLAS call by
+        # strides, and a factor sliced from an SVD must run exactly as its reloaded copy does
+        left, right = (f.clone(memory_format=torch.contiguous_format)  # (R, r), (r, C)
+                       for f in enc.factors(torch.float32))
         return lambda x: F.linear(F.linear(x, right), left, bias)
     matmul = _prepare_weight_only(kernel, enc)
     if bias is None:

@@ -129,6 +129,7 @@ def digits():
     return model, data
 
 
+@pytest.mark.slow
 def test_digits_cnn_at_90_percent_sparsity_loses_at_most_half_a_point(digits, one_thread, tmp_path):
     from digits import accuracy
 

@@ -70,14 +70,45 @@ def test_each_stage_shrinks_the_model_and_the_result_reloads(digits, tmp_path) -
     assert torch.allclose(final(x), model(x), atol=1e-2)  # the checkpoint rounds biases to float16 only
 
 
+MAX_LOSS = 0.02  # of test accuracy, on one seed: 2 points = 7 of the 360 test images (see the test's docstring)
+SEED = 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cls, plan", [(DigitsMLP, MLP_PLAN), (DigitsLeNet5, LENET5_PLAN)], ids=["mlp", "lenet5"])
-def test_deep_compression_reaches_40x_within_half_a_point(digits, tmp_path, cls, plan) -> None:
-    model = cls(0)
-    train(model, digits, epochs=40)
+def test_deep_compression_reaches_40x_losing_at_most_two_points(digits, tmp_path, cls, plan) -> None:
+    """At least 40x smaller than fp32, and at most MAX_LOSS (2 points) of test accuracy lost on one seed.
+
+    Measured with these plans, model and training seeds 0-9 and 40 dense epochs, on each float
+    path the suite runs on: default (ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41), avx2
+    (=avx2 ... AVX2) and avx512 (with VNNI and bf16; no variable set), 30 runs per model. Points
+    of test accuracy lost from fp32 to the final stage (negative: gained):
+
+        model    path     seeds 0..9                                                    worst  ratio
+        MLP      default  -0.83 -0.56 +0.00 +0.56 -1.67 -0.83 +0.00 +0.28 -0.56 -0.28  +0.56  44.09-44.26x
+        MLP      avx2     +0.00 -0.56 +0.00 -0.83 -1.39 -1.11 -0.28 +0.56 -0.56 -0.56  +0.56
+        MLP      avx512   +0.28 -0.28 -0.28 -0.28 -1.39 -1.11 +0.00 +0.28 -0.28 -0.56  +0.28
+        LeNet-5  default  -0.28 +0.00 +0.56 +0.00 +0.56 +0.28 +0.83 +0.28 +1.11 +0.00  +1.11  41.33-41.99x
+        LeNet-5  avx2     -0.56 +0.00 -0.56 -0.56 +0.83 +1.11 +0.28 +0.28 +0.56 +0.28  +1.11
+        LeNet-5  avx512   +0.56 +0.28 +0.56 -0.28 +1.11 +0.00 +0.56 +0.56 +0.56 +0.56  +1.11
+
+    One test image is 0.28 points, so a run moves in steps of 0.28; the worst run lost 4 images
+    (1.11 points) and the bound allows 7. The paper's "within half a point" holds for the mean
+    over seeds (MLP gains 0.4 points, LeNet-5 loses 0.3), not for every run: that claim lives in
+    benchmarks/results_deep_compression.md (benchmarks/bench_deep_compression.py, several seeds).
+    The ratio depends on the float path only through a few bytes of entropy-coded indices.
+
+    A broken pipeline misses the bound by far (seed 0, avx512): no retraining while pruning loses
+    49.7 (MLP) and 48.9 points (LeNet-5), codebook entries permuted after clustering 85.6 and 90.0.
+    Subtler faults stay within one run's noise (no centroid fine-tuning 0.3/0.6, 2-bit indices
+    everywhere -0.3/1.7 points); test_each_stage_shrinks_the_model_and_the_result_reloads checks
+    each stage's encodings exactly instead.
+    """
+    model = cls(SEED)
+    train(model, digits, epochs=40, seed=SEED)
     dense = accuracy(model, digits)
     _, results = deep_compress(model, TrainingSet(digits.x_train, digits.y_train), plan, lambda: cls(None), tmp_path,
                                lambda m: accuracy(m, digits))
     final = results[-1]
     assert final.ratio(results[0].bytes) >= 40
-    assert final.accuracy >= dense - 0.005
+    assert final.accuracy >= dense - MAX_LOSS, f"lost {100 * (dense - final.accuracy):.2f} points"
