@@ -231,7 +231,10 @@ class Recipe:
         stages = data.get("stages")
         if not isinstance(stages, list) or not stages:
             raise RecipeError("a recipe needs 'stages': a non-empty list of passes")
-        return cls(tuple(Stage.from_dict(s, i) for i, s in enumerate(stages)), name=str(data.get("name", "custom")))
+        name = data.get("name", "custom")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise RecipeError(f"recipe name {name!r} is not a name: give a short string, e.g. name: int4")
+        return cls(tuple(Stage.from_dict(s, i) for i, s in enumerate(stages)), name=name)
 
     @classmethod
     def from_yaml(cls, text: str | bytes, where: str = "recipe") -> "Recipe":

@@ -453,6 +453,7 @@ FUZZ_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the bounded fuzz run: make test, not test-fast
 @pytest.mark.parametrize("simd", [True, False], ids=["avx2", "scalar"])
 def test_fuzzed_payloads_decode_or_raise_format_error_never_crash(simd):
     """Thousands of mutated payloads in a child process, so a crash fails the test, not pytest. Each either is

@@ -110,6 +110,7 @@ def _save_in_child(scenario: Scenario, out: Path, fault: _Fault, overwrite: bool
     return status
 
 
+@pytest.mark.slow  # kills a child at every fault point: runs in make test, not test-fast
 @pytest.mark.parametrize("existing", [True, False], ids=["over-a-checkpoint", "new-path"])
 def test_kill_at_every_fault_point(scenario, tmp_path, existing):
     ops = scenario.ops if existing else scenario.fresh_ops
@@ -159,6 +160,7 @@ def test_a_failed_fsync_is_never_retried(scenario, tmp_path):
         assert _state(out, scenario) == "old"
 
 
+@pytest.mark.slow  # kills a child at every fault point: runs in make test, not test-fast
 @pytest.mark.parametrize("then", ["raise", "kill"])
 def test_torn_writes(scenario, tmp_path, then):
     writes = [i for i, (op, _) in enumerate(scenario.ops) if op == "write"]

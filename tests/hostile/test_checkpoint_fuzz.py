@@ -71,6 +71,7 @@ def _apply(manifest, paths, choice: int, action: str, value, new_key: str) -> No
 
 @settings(max_examples=160, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.mark.slow  # the bounded fuzz run: make test, not test-fast
 @given(st.lists(mutation, min_size=1, max_size=3))
 def test_mutated_manifests_load_correctly_or_raise_our_error(target, tmp_path_factory, mutations):
     checkpoint, manifest, paths, reference = target

@@ -51,6 +51,8 @@ def _file(tmp_path, text: str | bytes) -> str:
     ("stages: [{pass: rtn, overrides: [1]}]", RecipeError, "overrides must map"),
     ("stages: [{pass: rtn, optional: yes please}]", RecipeError, "optional must be true or false"),
     ("version: [1]\nstages: [{pass: rtn}]", RecipeError, "recipe version"),
+    ("name: [1]\nstages: [{pass: rtn}]", RecipeError, "is not a name"),
+    ("name: 4\nstages: [{pass: rtn}]", RecipeError, "is not a name"),
     ("? [a, b]\n: 1\nstages: [{pass: rtn}]", RecipeError, "not valid YAML"),
 ])
 def test_hostile_recipe_text(tmp_path, text, error, match):

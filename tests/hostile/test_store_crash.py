@@ -33,6 +33,8 @@ from modelpress.fileio import inject_faults
 from modelpress.store import Store
 from modelpress.store.objects import ChunkHeader, chunk_id, chunk_key
 
+pytestmark = pytest.mark.slow  # kills a child process at every fault point of a put and a gc: runs in make test, not test-fast
+
 
 def folder(point: str) -> str:
     return point.replace(":", "-") or "no-kill"

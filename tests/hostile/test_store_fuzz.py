@@ -151,6 +151,7 @@ def fuzz_store(tmp_path_factory):
 
 @settings(max_examples=120, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@pytest.mark.slow  # the bounded fuzz run: make test, not test-fast
 @given(which=st.sampled_from(["z", "p", "r", "a", "xor"]), data=st.data())
 def test_mutated_chunk_files_read_back_exactly_or_raise_modelpress_errors(fuzz_store, which, data):
     root, seed, tensors, chunks = fuzz_store

@@ -28,6 +28,7 @@ from modelpress.store import Store
 from modelpress.store.objects import ChunkHeader, chunk_id, chunk_key
 
 
+@pytest.mark.slow  # six processes racing: runs in make test, not test-fast
 def test_loads_puts_and_gc_in_six_processes_for_a_few_seconds(tmp_path, monkeypatch):
     small_chunks(monkeypatch)
     seed = make_seed(tmp_path / "store")

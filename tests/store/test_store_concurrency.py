@@ -8,6 +8,8 @@ import pytest
 
 from _store_support import digest, run_forked
 from modelpress.store import Store
+
+pytestmark = pytest.mark.slow  # several writer processes: runs in make test, not test-fast
 WRITERS, VERSIONS = 4, 25
 
 

@@ -109,6 +109,6 @@ def require_array(arrays: dict[str, torch.Tensor], name: str, kind: str) -> torc
 def check_shape(meta: dict[str, Any], kind: str) -> tuple[int, ...]:
     """Validate a `shape` entry from untrusted metadata."""
     shape = meta.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape) or len(shape) > 8:
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape) or len(shape) > 8:
         raise FormatError(f"{kind} encoding has an invalid shape {shape!r}; the file is corrupt, re-save the model")
     return tuple(shape)

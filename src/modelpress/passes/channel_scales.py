@@ -180,7 +180,7 @@ def find_sites(model: nn.Module, names: list[str], mode: FoldMode | str = FoldMo
 def target_sites(model: nn.Module, targets: list) -> dict[str, Site]:
     """The Site of each pass target (`.name`), under the `fold` mode of its own config."""
     sites: dict[str, Site] = {}
-    for mode in {t.config.fold for t in targets}:
+    for mode in sorted({t.config.fold for t in targets}, key=lambda m: m.value):  # an order no hash seed changes
         sites.update(find_sites(model, [t.name for t in targets if t.config.fold is mode], mode))
     return sites
 
