@@ -202,32 +202,41 @@ def worker_llama(kind: str, folder: Path, args) -> dict:
         logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
         nll += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum())
         count += len(w) - 1
-    row = {"row": f"llama.cpp {kind}", "ppl": math.exp(nll / count), "tokens": count, "rss_bytes": rss_bytes(),
-           "file_bytes": path.stat().st_size}
-    prompt, n = tokens["prompt"], args.new_tokens
+    row = {"row": f"llama.cpp {kind}", "ppl": math.exp(nll / count), "tokens": count, "file_bytes": path.stat().st_size}
+    del llm
+    # decode: an instance that keeps only the last position's logits, as llama.cpp's own generation does
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, logits_all=False, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False)
+    prompt, n, vocab = tokens["prompt"], args.new_tokens, llm.n_vocab()
+
+    def next_token() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
 
     def decode_seconds() -> float:
         llm.reset()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = next_token()
         start = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = next_token()
         return time.perf_counter() - start
 
     decode_seconds()  # warm-up
+    row["rss_bytes"] = rss_bytes()  # the decoding instance alone (the scoring one kept every position's logits)
     row["decode_tok_s"] = (n - 1) / min(decode_seconds() for _ in range(args.runs))
     return row
 
 
 def _quantize(source: str, target: Path, ftype: str, allow_requantize: bool = False) -> None:
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
     params.allow_requantize = allow_requantize
-    if llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), params) != 0:
+    if llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama.cpp could not quantise {source} to {ftype}")
 
 
