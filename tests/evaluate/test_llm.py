@@ -144,6 +144,14 @@ def test_speed_rows_json_and_the_shared_table(pair):
     assert "modelpress report: tiny" in text and "weights file" in text and "50.0%" in text
 
 
+def test_one_new_token_has_no_decode_speed(pair):
+    reference, candidate = pair
+    result = evaluate_causal_lm(reference, candidate, CharTokenizer(), windows=1, window=32, prompts=["Hi"],
+                                new_tokens=1, threads=(1,))
+    assert result.candidate.speeds[0].decode_tokens == 0
+    assert ("decode tokens/s, 1 thread", "0.0", "0.0", "") in result.rows()
+
+
 def test_wrappers_and_mistakes():
     class Wrapper:  # what formats' CausalLM looks like from here: the transformers model as `.model`
         def __init__(self, model):

@@ -146,12 +146,11 @@ class LLMEvaluation:
         rows.append(("prompts with the same continuation", f"{g.prompts}/{g.prompts}", f"{g.identical}/{g.prompts}",
                      ""))
         for a, b in zip(ref.speeds, cand.speeds):
-            rows.append((f"prefill tokens/s, {a.threads} thread{'s' * (a.threads > 1)}",
-                         f"{a.prefill_tokens_per_s:.1f}", f"{b.prefill_tokens_per_s:.1f}",
-                         f"{b.prefill_tokens_per_s / a.prefill_tokens_per_s:.2f}x"))
-            rows.append((f"decode tokens/s, {a.threads} thread{'s' * (a.threads > 1)}",
-                         f"{a.decode_tokens_per_s:.1f}", f"{b.decode_tokens_per_s:.1f}",
-                         f"{b.decode_tokens_per_s / a.decode_tokens_per_s:.2f}x"))
+            threads = f"{a.threads} thread{'s' * (a.threads > 1)}"
+            rows.append((f"prefill tokens/s, {threads}", f"{a.prefill_tokens_per_s:.1f}",
+                         f"{b.prefill_tokens_per_s:.1f}", _times(b.prefill_tokens_per_s, a.prefill_tokens_per_s)))
+            rows.append((f"decode tokens/s, {threads}", f"{a.decode_tokens_per_s:.1f}",
+                         f"{b.decode_tokens_per_s:.1f}", _times(b.decode_tokens_per_s, a.decode_tokens_per_s)))
         if ref.generation_peak_bytes is not None and cand.generation_peak_bytes is not None:
             rows.append(("peak memory rise while generating", _mb(ref.generation_peak_bytes),
                          _mb(cand.generation_peak_bytes), ""))
@@ -170,6 +169,10 @@ class LLMEvaluation:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def _times(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else ""
 
 
 def evaluate_causal_lm(reference, candidate, tokenizer, *, text_split: str = "heldout", windows: int = 8,
