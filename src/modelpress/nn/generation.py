@@ -19,6 +19,7 @@ Two engines give the tokens of transformers' `generate(do_sample=False)`:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Collection, Sequence
@@ -35,6 +36,8 @@ __all__ = ["Engine", "Generation", "LEAN_MODEL_TYPES", "greedy_generate", "lean_
 
 # transformers model types whose decoder layers compute exactly what the LEAN engine computes
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# their RMSNorm classes: weight * x * rsqrt(mean(x^2) + eps), which F.rms_norm computes in one call
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 
 
 class Engine(str, Enum):
@@ -166,8 +169,11 @@ class _LeanDecoder:
     def __init__(self, model: nn.Module, max_len: int):
         config, base = model.config, model.model
         self.embed, self.layers, self.norm, self.head = base.embed_tokens, list(base.layers), base.norm, model.lm_head
+        self.norms = [(_fused_norm(layer.input_layernorm), _fused_norm(layer.post_attention_layernorm))
+                      for layer in self.layers]
         attn = self.layers[0].self_attn
         self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.heads = config.num_attention_heads
         self.gqa = config.num_attention_heads != config.num_key_value_heads
         dtype = _float_dtype(model)
         cos, sin = base.rotary_emb(torch.empty(1, 1, dtype=dtype), torch.arange(max_len)[None])  # (1, L, D) each
@@ -183,20 +189,29 @@ class _LeanDecoder:
         end = start + T
         cos, sin = self.cos[start:end], self.sin[start:end]  # (T, D)
         h = self.embed(ids)  # (1, T, C)
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
+        for layer, (norm1, norm2), keys, values in zip(self.layers, self.norms, self.keys, self.values):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)  # (1, H, T, D)
-            k = attn.k_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)  # (1, Hkv, T, D)
-            v = attn.v_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)  # (1, Hkv, T, D)
-            q = q * cos + _rotate_half(q) * sin
-            keys[:, :, start:end] = k * cos + _rotate_half(k) * sin
-            values[:, :, start:end] = v
+            x = norm1(h)
+            qk = torch.cat((attn.q_proj(x), attn.k_proj(x)), -1).view(1, T, -1, self.head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin  # (1, H + Hkv, T, D): rotary on q and k at once
+            q = qk[:, :self.heads]  # (1, H, T, D)
+            keys[:, :, start:end] = qk[:, self.heads:]
+            values[:, :, start:end] = attn.v_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], scale=self.scale,
                                                is_causal=T > 1, enable_gqa=self.gqa)  # (1, H, T, D)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(norm2(h))
         return self.head(self.norm(h[:, -1:]))[:, -1]  # (1, V)
+
+
+def _fused_norm(module: nn.Module):
+    """A float32 transformers RMSNorm as one F.rms_norm call (the same formula), any other norm as itself."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if type(module).__name__ not in _RMS_NORMS or not isinstance(weight, torch.Tensor) or not isinstance(eps, float):
+        return module
+    if weight.dtype != torch.float32:
+        return module  # transformers computes in float32 and casts back: not what F.rms_norm does in half precision
+    return functools.partial(F.rms_norm, normalized_shape=tuple(weight.shape), weight=weight, eps=eps)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
