@@ -97,3 +97,43 @@ def test_llm_q4_gptq_beats_round_to_nearest_in_the_same_format():
     error = {name: (logits(m, held_out) - reference).pow(2).mean().item() for name, m in
              (("gptq", gptq), ("rtn", rounded))}
     assert error["gptq"] < 0.8 * error["rtn"], error
+
+
+# ---------------------------------------------------------------- AWQ on Llama blocks
+
+
+def test_awq_on_llama_folds_scales_into_rmsnorm_and_up_rows_and_beats_rtn():
+    import copy
+
+    from modelpress.encodings.scaled import ChannelScaledTensor
+    from modelpress.errors import ConfigError
+    from modelpress.passes.awq import AWQConfig
+
+    model, calibration = tiny_decoder(layers=2), windows(16, length=32)
+    with torch.no_grad():  # salient input channels, as trained LLMs have: what AWQ protects
+        for block in model.model.layers:
+            block.input_layernorm.weight[:4] *= 10
+            block.post_attention_layernorm.weight[4:8] *= 10
+            block.mlp.up_proj.weight[:8] *= 10
+    held_out = torch.cat([w["input_ids"] for w in windows(4, length=32, seed=7)])
+    reference = logits(model, held_out)
+    quant = {"bits": 3, "symmetric": True, "group_size": 32, "search": "mse"}
+    awq = modelpress.compress(copy.deepcopy(model), {"lm_head": None, "*": AWQConfig(**quant)},
+                              calibration=calibration)
+    rtn = modelpress.compress(copy.deepcopy(model), {"lm_head": None, "*": RTNConfig(**quant)})
+    for i in range(2):
+        block, float_block = awq.model.layers[i], model.model.layers[i]
+        for norm in ("input_layernorm", "post_attention_layernorm"):  # q/k/v and gate/up scales went here
+            assert not torch.equal(getattr(block, norm).weight, getattr(float_block, norm).weight)
+        # grouped-query attention: o_proj keeps its scale as an input multiply; every other layer's is folded
+        assert isinstance(block.self_attn.o_proj.encoding, ChannelScaledTensor)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert not isinstance(getattr(block.self_attn, name).encoding, ChannelScaledTensor)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert not isinstance(getattr(block.mlp, name).encoding, ChannelScaledTensor)
+    error = {name: (logits(m, held_out) - reference).pow(2).mean().item() for name, m in
+             (("awq", awq), ("rtn", rtn))}
+    assert error["awq"] < 0.8 * error["rtn"], error
+    with pytest.raises(ConfigError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
+        modelpress.compress(copy.deepcopy(model), AWQConfig(**quant), calibration=calibration)
+

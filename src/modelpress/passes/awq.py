@@ -34,7 +34,7 @@ from modelpress.calibration import LayerStats, run_blockwise
 from modelpress.encodings import QuantizedTensor, QuantScheme, RangeSearch, quantize_weight
 from modelpress.errors import ConfigError
 from modelpress.nn import Kernel, install
-from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.passes.base import PassContext, Target, check_untied, register_pass
 from modelpress.passes.channel_scales import FoldMode, Site, migrate, share_groups, target_sites, with_input_scale
 from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
 from modelpress.passes.gptq import check_groups
@@ -122,6 +122,7 @@ def awq_search(
 @register_pass("awq", AWQConfig, (nn.Linear,))
 def awq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     check_groups(targets)
+    check_untied(model, targets, "awq")
     sites = target_sites(model, targets)
     searcher = _Searcher(model, sites, context.log)
     # Scaling leaves the float model's outputs unchanged, so every statistic is measured on the

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from modelpress.encodings import Encoding, as_matrix
-from modelpress.errors import RecipeError
+from modelpress.errors import ConfigError, RecipeError
 from modelpress.nn import install
 
-__all__ = ["PassContext", "Target", "PassSpec", "PASSES", "install_tied", "register_pass", "pass_for",
+__all__ = ["PassContext", "Target", "PassSpec", "PASSES", "check_untied", "install_tied", "register_pass", "pass_for",
            "pass_for_config", "tied_partners", "weight_matrix"]
 
 
@@ -126,3 +126,12 @@ def install_tied(model: nn.Module, name: str, encoding: Encoding, kernel, partne
     for partner in partners:
         install(model, partner, encoding, kernel)
     return [name, *partners]
+
+
+def check_untied(model: nn.Module, targets: list[Target], pass_name: str) -> None:
+    """Refuse targets whose weight is tied to another module's: a pass that rescales a weight's columns
+    (AWQ, SmoothQuant) would rescale the partner too (a tied output layer's embedding)."""
+    for name, partners in tied_partners(model, [t.name for t in targets]).items():
+        if partners:
+            raise ConfigError(f"layer {name!r} shares its weight with {partners[0]!r}, which {pass_name} would rescale "
+                              "too: quantise it with rtn or gptq (as the llm presets do), or ignore it")
