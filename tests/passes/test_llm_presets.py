@@ -137,3 +137,28 @@ def test_awq_on_llama_folds_scales_into_rmsnorm_and_up_rows_and_beats_rtn():
     with pytest.raises(ConfigError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
         modelpress.compress(copy.deepcopy(model), AWQConfig(**quant), calibration=calibration)
 
+
+
+def test_gptq_with_awq_scales_folds_them_first_and_beats_gptq_alone():
+    import copy
+
+    model, calibration = tiny_decoder(layers=2), windows(16, length=32)
+    with torch.no_grad():  # salient input channels, as trained LLMs have
+        for block in model.model.layers:
+            block.input_layernorm.weight[:4] *= 10
+            block.post_attention_layernorm.weight[4:8] *= 10
+            block.mlp.up_proj.weight[:8] *= 10
+    held_out = torch.cat([w["input_ids"] for w in windows(4, length=32, seed=7)])
+    reference = logits(model, held_out)
+    quant = {"bits": 3, "symmetric": True, "group_size": 32}
+    plain = modelpress.compress(copy.deepcopy(model), {"lm_head": None, "*": GPTQConfig(**quant)}, calibration)
+    scaled = modelpress.compress(copy.deepcopy(model), {"lm_head": None, "*": GPTQConfig(**quant, awq_grid=10)},
+                                 calibration)
+    block, float_block = scaled.model.layers[0], model.model.layers[0]
+    assert not torch.equal(block.input_layernorm.weight, float_block.input_layernorm.weight)
+    assert not torch.equal(block.post_attention_layernorm.weight, float_block.post_attention_layernorm.weight)
+    log = "\n".join(modelpress.provenance(scaled).log)
+    assert "model.layers.0.self_attn.o_proj: no awq scale (grouped-query attention" in log
+    error = {name: (logits(m, held_out) - reference).pow(2).mean().item() for name, m in
+             (("plain", plain), ("scaled", scaled))}
+    assert error["scaled"] < 0.9 * error["plain"], error

@@ -15,7 +15,8 @@ from modelpress.passes.base import PassContext, Target, install_tied, register_p
 from modelpress.passes.channel_scales import FoldMode, migrate, share_groups, target_sites, with_input_scale
 from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
 
-__all__ = ["RTNConfig", "DynamicInt8Config", "measure_inputs", "smooth", "smooth_scale", "weight_only_kernel"]
+__all__ = ["RTNConfig", "DynamicInt8Config", "check_groups", "measure_inputs", "smooth", "smooth_scale",
+           "weight_only_kernel"]
 
 
 def weight_only_kernel(kernel: Kernel | str, technique: str) -> Kernel:
@@ -36,6 +37,15 @@ class RTNConfig(PassConfig):
 
     def validate(self) -> None:
         object.__setattr__(self, "kernel", weight_only_kernel(self.kernel, "RTN"))
+
+
+def check_groups(targets: list[Target]) -> None:
+    """Fail on a group size that does not divide a layer's input width, before any calibration work."""
+    for t in targets:
+        try:
+            t.config.quant.scheme.group_columns(t.module.out_features, t.module.in_features)
+        except ConfigError as exc:
+            raise ConfigError(f"layer {t.name!r}: {exc}") from None
 
 
 ACTIVATION_RANGES = {"tensor": Kernel.DYNAMIC_INT8, "token": Kernel.DYNAMIC_INT8_TOKEN}
