@@ -76,3 +76,23 @@ def test_four_bits_damage_less_and_a_budget_buys_the_best_upgrades(llm_rows):
 def test_windows_must_be_token_ids():
     with pytest.raises(ConfigError, match="token ids"):
         lm_layer_sensitivity(tiny_decoder(), THREE_BITS, torch.zeros(2, 8))
+
+
+def test_a_group_is_measured_with_its_layers_compressed_together(llm_rows):
+    model, windows, rows = llm_rows
+    grouped = lm_layer_sensitivity(model, THREE_BITS, windows, groups=["*.mlp.*", "model.layers.0.*"])
+    by_name = {r.name: r for r in grouped}
+    assert set(by_name) == {"*.mlp.*", "model.layers.0.*"} | {f"model.layers.1.self_attn.{p}_proj" for p in "qkvo"}
+    singles = {r.name: r for r in rows}
+    mlp = [n for n in singles if ".mlp." in n]
+    assert by_name["*.mlp.*"].params == sum(singles[n].params for n in mlp)
+    assert by_name["*.mlp.*"].base.bytes == sum(singles[n].base.bytes for n in mlp)
+    for name in singles.keys() - set(mlp) - {n for n in singles if n.startswith("model.layers.0.")}:
+        assert by_name[name].damage == singles[name].damage
+    with torch.no_grad():
+        reference = next_token_log_probs(model(input_ids=windows, use_cache=False))
+        together = copy.deepcopy(model)
+        for name in mlp:
+            together.set_submodule(name, _compressed_layer(model, name))
+        got = next_token_log_probs(together(input_ids=windows, use_cache=False))
+    assert by_name["*.mlp.*"].damage == pytest.approx(next_token_kl(reference, got), rel=1e-4)

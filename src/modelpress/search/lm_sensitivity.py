@@ -11,12 +11,14 @@ reported on says nothing). The blocks before a changed layer replay their record
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import fnmatch
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from modelpress.errors import ConfigError
+from modelpress.passes.base import Target
 from modelpress.passes.config import config_to_dict
 from modelpress.recipe import Recipe, Stage
 from modelpress.search.replay import Runner
@@ -46,18 +48,23 @@ def lm_layer_sensitivity(
     windows: torch.Tensor,
     calibration: Any = None,
     upgrades: Upgrades | None = None,
+    groups: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[LayerSensitivity]:
-    """Rows for every layer `recipe` selects, most damaged first (see the module docstring).
+    """Rows for every layer `recipe` selects (or every group of them), most damaged first (see the module docstring).
 
     `model` is a causal LM called as `model(input_ids=..., use_cache=False)`; `windows` (n, T) token
     ids, scored one window per forward. `upgrades(config_dict)` lists config changes to measure as
     well (e.g. `lambda c: [{"bits": 4}]` over a 3-bit recipe). `calibration` goes to `compress`.
+    `groups` are name patterns (e.g. "model.layers.[0-9].mlp.*"): the selected layers a pattern
+    matches first are measured compressed together, as one row named by the pattern, which
+    `mixed_precision_recipe` then overrides as one (far fewer forwards than one row per layer).
     """
     recipe = as_recipe(recipe)
     windows = _check_windows(windows)
     targets = selected_targets(model, recipe)
     changes = {t.name: (upgrades(config_to_dict(t.config)) if upgrades else []) for _, t in targets}
+    units = _units(targets, groups or [], changes)
     stages = {t.name: stage for stage, t in targets}
     was_training = model.training
     model.eval()
@@ -66,22 +73,41 @@ def lm_layer_sensitivity(
         runner = Runner(model, batches, output=next_token_log_probs)
         variants = compressed_variants(model, recipe, changes, stages, calibration)
         rows = []
-        for i, (stage, target) in enumerate(targets):
+        for i, (name, members) in enumerate(units):
             if progress:
-                progress(f"layer {i + 1}/{len(targets)}: {target.name}")
-            options = [{}] + changes[target.name]
-            measured = [_measure(runner, target.name, variants[k].get_submodule(target.name), options[k])
+                progress(f"{i + 1}/{len(units)}: {name}")
+            options = [{}] + changes[members[0].name]
+            measured = [_measure(runner, [m.name for m in members], variants[k], options[k])
                         for k in range(len(options))]
-            weight = target.module.weight
-            rows.append(LayerSensitivity(target.name, stage, type(target.module).__name__, weight.numel(),
-                                         weight.numel() * weight.element_size(), measured[0], tuple(measured[1:])))
+            weights = [m.module.weight for m in members]
+            rows.append(LayerSensitivity(name, stages[members[0].name], type(members[0].module).__name__,
+                                         sum(w.numel() for w in weights),
+                                         sum(w.numel() * w.element_size() for w in weights),
+                                         measured[0], tuple(measured[1:])))
     finally:
         model.train(was_training)
     return sorted(rows, key=lambda r: (-r.damage, -r.base.bytes, r.name))
 
 
+def _units(targets: list[tuple[int, Target]], groups: Sequence[str],
+           changes: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[Target]]]:
+    """(row name, its layers): each layer with the first group pattern it matches, else alone."""
+    if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
+        raise ConfigError("groups must be a list of layer-name patterns, e.g. ['model.layers.[0-9].mlp.*']")
+    units: dict[str, list[Target]] = {}
+    for stage, target in targets:
+        pattern = next((g for g in groups if fnmatch.fnmatchcase(target.name, g)), target.name)
+        units.setdefault(pattern, []).append(target)
+    for name, members in units.items():
+        first = members[0].name
+        if any(changes[m.name] != changes[first] for m in members):
+            raise ConfigError(f"the layers of group {name!r} have different upgrades: group layers of one config")
+    return list(units.items())
+
+
 def _check_windows(windows: torch.Tensor) -> torch.Tensor:
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point() or windows.numel() == 0:
+    if (not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point()
+            or windows.numel() == 0):
         raise ConfigError("windows must be a (windows, tokens) tensor of token ids, e.g. "
                           "token_windows(ids, 512, 1024) of the dev text")
     if windows.shape[1] < 2:
@@ -89,14 +115,17 @@ def _check_windows(windows: torch.Tensor) -> torch.Tensor:
     return windows.long()
 
 
-def _measure(runner: Runner, name: str, module: nn.Module, changes: dict[str, Any]) -> Measurement:
-    """`module` swapped in for layer `name` alone, and the KL it adds to the next-token distributions."""
-    kl = next_token_kl(runner.reference, runner.encode_with(name, module))
-    enc = getattr(module, "encoding", None)
-    if enc is None:
-        w = module.weight
-        encoding, nbytes = str(w.dtype).replace("torch.", ""), w.numel() * w.element_size()
-    else:
-        encoding, nbytes = enc.describe(), enc.nbytes
+def _measure(runner: Runner, names: list[str], variant: nn.Module, changes: dict[str, Any]) -> Measurement:
+    """The layers `names` of `variant` swapped in together, alone, and the KL they add to the next-token
+    distributions."""
+    modules = {name: variant.get_submodule(name) for name in names}
+    nbytes = 0
+    for module in modules.values():
+        enc = getattr(module, "encoding", None)
+        nbytes += enc.nbytes if enc is not None else module.weight.numel() * module.weight.element_size()
+    first = modules[names[0]]
+    enc = getattr(first, "encoding", None)
+    encoding = enc.describe() if enc is not None else str(first.weight.dtype).replace("torch.", "")
+    kl = next_token_kl(runner.reference, runner.encode_with_all(modules))
     nan = float("nan")
     return Measurement(dict(changes), encoding, nbytes, nan, nan, nan, kl=kl)

@@ -56,14 +56,21 @@ class Runner:
 
     def encode_with(self, name: str, module: nn.Module) -> torch.Tensor:
         """(N, D) embeddings with `module` swapped in for layer `name`; the original goes back afterwards."""
-        original = self.model.get_submodule(name)
-        self.model.set_submodule(name, module)
+        return self.encode_with_all({name: module})
+
+    def encode_with_all(self, modules: dict[str, nn.Module]) -> torch.Tensor:
+        """(N, D) outputs with every module of `modules` swapped in for its layer; the originals go back after."""
+        originals = {name: self.model.get_submodule(name) for name in modules}
+        replay = frozenset.intersection(*(self.before.get(name, frozenset()) for name in modules))
+        for name, module in modules.items():
+            self.model.set_submodule(name, module)
         try:
-            return self.encode(self.before.get(name, frozenset()))
+            return self.encode(replay)
         finally:
-            self.model.set_submodule(name, original)
-            if hasattr(module, "release"):
-                module.release()  # drop its decoded copy: 40 of them would be a second float model
+            for name, module in modules.items():
+                self.model.set_submodule(name, originals[name])
+                if hasattr(module, "release"):
+                    module.release()  # drop its decoded copy: 40 of them would be a second float model
 
     @torch.inference_mode()
     def encode(self, replay: frozenset[int] = frozenset()) -> torch.Tensor:
