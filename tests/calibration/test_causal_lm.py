@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modelpress.calibration import calibration_windows, run_blockwise, text_windows
+from modelpress.calibration import DEFAULT_WINDOWS, calibration_windows, run_blockwise, text_windows
 from modelpress.calibration.stats import real_tokens
 from modelpress.data.text import reference_text
 from modelpress.errors import CalibrationError
@@ -102,3 +102,26 @@ def test_layers_after_a_processed_one_see_its_new_weights_not_a_cached_run():
     for name in names:
         first = name.endswith(("0.self_attn.q_proj", "0.self_attn.k_proj", "0.self_attn.v_proj"))
         assert_stats_match(seen[name], original[name] if first else changed[name])
+
+
+class CharTokenizer:
+    """One id per character, inside the tiny models' vocabulary."""
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) % 96 for c in text]}
+
+
+def test_a_causal_lm_carrying_its_tokenizer_is_calibrated_on_dev_windows_by_default():
+    import modelpress
+    from modelpress.passes.gptq import GPTQConfig
+
+    config = {"model.layers.1.mlp.down_proj": GPTQConfig(bits=4, symmetric=True, group_size=32), "*": None}
+    given = modelpress.compress(tiny_decoder(), config,
+                                calibration=calibration_windows(CharTokenizer(), DEFAULT_WINDOWS))
+    model = tiny_decoder()
+    model.tokenizer = CharTokenizer()
+    modelpress.compress(model, config)
+    a, b = model.model.layers[1].mlp.down_proj.encoding, given.model.layers[1].mlp.down_proj.encoding
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    assert any("no calibration given, using 32 windows of the dev reference text" in line
+               for line in modelpress.provenance(model).log)

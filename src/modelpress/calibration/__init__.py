@@ -30,17 +30,19 @@ blocks.py (finding and running the blocks), hooks.py (measuring layers), walk.py
 """
 
 from modelpress.calibration.blocks import find_blocks
-from modelpress.calibration.inputs import (CalibrationBatch, calibration_sentences, calibration_windows,
-                                          prepare_batches, text_windows)
+from modelpress.calibration.inputs import (DEFAULT_WINDOWS, CalibrationBatch, calibration_sentences,
+                                          calibration_windows, default_calibration, prepare_batches, text_windows)
 from modelpress.calibration.stats import LayerStats, real_tokens
 from modelpress.calibration.walk import ProcessFn, release_free_memory, run_blockwise
 
 __all__ = [
+    "DEFAULT_WINDOWS",
     "CalibrationBatch",
     "LayerStats",
     "ProcessFn",
     "calibration_sentences",
     "calibration_windows",
+    "default_calibration",
     "find_blocks",
     "prepare_batches",
     "real_tokens",

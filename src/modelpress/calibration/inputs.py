@@ -18,10 +18,11 @@ from modelpress.data.corpus import corpus_splits, stdlib_sentences
 from modelpress.data.text import reference_text
 from modelpress.errors import CalibrationError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "CalibrationBatch", "calibration_sentences", "calibration_windows",
-           "prepare_batches", "text_windows"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOWS", "CalibrationBatch", "calibration_sentences", "calibration_windows",
+           "default_calibration", "prepare_batches", "text_windows"]
 
 DEFAULT_BATCH_SIZE = 32  # sentences per tokenised batch
+DEFAULT_WINDOWS = 32  # windows of 512 tokens for a causal LM given no calibration (16,384 tokens)
 
 
 def calibration_sentences(n: int = 128, seed: int = 0) -> list[str]:
@@ -58,6 +59,13 @@ def calibration_windows(tokenizer: Any, windows: int = 32, window: int = 512) ->
     """Calibration for a causal LM: `windows` windows of the `dev` reference text (never the `heldout`
     text that perplexity is reported on), through the model's own tokenizer."""
     return text_windows(tokenizer, reference_text("dev"), windows, window)
+
+
+def default_calibration(model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
+    """What a model given no calibration is calibrated on: a causal LM that carries its tokenizer
+    (`model.tokenizer`, as modelpress's causal LMs do) gets `calibration_windows(tokenizer)`; None otherwise."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return None if not callable(tokenizer) else calibration_windows(tokenizer, DEFAULT_WINDOWS)
 
 
 @dataclass(frozen=True)

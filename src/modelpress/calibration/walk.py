@@ -12,7 +12,7 @@ from modelpress._libc import libc
 from modelpress.calibration.blocks import (blocks_chain, capture_block_inputs, find_blocks, first_tensor, forward,
                                            run_block, with_hidden)
 from modelpress.calibration.hooks import measure, probe
-from modelpress.calibration.inputs import DEFAULT_BATCH_SIZE, CalibrationBatch, prepare_batches
+from modelpress.calibration.inputs import DEFAULT_BATCH_SIZE, CalibrationBatch, default_calibration, prepare_batches
 from modelpress.calibration.stats import LayerStats
 from modelpress.errors import CalibrationError
 
@@ -40,6 +40,9 @@ def run_blockwise(
     block's layers are all measured in one forward, before any of them is processed. Layers no
     calibration token reaches are skipped and logged, never passed on.
     """
+    if calibration is None and (calibration := default_calibration(model)) is not None:
+        log.append(f"{pass_name}: no calibration given, using {len(calibration)} windows of the dev reference text "
+                   "through the model's tokenizer (pass calibration= to choose)")
     if calibration is None:
         raise CalibrationError(
             f"pass {pass_name!r} needs calibration data: call compress(..., calibration=calibration_sentences(128)) "
