@@ -81,7 +81,9 @@ _PRESETS.update({
     # Weight-only int8 per output channel everywhere (target: perplexity within 1.002x of fp32).
     "llm-int8": [*_LLM_EMBEDDINGS, _stage("rtn", ["Linear"], {"bits": 8, "group_size": "channel"})],
     # Q4_0's format for the blocks (4-bit symmetric groups of 32, float16 scales), 8-bit output layer.
-    "llm-q4": [*_LLM_EMBEDDINGS, _gptq(4, 32)],
+    # The blocks come first: GPTQ's calibration forwards then run a float output layer, not a compressed
+    # one whose kernel would first be chosen by timing it on a whole calibration window.
+    "llm-q4": [_gptq(4, 32), *_LLM_EMBEDDINGS],
 })
 
 DEFAULT_PRESET = "int8"

@@ -91,8 +91,8 @@ def test_llm_q4_gptq_beats_round_to_nearest_in_the_same_format():
     reference = logits(model, held_out)
     gptq = modelpress.compress(copy.deepcopy(model), "llm-q4", calibration=calibration)
     rtn = preset("llm-q4")
-    rtn_recipe = modelpress.Recipe((*rtn.stages[:2], Stage.of(
-        RTNConfig(bits=4, symmetric=True, group_size=32, search="mse"), rtn.stages[2].targets)))
+    rtn_recipe = modelpress.Recipe((Stage.of(RTNConfig(bits=4, symmetric=True, group_size=32, search="mse"),
+                                             rtn.stages[0].targets), *rtn.stages[1:]))
     rounded = modelpress.compress(copy.deepcopy(model), rtn_recipe)
     error = {name: (logits(m, held_out) - reference).pow(2).mean().item() for name, m in
              (("gptq", gptq), ("rtn", rounded))}

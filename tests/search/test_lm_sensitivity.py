@@ -96,3 +96,24 @@ def test_a_group_is_measured_with_its_layers_compressed_together(llm_rows):
             together.set_submodule(name, _compressed_layer(model, name))
         got = next_token_log_probs(together(input_ids=windows, use_cache=False))
     assert by_name["*.mlp.*"].damage == pytest.approx(next_token_kl(reference, got), rel=1e-4)
+
+
+def test_a_planned_group_upgrade_is_one_pattern_override_that_reaches_all_its_layers():
+    import modelpress
+
+    model = tiny_decoder(layers=2)
+    windows = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(1))
+    rows = lm_layer_sensitivity(model, THREE_BITS, windows, upgrades=lambda c: [{"bits": 4}],
+                                groups=["*.mlp.*", "*.self_attn.*"])
+    assert all(r.group for r in rows)
+    mlp = next(r for r in rows if r.name == "*.mlp.*")
+    extra = mlp.upgrades[0].bytes - mlp.base.bytes
+    attention = next(r for r in rows if r.name == "*.self_attn.*")
+    budget = sum(r.base.bytes for r in rows) + extra + 1
+    plan = mixed_precision_recipe([mlp, attention], THREE_BITS, budget_bytes=budget)
+    assert [p for p, _ in plan.stages[0].overrides] in (["*.mlp.*"], ["*.self_attn.*"])
+    compressed = modelpress.compress(copy.deepcopy(model), plan)
+    bits = {name: m.encoding.scheme.bits for name, m in compressed.named_modules() if hasattr(m, "encoding")
+            and name != "lm_head" and ".model.embed" not in name}
+    upgraded = plan.stages[0].overrides[0][0].strip("*")
+    assert all(b == (4 if upgraded in name else 3) for name, b in bits.items()), bits

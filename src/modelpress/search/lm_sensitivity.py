@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from modelpress.encodings import Encoding
 from modelpress.errors import ConfigError
+from modelpress.nn.registry import is_compressed, kind_of
 from modelpress.passes.base import Target
 from modelpress.passes.config import config_to_dict
 from modelpress.recipe import Recipe, Stage
@@ -83,7 +85,7 @@ def lm_layer_sensitivity(
             rows.append(LayerSensitivity(name, stages[members[0].name], type(members[0].module).__name__,
                                          sum(w.numel() for w in weights),
                                          sum(w.numel() * w.element_size() for w in weights),
-                                         measured[0], tuple(measured[1:])))
+                                         measured[0], tuple(measured[1:]), group=name != members[0].name))
     finally:
         model.train(was_training)
     return sorted(rows, key=lambda r: (-r.damage, -r.base.bytes, r.name))
@@ -115,6 +117,19 @@ def _check_windows(windows: torch.Tensor) -> torch.Tensor:
     return windows.long()
 
 
+def _decoded(module: nn.Module) -> nn.Module:
+    """A compressed Linear as a float Linear of its decoded weight: the same numbers, and no kernel to choose
+    (choosing one times it on the window, once per layer measured)."""
+    if not (is_compressed(module) and isinstance(module.encoding, Encoding) and kind_of(module) == "linear"):
+        return module
+    weight = module.encoding.decode(torch.float32)  # (R, C)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+    return linear
+
+
 def _measure(runner: Runner, names: list[str], variant: nn.Module, changes: dict[str, Any]) -> Measurement:
     """The layers `names` of `variant` swapped in together, alone, and the KL they add to the next-token
     distributions."""
@@ -126,6 +141,6 @@ def _measure(runner: Runner, names: list[str], variant: nn.Module, changes: dict
     first = modules[names[0]]
     enc = getattr(first, "encoding", None)
     encoding = enc.describe() if enc is not None else str(first.weight.dtype).replace("torch.", "")
-    kl = next_token_kl(runner.reference, runner.encode_with_all(modules))
+    kl = next_token_kl(runner.reference, runner.encode_with_all({n: _decoded(m) for n, m in modules.items()}))
     nan = float("nan")
     return Measurement(dict(changes), encoding, nbytes, nan, nan, nan, kl=kl)

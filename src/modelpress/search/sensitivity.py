@@ -60,13 +60,14 @@ class Measurement:
 class LayerSensitivity:
     """One layer of a sensitivity report: the recipe's compression of it, and the measured upgrades."""
 
-    name: str
+    name: str  # the layer's name; for a group, the name pattern of its layers
     stage: int  # index of the recipe stage that selects the layer
     kind: str  # the float module's class name
     params: int  # weight elements
     original_bytes: int  # the float weight's bytes
     base: Measurement
     upgrades: tuple[Measurement, ...] = ()
+    group: bool = False  # a group of layers measured together (lm_layer_sensitivity's groups): `name` is a pattern
 
     @property
     def damage(self) -> float:
