@@ -15,11 +15,14 @@ from torch import nn
 
 from modelpress.data.batches import tokenised_batches
 from modelpress.data.corpus import corpus_splits, stdlib_sentences
+from modelpress.data.text import reference_text
 from modelpress.errors import CalibrationError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "CalibrationBatch", "calibration_sentences", "prepare_batches"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOWS", "CalibrationBatch", "calibration_sentences", "calibration_windows",
+           "default_calibration", "prepare_batches", "text_windows"]
 
 DEFAULT_BATCH_SIZE = 32  # sentences per tokenised batch
+DEFAULT_WINDOWS = 32  # windows of 512 tokens for a causal LM given no calibration (16,384 tokens)
 
 
 def calibration_sentences(n: int = 128, seed: int = 0) -> list[str]:
@@ -33,6 +36,36 @@ def calibration_sentences(n: int = 128, seed: int = 0) -> list[str]:
     if not 1 <= n < total:
         raise CalibrationError(f"calibration_sentences(n={n}): ask for between 1 and {total - 1} sentences")
     return list(corpus_splits(n_eval=total - n, n_calib=n, seed=seed).calibration)
+
+
+def text_windows(tokenizer: Any, text: str, windows: int, window: int = 512) -> list[dict[str, torch.Tensor]]:
+    """Running text through a causal LM's tokenizer, cut into `windows` (1, window) input batches.
+
+    `tokenizer(text)["input_ids"]` gives the ids (a Hugging Face tokenizer); windows are consecutive
+    and do not overlap, from the start of the text, as the perplexity windows are cut.
+    """
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+        raise CalibrationError(f"windows={windows!r}: ask for a positive number of calibration windows")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise CalibrationError(f"window={window!r}: a calibration window needs at least 2 tokens")
+    ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
+    if ids.numel() < windows * window:
+        raise CalibrationError(f"the text has {ids.numel()} tokens, fewer than {windows} windows of {window}: "
+                               f"ask for at most {ids.numel() // window} windows or a smaller window")
+    return [{"input_ids": w[None]} for w in ids[: windows * window].reshape(windows, window)]
+
+
+def calibration_windows(tokenizer: Any, windows: int = 32, window: int = 512) -> list[dict[str, torch.Tensor]]:
+    """Calibration for a causal LM: `windows` windows of the `dev` reference text (never the `heldout`
+    text that perplexity is reported on), through the model's own tokenizer."""
+    return text_windows(tokenizer, reference_text("dev"), windows, window)
+
+
+def default_calibration(model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
+    """What a model given no calibration is calibrated on: a causal LM that carries its tokenizer
+    (`model.tokenizer`, as modelpress's causal LMs do) gets `calibration_windows(tokenizer)`; None otherwise."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return None if not callable(tokenizer) else calibration_windows(tokenizer, DEFAULT_WINDOWS)
 
 
 @dataclass(frozen=True)

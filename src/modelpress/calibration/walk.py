@@ -12,7 +12,7 @@ from modelpress._libc import libc
 from modelpress.calibration.blocks import (blocks_chain, capture_block_inputs, find_blocks, first_tensor, forward,
                                            run_block, with_hidden)
 from modelpress.calibration.hooks import measure, probe
-from modelpress.calibration.inputs import DEFAULT_BATCH_SIZE, CalibrationBatch, prepare_batches
+from modelpress.calibration.inputs import DEFAULT_BATCH_SIZE, CalibrationBatch, default_calibration, prepare_batches
 from modelpress.calibration.stats import LayerStats
 from modelpress.errors import CalibrationError
 
@@ -40,6 +40,9 @@ def run_blockwise(
     block's layers are all measured in one forward, before any of them is processed. Layers no
     calibration token reaches are skipped and logged, never passed on.
     """
+    if calibration is None and (calibration := default_calibration(model)) is not None:
+        log.append(f"{pass_name}: no calibration given, using {len(calibration)} windows of the dev reference text "
+                   "through the model's tokenizer (pass calibration= to choose)")
     if calibration is None:
         raise CalibrationError(
             f"pass {pass_name!r} needs calibration data: call compress(..., calibration=calibration_sentences(128)) "
@@ -51,6 +54,7 @@ def run_blockwise(
             raise CalibrationError(f"layer {t.name!r} is not a Linear layer: calibration captures Linear inputs only")
     walk = _Walk(model, batches, {t.name: t for t in targets}, process, log, pass_name, hessian, sequential)
     was_training = {m: m.training for m in model.modules()}
+    caches = _without_kv_cache(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -60,6 +64,26 @@ def run_blockwise(
     finally:
         for m, mode in was_training.items():
             m.train(mode)
+        for config, use_cache in caches:
+            config.use_cache = use_cache
+
+
+def _without_kv_cache(model: nn.Module) -> list[tuple[Any, bool]]:
+    """Turn off the key/value cache of a causal LM's config(s) for the walk; returns what to restore.
+
+    With a cache, every forward appends its keys and values to a cache object that the catcher
+    captures with block 0's inputs, so re-running a block (once per group of layers measured, then
+    once for the next block's inputs) would attend to its own earlier runs.
+    """
+    configs = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if isinstance(getattr(config, "use_cache", None), bool):
+            configs[id(config)] = config  # one config is often shared by the model and its inner model
+    saved = [(c, c.use_cache) for c in configs.values()]
+    for c, _ in saved:
+        c.use_cache = False
+    return saved
 
 
 def release_free_memory() -> None:

@@ -32,16 +32,16 @@ from torch import nn
 
 from modelpress.calibration import LayerStats, run_blockwise
 from modelpress.encodings import QuantizedTensor, QuantScheme, RangeSearch, quantize_weight
-from modelpress.errors import ConfigError
+from modelpress.errors import ConfigError, UnsupportedError
 from modelpress.nn import Kernel, install
-from modelpress.passes.base import PassContext, Target, register_pass
-from modelpress.passes.channel_scales import FoldMode, Site, migrate, share_groups, target_sites, with_input_scale
+from modelpress.passes.base import PassContext, Target, check_untied, register_pass
+from modelpress.passes.channel_scales import (Absorber, FoldMode, Site, find_sites, migrate, share_groups,
+                                              target_sites, with_input_scale)
 from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
-from modelpress.passes.gptq import check_groups
 from modelpress.passes.linalg import one_thread
-from modelpress.passes.quantize import weight_only_kernel
+from modelpress.passes.quantize import check_groups, weight_only_kernel
 
-__all__ = ["AWQConfig", "AWQResult", "awq_scale", "awq_search", "output_error_sum"]
+__all__ = ["AWQConfig", "AWQResult", "awq_scale", "awq_search", "fold_awq_scales", "output_error_sum"]
 
 MIN_MEAN = 1e-4  # floor of mean|x| before the power: a never-active channel gets a small, finite scale
 
@@ -122,6 +122,7 @@ def awq_search(
 @register_pass("awq", AWQConfig, (nn.Linear,))
 def awq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     check_groups(targets)
+    check_untied(model, targets, "awq")
     sites = target_sites(model, targets)
     searcher = _Searcher(model, sites, context.log)
     # Scaling leaves the float model's outputs unchanged, so every statistic is measured on the
@@ -133,6 +134,30 @@ def awq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
         with one_thread():
             encoding = quantize_weight(model.get_submodule(t.name).weight.detach().float(), q.scheme, q.search)
         install(model, t.name, with_input_scale(encoding, inverses.get(t.name)), t.config.kernel)
+
+
+def fold_awq_scales(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    """AWQ scales for the targets (configs with `quant` and `awq_grid`, e.g. GPTQ's) folded into their
+    producers, weights left in float for the pass that quantises them next.
+
+    Only layers whose scale an op absorbs are scaled (a layer keeping an explicit multiply would need
+    its encoding wrapped, which the next pass does not do); the rest are left as they are, and logged.
+    """
+    try:
+        sites = find_sites(model, [t.name for t in targets], FoldMode.AUTO)
+    except UnsupportedError as exc:
+        context.log.append(f"awq scales: none ({exc})")
+        return
+    folded = [Target(t.name, t.module, AWQConfig(quant=t.config.quant, grid=t.config.awq_grid)) for t in targets
+              if sites[t.name].absorber is not Absorber.EXPLICIT]
+    for t in targets:
+        if sites[t.name].absorber is Absorber.EXPLICIT:
+            context.log.append(f"{t.name}: no awq scale ({sites[t.name].why})")
+    if folded:
+        searcher = _Searcher(model, {t.name: sites[t.name] for t in folded}, context.log)
+        run_blockwise(model, folded, context.calibration, searcher, context.log, pass_name="awq scales",
+                      sequential=False)
+        searcher.place()
 
 
 @dataclass

