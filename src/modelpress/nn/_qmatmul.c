@@ -1,0 +1,659 @@
+/* modelpress.nn._qmatmul: y = x W^T + b with W read straight from packed integer codes.
+ *
+ * The weight is a QuantizedTensor's own arrays (modelpress/encodings/quantized.py), never a float
+ * copy of it:
+ *
+ *   codes  (N, row_bytes) uint8, each row packed LSB-first as encodings/packing.py lays it out:
+ *          bits 8: one code per byte, row_bytes = K; bits 2, 3, 4: code j of a row occupies
+ *          bits [j*b, (j+1)*b) of the row's little-endian bit stream, rows padded with zero codes
+ *          to a multiple of 8 codes, row_bytes = ceil(K / 8) * b. So the 8 codes of chunk c are
+ *          the b bytes at c*b, read as one little-endian word, code i at bits [i*b, (i+1)*b).
+ *   scale  (N, G) float16 bits; G = K / gs groups of gs columns (gs = K per channel)
+ *   zero   (N, G) float16 bits in code units, or absent: the midpoint 2^(b-1) (symmetric schemes)
+ *
+ * and w[n, k] = (code - z) * s is computed in float32 exactly as QuantizedTensor.decode computes
+ * it (a subtraction then a multiplication, each rounded once), so each output is a dot product of
+ * x with the decoded weights, summed in a fixed order: eight lanes over k in chunks of 8, the lanes
+ * added pairwise, then the columns past the last whole chunk. The order depends on nothing else:
+ * not on the method, the number of rows of x, the thread count, or how rows are split between
+ * threads, so a token's output is bit-identical whether it runs alone (decode) or in a batch
+ * (prefill). The scalar path sums in the same order with separate multiply and add (no FMA), so
+ * it may differ from the AVX2 path by float rounding only.
+ *
+ * Two methods, chosen by the caller per call (modelpress/nn/qmatmul.py holds the cost model):
+ *   FUSED (0)  unpack each chunk of codes into registers and multiply it into up to 4 rows of x
+ *              at once; nothing is written but y. Best for 1-4 rows (decode).
+ *   TILED (1)  decode one weight row into a float scratch row (K floats, in L1) once, then take
+ *              its dot product with 8 rows of x at a time. Best for many rows (prefill).
+ *
+ * Paths: AVX2 + FMA where the CPU has them (checked at import), else portable scalar C; `_simd`
+ * switches between them for tests. Threads: output rows are split into contiguous ranges, one per
+ * thread, on a small persistent pthread pool (workers spin briefly, then sleep on a condition
+ * variable); the caller passes the thread count (modelpress passes torch's). A call that finds the
+ * pool busy (another Python thread inside a kernel) runs on its own thread. The GIL is released
+ * while the kernel runs. Every buffer length is checked against the declared shape first.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#else
+#define HAVE_AVX2_PATH 0
+#endif
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 4000 /* pause loops a waiting thread spins before it sleeps (a few microseconds) */
+
+enum { FUSED = 0, TILED = 1 };
+enum { PATH_SCALAR = 0, PATH_AVX2 = 1 };
+
+typedef struct {
+    const float *x;        /* (M, K) */
+    float *y;              /* (M, N) */
+    const uint8_t *codes;  /* (N, row_bytes) */
+    const uint16_t *scale; /* (N, G) float16 */
+    const uint16_t *zero;  /* (N, G) float16, or NULL: the midpoint */
+    const float *bias;     /* (N,), or NULL */
+    Py_ssize_t M, N, K, row_bytes;
+    int bits, gs, G, method, path;
+} Job;
+
+static int best_path; /* the best path this CPU runs, set at import */
+static int use_path;  /* the path in use (tests may lower it) */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Scalar helpers                                                                             */
+
+static float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24, exact in float32 */
+        float f = (float)man * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? sign | 0x7F800000u | man << 13 : sign | (exp + 112) << 23 | man << 13;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The group's scale and zero point of row n. */
+static inline void group_params(const Job *j, Py_ssize_t n, int g, float *s, float *z)
+{
+    Py_ssize_t at = n * j->G + g;
+    *s = half_to_float(j->scale[at]);
+    *z = j->zero ? half_to_float(j->zero[at]) : (float)(1 << (j->bits - 1));
+}
+
+/* Code k of a packed row (any width; reads no byte past the code's own). */
+static inline uint32_t code_at(const uint8_t *row, Py_ssize_t k, int bits)
+{
+    if (bits == 8) {
+        return row[k];
+    }
+    Py_ssize_t bit = k * bits;
+    uint32_t v = row[bit >> 3];
+    if ((bit & 7) + bits > 8) {
+        v |= (uint32_t)row[(bit >> 3) + 1] << 8;
+    }
+    return (v >> (bit & 7)) & ((1u << bits) - 1);
+}
+
+/* Chunk c's 8 codes (bits < 8) as one little-endian word. */
+static inline uint32_t chunk_word(const uint8_t *row, Py_ssize_t c, int bits)
+{
+    const uint8_t *p = row + c * bits;
+    uint32_t w = 0;
+    memcpy(&w, p, (size_t)bits); /* little-endian hosts: the first byte is the lowest */
+    return w;
+}
+
+/* The decoded weight row n into out (K floats). */
+static void decode_row_scalar(const Job *j, Py_ssize_t n, float *out)
+{
+    const uint8_t *row = j->codes + n * j->row_bytes;
+    for (int g = 0; g < j->G; g++) {
+        float s, z;
+        group_params(j, n, g, &s, &z);
+        for (Py_ssize_t k = (Py_ssize_t)g * j->gs; k < (Py_ssize_t)(g + 1) * j->gs; k++) {
+            out[k] = ((float)code_at(row, k, j->bits) - z) * s;
+        }
+    }
+}
+
+/* sum_k a[k] b[k] in the kernel's order: 8 lanes over whole chunks, lanes added pairwise, then the tail. */
+static float dot_scalar(const float *a, const float *b, Py_ssize_t K)
+{
+    float lane[8] = {0};
+    Py_ssize_t whole = K / 8 * 8;
+    for (Py_ssize_t k = 0; k < whole; k += 8) {
+        for (int i = 0; i < 8; i++) {
+            lane[i] += a[k + i] * b[k + i];
+        }
+    }
+    float acc = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+    for (Py_ssize_t k = whole; k < K; k++) {
+        acc += a[k] * b[k];
+    }
+    return acc;
+}
+
+static void rows_scalar(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *scratch)
+{
+    for (Py_ssize_t n = n0; n < n1; n++) {
+        decode_row_scalar(j, n, scratch);
+        float b = j->bias ? j->bias[n] : 0.0f;
+        for (Py_ssize_t m = 0; m < j->M; m++) {
+            j->y[m * j->N + n] = dot_scalar(scratch, j->x + m * j->K, j->K) + b;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* AVX2 + FMA                                                                                  */
+
+#if HAVE_AVX2_PATH
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+
+/* The 8 codes of chunk c as int32 lanes. */
+AVX2_INLINE __m256i chunk_codes(const uint8_t *row, Py_ssize_t c, const int bits)
+{
+    if (bits == 8) {
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8 * c)));
+    }
+    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    __m256i w = _mm256_set1_epi32((int)chunk_word(row, c, bits));
+    return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << bits) - 1));
+}
+
+AVX2_INLINE float hsum(__m256 v)
+{
+    /* lanes (0+4, 1+5, 2+6, 3+7), then (0+4 + 2+6, 1+5 + 3+7), then their sum: dot_scalar's order */
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+/* FUSED: rows m0..m0+MR-1 of y, column n. Codes are unpacked once per chunk for all MR rows. */
+AVX2_INLINE void fused_block(const Job *j, Py_ssize_t n, Py_ssize_t m0, const int MR, const int bits)
+{
+    const uint8_t *row = j->codes + n * j->row_bytes;
+    const Py_ssize_t K = j->K, whole = K / 8, per_group = j->gs / 8;
+    const float *x = j->x + m0 * K;
+    __m256 acc[4];
+    for (int r = 0; r < MR; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    Py_ssize_t c = 0;
+    for (int g = 0; c < whole; g++) {
+        float s, z;
+        group_params(j, n, g, &s, &z);
+        const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+        Py_ssize_t end = per_group * (g + 1) < whole ? per_group * (g + 1) : whole;
+        for (; c < end; c++) {
+            __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(chunk_codes(row, c, bits)), vz), vs);
+            for (int r = 0; r < MR; r++) {
+                acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + 8 * c), acc[r]);
+            }
+        }
+    }
+    float b = j->bias ? j->bias[n] : 0.0f;
+    for (int r = 0; r < MR; r++) {
+        float sum = hsum(acc[r]);
+        for (Py_ssize_t k = whole * 8; k < K; k++) { /* only per-channel rows have a tail (gs = K) */
+            float s, z;
+            group_params(j, n, (int)(k / j->gs), &s, &z);
+            sum += x[r * K + k] * (((float)code_at(row, k, bits) - z) * s);
+        }
+        j->y[(m0 + r) * j->N + n] = sum + b;
+    }
+}
+
+AVX2_INLINE void fused_rows(const Job *j, Py_ssize_t n0, Py_ssize_t n1, const int bits)
+{
+    for (Py_ssize_t n = n0; n < n1; n++) {
+        Py_ssize_t m = 0;
+        for (; m + 4 <= j->M; m += 4) {
+            fused_block(j, n, m, 4, bits);
+        }
+        switch (j->M - m) {
+        case 3: fused_block(j, n, m, 3, bits); break;
+        case 2: fused_block(j, n, m, 2, bits); break;
+        case 1: fused_block(j, n, m, 1, bits); break;
+        default: break;
+        }
+    }
+}
+
+/* The decoded weight row n into out (K floats): the same values decode_row_scalar writes. */
+AVX2_INLINE void decode_row_avx2(const Job *j, Py_ssize_t n, float *out, const int bits)
+{
+    const uint8_t *row = j->codes + n * j->row_bytes;
+    const Py_ssize_t K = j->K, whole = K / 8, per_group = j->gs / 8;
+    Py_ssize_t c = 0;
+    for (int g = 0; c < whole; g++) {
+        float s, z;
+        group_params(j, n, g, &s, &z);
+        const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+        Py_ssize_t end = per_group * (g + 1) < whole ? per_group * (g + 1) : whole;
+        for (; c < end; c++) {
+            _mm256_storeu_ps(out + 8 * c,
+                             _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(chunk_codes(row, c, bits)), vz), vs));
+        }
+    }
+    for (Py_ssize_t k = whole * 8; k < K; k++) {
+        float s, z;
+        group_params(j, n, (int)(k / j->gs), &s, &z);
+        out[k] = ((float)code_at(row, k, bits) - z) * s;
+    }
+}
+
+/* TILED: rows m0..m0+MR-1 of y, column n, from the decoded row w. */
+AVX2_INLINE void tiled_block(const Job *j, Py_ssize_t n, const float *w, Py_ssize_t m0, const int MR)
+{
+    const Py_ssize_t K = j->K, whole = K / 8;
+    const float *x = j->x + m0 * K;
+    __m256 acc[8];
+    for (int r = 0; r < MR; r++) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (Py_ssize_t c = 0; c < whole; c++) {
+        __m256 wv = _mm256_loadu_ps(w + 8 * c);
+        for (int r = 0; r < MR; r++) {
+            acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + 8 * c), acc[r]);
+        }
+    }
+    float b = j->bias ? j->bias[n] : 0.0f;
+    for (int r = 0; r < MR; r++) {
+        float sum = hsum(acc[r]);
+        for (Py_ssize_t k = whole * 8; k < K; k++) {
+            sum += x[r * K + k] * w[k];
+        }
+        j->y[(m0 + r) * j->N + n] = sum + b;
+    }
+}
+
+AVX2_INLINE void tiled_rows(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *scratch, const int bits)
+{
+    for (Py_ssize_t n = n0; n < n1; n++) {
+        decode_row_avx2(j, n, scratch, bits);
+        Py_ssize_t m = 0;
+        for (; m + 8 <= j->M; m += 8) {
+            tiled_block(j, n, scratch, m, 8);
+        }
+        if (j->M - m >= 4) {
+            tiled_block(j, n, scratch, m, 4);
+            m += 4;
+        }
+        if (j->M - m >= 2) {
+            tiled_block(j, n, scratch, m, 2);
+            m += 2;
+        }
+        if (j->M - m >= 1) {
+            tiled_block(j, n, scratch, m, 1);
+        }
+    }
+}
+
+static AVX2 void rows_avx2(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *scratch)
+{
+    if (j->method == FUSED || scratch == NULL) {
+        switch (j->bits) { /* each width compiled on its own: the shifts and masks become constants */
+        case 2: fused_rows(j, n0, n1, 2); break;
+        case 3: fused_rows(j, n0, n1, 3); break;
+        case 4: fused_rows(j, n0, n1, 4); break;
+        default: fused_rows(j, n0, n1, 8); break;
+        }
+        return;
+    }
+    switch (j->bits) {
+    case 2: tiled_rows(j, n0, n1, scratch, 2); break;
+    case 3: tiled_rows(j, n0, n1, scratch, 3); break;
+    case 4: tiled_rows(j, n0, n1, scratch, 4); break;
+    default: tiled_rows(j, n0, n1, scratch, 8); break;
+    }
+}
+#endif
+
+/* Output columns [n0, n1) of the job (one thread's share). */
+static void run_range(const Job *j, Py_ssize_t n0, Py_ssize_t n1)
+{
+    if (n0 >= n1) {
+        return;
+    }
+    int need_scratch = j->path == PATH_SCALAR || j->method == TILED;
+    float *scratch = need_scratch ? malloc((size_t)j->K * sizeof(float)) : NULL;
+#if HAVE_AVX2_PATH
+    if (j->path == PATH_AVX2) {
+        rows_avx2(j, n0, n1, scratch); /* without scratch memory TILED runs as FUSED: same sums */
+        free(scratch);
+        return;
+    }
+#endif
+    if (scratch == NULL) { /* the scalar path cannot run without its row buffer: leave NaN, caller checks */
+        for (Py_ssize_t m = 0; m < j->M; m++) {
+            for (Py_ssize_t n = n0; n < n1; n++) {
+                j->y[m * j->N + n] = __builtin_nanf("");
+            }
+        }
+        return;
+    }
+    rows_scalar(j, n0, n1, scratch);
+    free(scratch);
+}
+
+static void run_part(const Job *j, int part, int parts)
+{
+    run_range(j, j->N * part / parts, j->N * (part + 1) / parts);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The thread pool                                                                             */
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t start, done;
+    int workers;             /* workers started: they run parts 1..workers */
+    atomic_ulong generation; /* bumped once per job */
+    atomic_int remaining;    /* worker parts of the current job not finished */
+    const Job *job;
+    int parts;
+} pool;
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one pooled call at a time */
+static unsigned long start_generation[MAX_THREADS];
+
+static inline void relax(void)
+{
+#if HAVE_AVX2_PATH
+    _mm_pause();
+#endif
+}
+
+static void *worker(void *arg)
+{
+    int idx = (int)(intptr_t)arg;
+    unsigned long seen = start_generation[idx];
+    for (;;) {
+        for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; i++) {
+            relax();
+        }
+        pthread_mutex_lock(&pool.mu);
+        while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
+            pthread_cond_wait(&pool.start, &pool.mu);
+        }
+        pthread_mutex_unlock(&pool.mu);
+        seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        const Job *job = pool.job;
+        int parts = pool.parts;
+        if (idx < parts) {
+            run_part(job, idx, parts);
+            if (atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_acq_rel) == 1) {
+                pthread_mutex_lock(&pool.mu);
+                pthread_cond_signal(&pool.done);
+                pthread_mutex_unlock(&pool.mu);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Start workers until `want` exist; returns how many exist (fewer if the system refuses threads). */
+static int grow_pool(int want)
+{
+    while (pool.workers < want) {
+        int idx = pool.workers + 1;
+        pthread_t tid;
+        pthread_attr_t attr;
+        start_generation[idx] = atomic_load(&pool.generation);
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&tid, &attr, worker, (void *)(intptr_t)idx);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
+            break;
+        }
+        pool.workers = idx;
+    }
+    return pool.workers;
+}
+
+static void run_job(const Job *j, int threads)
+{
+    if (threads > 1 && pthread_mutex_trylock(&call_mu) == 0) {
+        int parts = 1 + grow_pool(threads - 1);
+        if (parts > threads) {
+            parts = threads;
+        }
+        if (parts > 1) {
+            pool.job = j;
+            pool.parts = parts;
+            atomic_store(&pool.remaining, parts - 1);
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+            pthread_cond_broadcast(&pool.start);
+            pthread_mutex_unlock(&pool.mu);
+            run_part(j, 0, parts);
+            for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&pool.remaining, memory_order_acquire); i++) {
+                relax();
+            }
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load_explicit(&pool.remaining, memory_order_acquire)) {
+                pthread_cond_wait(&pool.done, &pool.mu);
+            }
+            pthread_mutex_unlock(&pool.mu);
+            pthread_mutex_unlock(&call_mu);
+            return;
+        }
+        pthread_mutex_unlock(&call_mu);
+    }
+    run_part(j, 0, 1);
+}
+
+/* A forked child has none of the parent's threads: start from an empty pool. */
+static void pool_after_fork_child(void)
+{
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.start, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+    pool.workers = 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Python entry points                                                                        */
+
+static int check_len(const Py_buffer *b, Py_ssize_t want, const char *name)
+{
+    if (b->len != want) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %zd", name, b->len, want);
+        return -1;
+    }
+    return 0;
+}
+
+/* a * b, or -1 if it overflows Py_ssize_t (both non-negative). */
+static Py_ssize_t mul_size(Py_ssize_t a, Py_ssize_t b)
+{
+    if (a < 0 || b < 0 || (a && b > PY_SSIZE_T_MAX / a)) {
+        return -1;
+    }
+    return a * b;
+}
+
+static int setup_job(Job *j, Py_buffer *x, Py_buffer *y, Py_buffer *codes, Py_buffer *scale, Py_buffer *zero,
+                     Py_buffer *bias, int has_zero, int has_bias)
+{
+    if (j->bits != 2 && j->bits != 3 && j->bits != 4 && j->bits != 8) {
+        PyErr_Format(PyExc_ValueError, "bits must be 2, 3, 4 or 8, not %d", j->bits);
+        return -1;
+    }
+    if (j->M < 0 || j->N < 1 || j->K < 1 || j->K > INT32_MAX || j->N > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "shape out of range");
+        return -1;
+    }
+    if (j->gs == 0) {
+        j->gs = (int)j->K; /* per channel */
+    }
+    if (j->gs < 1 || j->K % j->gs || (j->gs % 8 && j->gs != j->K)) {
+        PyErr_Format(PyExc_ValueError, "group size %d must divide K = %zd and be a multiple of 8", j->gs, j->K);
+        return -1;
+    }
+    j->G = (int)(j->K / j->gs);
+    j->row_bytes = j->bits == 8 ? j->K : (j->K + 7) / 8 * j->bits;
+    Py_ssize_t mk = mul_size(j->M, j->K), mn = mul_size(j->M, j->N), nrow = mul_size(j->N, j->row_bytes);
+    Py_ssize_t ng = mul_size(j->N, j->G);
+    if (mk < 0 || mn < 0 || nrow < 0 || ng < 0 || mul_size(mk, 4) < 0 || mul_size(mn, 4) < 0) {
+        PyErr_SetString(PyExc_ValueError, "shape too large");
+        return -1;
+    }
+    if (check_len(x, mk * 4, "x") || check_len(y, mn * 4, "y") || check_len(codes, nrow, "codes") ||
+        check_len(scale, ng * 2, "scale") || (has_zero && check_len(zero, ng * 2, "zero")) ||
+        (has_bias && check_len(bias, j->N * 4, "bias"))) {
+        return -1;
+    }
+    if (((uintptr_t)x->buf | (uintptr_t)y->buf | (has_bias ? (uintptr_t)bias->buf : 0)) % 4 ||
+        ((uintptr_t)scale->buf | (has_zero ? (uintptr_t)zero->buf : 0)) % 2) {
+        PyErr_SetString(PyExc_ValueError, "buffers must be aligned to their element size");
+        return -1;
+    }
+    j->x = x->buf;
+    j->y = y->buf;
+    j->codes = codes->buf;
+    j->scale = scale->buf;
+    j->zero = has_zero ? zero->buf : NULL;
+    j->bias = has_bias ? bias->buf : NULL;
+    j->path = use_path;
+    return 0;
+}
+
+static PyObject *py_gemm(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer x = {0}, y = {0}, codes = {0}, scale = {0}, zero = {0}, bias = {0};
+    PyObject *zero_obj, *bias_obj, *result = NULL;
+    Job j = {0};
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*w*y*y*OOnnniiii:gemm", &x, &y, &codes, &scale, &zero_obj, &bias_obj, &j.M, &j.N,
+                          &j.K, &j.bits, &j.gs, &j.method, &threads)) {
+        return NULL;
+    }
+    int has_zero = zero_obj != Py_None, has_bias = bias_obj != Py_None;
+    if (has_zero && PyObject_GetBuffer(zero_obj, &zero, PyBUF_SIMPLE) < 0) {
+        goto out;
+    }
+    if (has_bias && PyObject_GetBuffer(bias_obj, &bias, PyBUF_SIMPLE) < 0) {
+        goto out;
+    }
+    if (j.method != FUSED && j.method != TILED) {
+        PyErr_Format(PyExc_ValueError, "method must be 0 (fused) or 1 (tiled), not %d", j.method);
+        goto out;
+    }
+    if (setup_job(&j, &x, &y, &codes, &scale, &zero, &bias, has_zero, has_bias) < 0) {
+        goto out;
+    }
+    if (threads < 1) {
+        threads = 1;
+    }
+    if (threads > MAX_THREADS) {
+        threads = MAX_THREADS;
+    }
+    if (threads > j.N) {
+        threads = (int)j.N;
+    }
+    if (j.M > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        run_job(&j, threads);
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scale);
+    if (has_zero && zero.obj) {
+        PyBuffer_Release(&zero);
+    }
+    if (has_bias && bias.obj) {
+        PyBuffer_Release(&bias);
+    }
+    return result;
+}
+
+static PyObject *py_simd(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int level = -1;
+    if (!PyArg_ParseTuple(args, "|i:_simd", &level)) {
+        return NULL;
+    }
+    if (level >= 0) {
+        use_path = level < best_path ? level : best_path;
+    }
+    return PyLong_FromLong(use_path);
+}
+
+PyDoc_STRVAR(gemm_doc,
+"gemm(x, y, codes, scale, zero, bias, M, N, K, bits, group_size, method, threads) -> None\n\n"
+"y = x W^T + bias for W held as packed codes (see the top of _qmatmul.c): x (M, K) float32, y\n"
+"(M, N) float32 written, codes (N, row bytes) uint8, scale and zero (N, K / group_size) float16\n"
+"(zero None: symmetric), bias (N,) float32 or None, group_size 0 = per channel, method 0 fused\n"
+"or 1 tiled. Every buffer must be C-contiguous and exactly the declared size.");
+
+PyDoc_STRVAR(simd_doc,
+"_simd(level=-1) -> int\n\n"
+"Test hook: the path in use (0 scalar C, 1 AVX2 + FMA); with a level, use that path or the best\n"
+"this CPU runs below it. Not thread-safe; results differ between paths by float rounding only.");
+
+static PyMethodDef methods[] = {
+    {"gemm", py_gemm, METH_VARARGS, gemm_doc},
+    {"_simd", py_simd, METH_VARARGS, simd_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int exec_module(PyObject *module)
+{
+    static int initialised;
+    if (!initialised) {
+        pool_after_fork_child(); /* the same initialisation as a fresh child's */
+        pthread_atfork(NULL, NULL, pool_after_fork_child);
+        initialised = 1;
+    }
+    best_path = PATH_SCALAR;
+#if HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        best_path = PATH_AVX2;
+    }
+#endif
+    use_path = best_path;
+    if (PyModule_AddIntConstant(module, "BEST_PATH", best_path) < 0) {
+        return -1;
+    }
+    return PyModule_AddIntConstant(module, "MAX_THREADS", MAX_THREADS);
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, exec_module},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "modelpress.nn._qmatmul",
+    "Matmul kernels that read packed integer weight codes directly (see _qmatmul.c).",
+    0, methods, slots, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__qmatmul(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}
