@@ -11,6 +11,6 @@ setup(
     ext_modules=[
         Extension("modelpress.codecs._fcodec", ["src/modelpress/codecs/_fcodec.c"], optional=True, extra_compile_args=["-O3"]),
         Extension("modelpress.nn._qmatmul", ["src/modelpress/nn/_qmatmul.c"], optional=True,
-                  extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"]),
+                  extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"], extra_link_args=["-pthread"]),
     ],
 )

@@ -18,7 +18,9 @@
  * not on the method, the number of rows of x, the thread count, or how rows are split between
  * threads, so a token's output is bit-identical whether it runs alone (decode) or in a batch
  * (prefill). The scalar path sums in the same order with separate multiply and add (no FMA), so
- * it may differ from the AVX2 path by float rounding only.
+ * it may differ from the AVX2 path by float rounding only. Build with -ffp-contract=off (setup.py
+ * does): a compiler that fused some of the scalar tails' multiply-adds and not others would break
+ * the bit-identity between methods.
  *
  * Two methods, chosen by the caller per call (modelpress/nn/qmatmul.py holds the cost model):
  *   FUSED (0)  unpack each chunk of codes into registers and multiply it into up to 4 rows of x

@@ -1,0 +1,122 @@
+"""`Kernel.QMATMUL`: y = x W^T + b read straight from a QuantizedTensor's packed codes.
+
+The weight stays as the encoding holds it (packed 2/3/4/8-bit codes, float16 scales and zero
+points: the layout of `encodings/packing.py`); nothing is decoded ahead of time, so a compressed
+model keeps its compressed size in memory. The C extension `_qmatmul` (built by setup.py where a
+compiler exists) decodes eight weights at a time in registers, exactly as `QuantizedTensor.decode`
+computes them, and multiplies them into the input rows: AVX2 + FMA where the CPU has them, else
+portable C, on `torch.get_num_threads()` threads. Without the extension, a PyTorch fallback
+decodes blocks of output rows (at most `_FALLBACK_BLOCK_FLOATS` floats at a time) and multiplies
+each: the same product, slower, still without a float copy of the whole weight.
+
+Method per call, by a cost model rather than a clock (a busy machine cannot mislead it): per chunk
+of 8 weights the fused method spends ~6 vector ops unpacking codes for every block of up to 4
+input rows, plus one FMA per row; the tiled method unpacks once, stores the decoded row (in L1),
+then spends a load and an FMA per row, 8 rows at a time. Fused costs about 6 + 1.5 r per chunk for
+r rows, tiled about 7 + 1.1 r: fused wins for r <= FUSED_MAX_ROWS (decode, 1 row), tiled beyond
+(prefill). Both give bit-identical outputs (the C file's header says why), so the choice never
+changes an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from modelpress.encodings import Encoding, QuantizedTensor
+from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
+
+try:
+    from modelpress.nn import _qmatmul
+except ImportError:  # installed without a C compiler: the PyTorch fallback runs instead
+    _qmatmul = None
+
+__all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "supports_qmatmul", "prepare_qmatmul", "paths", "use_path"]
+
+NATIVE_AVAILABLE = _qmatmul is not None  # whether the C kernel was built here
+FUSED, TILED = 0, 1  # the C kernel's methods
+FUSED_MAX_ROWS = 4  # the cost model's crossover (module docstring)
+_FALLBACK_BLOCK_FLOATS = 1 << 18  # the PyTorch fallback decodes at most this many weights at a time (1 MiB)
+_PATHS = ("torch", "scalar", "avx2")  # the fallback, then the C extension's paths by level
+_state = {"path": None}  # None: the best path this machine runs; tests force others through use_path
+
+Prepared = Callable[[torch.Tensor], torch.Tensor]
+
+
+def supports_qmatmul(enc: Encoding) -> bool:
+    """A 2-D quantised weight with a scale per row or per group of a multiple of 8 columns."""
+    if not isinstance(enc, QuantizedTensor) or len(enc.shape) != 2:
+        return False
+    gs = enc.scheme.group_size
+    return gs == PER_CHANNEL or (gs != PER_TENSOR and gs % 8 == 0)
+
+
+def paths() -> tuple[str, ...]:
+    """The paths this machine can run, slowest first: 'torch', then the C extension's ('scalar', 'avx2')."""
+    if not NATIVE_AVAILABLE:
+        return ("torch",)
+    return _PATHS[: 2 + _qmatmul.BEST_PATH]
+
+
+def active_path() -> str:
+    """The path calls take now."""
+    return _state["path"] or paths()[-1]
+
+
+@contextlib.contextmanager
+def use_path(path: str) -> Iterator[None]:
+    """Run every QMATMUL call inside the block on `path` (tests force each path this way)."""
+    if path not in paths():
+        raise ValueError(f"path {path!r} does not run here: use one of {paths()}")
+    previous = _state["path"]
+    _set_path(path)
+    try:
+        yield
+    finally:
+        _set_path(previous)
+
+
+def _set_path(path: str | None) -> None:
+    _state["path"] = path
+    if NATIVE_AVAILABLE:  # the C extension's own switch: the level of its path, or its best
+        level = _PATHS.index(path) - 1 if path not in (None, "torch") else _qmatmul.BEST_PATH
+        _qmatmul._simd(level)
+
+
+def prepare_qmatmul(enc: QuantizedTensor, bias: torch.Tensor | None = None) -> Prepared:
+    """The callable x (..., K) -> (..., N) float32, holding only references to the encoding's arrays."""
+    out_f, in_f = enc.shape
+    codes, scale = enc.codes.contiguous(), enc.scale.contiguous()
+    zero = None if enc.zero is None else enc.zero.contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    arrays = (codes.numpy(), scale.numpy(), None if zero is None else zero.numpy(), None if b is None else b.numpy())
+    shape = (out_f, in_f, enc.scheme.bits, enc.scheme.group_size)  # group_size 0 = per channel, as the C kernel reads it
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.detach().reshape(-1, in_f)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()  # (M, K)
+        if _state["path"] == "torch" or not NATIVE_AVAILABLE:
+            y = _fallback(enc, x2, b)
+        else:
+            y = torch.empty(x2.shape[0], out_f)  # (M, N)
+            method = FUSED if x2.shape[0] <= FUSED_MAX_ROWS else TILED
+            _qmatmul.gemm(x2.numpy(), y.numpy(), *arrays, x2.shape[0], *shape, method, torch.get_num_threads())
+        return y.reshape(*lead, out_f)
+
+    return run
+
+
+def _fallback(enc: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The portable kernel: decode a block of output rows at a time and multiply it (x (M, K))."""
+    out_f, in_f = enc.shape
+    y = torch.empty(x.shape[0], out_f)  # (M, N)
+    step = max(1, _FALLBACK_BLOCK_FLOATS // in_f)
+    for n0 in range(0, out_f, step):
+        rows = torch.arange(n0, min(n0 + step, out_f))
+        y[:, n0:n0 + len(rows)] = F.linear(x, enc.decode_rows(rows), None if bias is None else bias[rows])
+    return y
