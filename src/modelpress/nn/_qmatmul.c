@@ -13,8 +13,9 @@
  *
  * and w[n, k] = (code - z) * s is computed in float32 exactly as QuantizedTensor.decode computes
  * it (a subtraction then a multiplication, each rounded once), so each output is a dot product of
- * x with the decoded weights, summed in a fixed order: eight lanes over k in chunks of 8, the lanes
- * added pairwise, then the columns past the last whole chunk. The order depends on nothing else:
+ * x with the decoded weights, summed in a fixed order: k in chunks of 8, chunk c into chain c % 4
+ * (four independent chains of eight lanes, so the multiply-adds do not wait on each other), the
+ * chains added, then the lanes pairwise, then the columns past the last whole chunk. The order depends on nothing else:
  * not on the method, the number of rows of x, the thread count, or how rows are split between
  * threads, so a token's output is bit-identical whether it runs alone (decode) or in a batch
  * (prefill). The scalar path sums in the same order with separate multiply and add (no FMA), so
@@ -23,10 +24,10 @@
  * the bit-identity between methods.
  *
  * Two methods, chosen by the caller per call (modelpress/nn/qmatmul.py holds the cost model):
- *   FUSED (0)  unpack each chunk of codes into registers and multiply it into up to 4 rows of x
- *              at once; nothing is written but y. Best for 1-4 rows (decode).
+ *   FUSED (0)  unpack each chunk of codes into registers and multiply it into 2 rows of x at
+ *              once; nothing is written but y. Best for 1-2 rows (decode).
  *   TILED (1)  decode one weight row into a float scratch row (K floats, in L1) once, then take
- *              its dot product with 8 rows of x at a time. Best for many rows (prefill).
+ *              its dot product with 3 rows of x at a time. Best for more rows (prefill).
  *
  * Paths: AVX2 + FMA where the CPU has them (checked at import), else portable scalar C; `_simd`
  * switches between them for tests. Threads: output rows are split into contiguous ranges, one per
@@ -132,18 +133,23 @@ static void decode_row_scalar(const Job *j, Py_ssize_t n, float *out)
     }
 }
 
-/* sum_k a[k] b[k] in the kernel's order: 8 lanes over whole chunks, lanes added pairwise, then the tail. */
+/* sum_k a[k] b[k] in the kernel's order (the top of this file): chunk c of 8 products goes to chain
+ * c % 4 (eight lanes each), the chains are added as (0 + 1) + (2 + 3), the lanes pairwise, then the
+ * columns past the last whole chunk are added one by one. */
 static float dot_scalar(const float *a, const float *b, Py_ssize_t K)
 {
-    float lane[8] = {0};
-    Py_ssize_t whole = K / 8 * 8;
-    for (Py_ssize_t k = 0; k < whole; k += 8) {
+    float chain[4][8] = {{0}}, lane[8];
+    Py_ssize_t whole = K / 8;
+    for (Py_ssize_t c = 0; c < whole; c++) {
         for (int i = 0; i < 8; i++) {
-            lane[i] += a[k + i] * b[k + i];
+            chain[c & 3][i] += a[8 * c + i] * b[8 * c + i];
         }
     }
+    for (int i = 0; i < 8; i++) {
+        lane[i] = (chain[0][i] + chain[1][i]) + (chain[2][i] + chain[3][i]);
+    }
     float acc = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-    for (Py_ssize_t k = whole; k < K; k++) {
+    for (Py_ssize_t k = whole * 8; k < K; k++) {
         acc += a[k] * b[k];
     }
     return acc;
@@ -178,44 +184,81 @@ AVX2_INLINE __m256i chunk_codes(const uint8_t *row, Py_ssize_t c, const int bits
     return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << bits) - 1));
 }
 
-AVX2_INLINE float hsum(__m256 v)
+/* The four chains added as (0 + 1) + (2 + 3), then the lanes: (0+4, 1+5, 2+6, 3+7), then
+ * (0+4 + 2+6, 1+5 + 3+7), then their sum: dot_scalar's order. */
+AVX2_INLINE float reduce(const __m256 *chain)
 {
-    /* lanes (0+4, 1+5, 2+6, 3+7), then (0+4 + 2+6, 1+5 + 3+7), then their sum: dot_scalar's order */
+    __m256 v = _mm256_add_ps(_mm256_add_ps(chain[0], chain[1]), _mm256_add_ps(chain[2], chain[3]));
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     __m128 h = _mm_add_ps(q, _mm_movehl_ps(q, q));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
 
-/* FUSED: rows m0..m0+MR-1 of y, column n. Codes are unpacked once per chunk for all MR rows. */
+/* Walks a weight row chunk by chunk, keeping the current group's scale and zero point. */
+typedef struct {
+    const Job *j;
+    const uint8_t *row;
+    Py_ssize_t n, per_group, next; /* chunks per group; the first chunk of the next group */
+    int g;
+    __m256 vs, vz;
+} RowWalk;
+
+AVX2_INLINE RowWalk row_walk(const Job *j, Py_ssize_t n)
+{
+    RowWalk w = {j, j->codes + n * j->row_bytes, n, j->gs / 8, 0, -1, _mm256_setzero_ps(), _mm256_setzero_ps()};
+    return w;
+}
+
+/* The 8 decoded weights of chunk c (chunks visited in increasing order). */
+AVX2_INLINE __m256 chunk_weights(RowWalk *w, Py_ssize_t c, const int bits)
+{
+    if (c >= w->next) { /* chunks come in order, one group after another: no division */
+        float s, z;
+        w->g++;
+        w->next += w->per_group;
+        group_params(w->j, w->n, w->g, &s, &z);
+        w->vs = _mm256_set1_ps(s);
+        w->vz = _mm256_set1_ps(z);
+    }
+    return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(chunk_codes(w->row, c, bits)), w->vz), w->vs);
+}
+
+/* acc[r][chain] += w * x[r] over chunk c, for MR rows of x (row stride K). */
+#define FMA_ROWS(MR, acc, chain, wv, x, K, c)                                                         \
+    for (int r_ = 0; r_ < (MR); r_++) {                                                             \
+        (acc)[r_][chain] = _mm256_fmadd_ps((wv), _mm256_loadu_ps((x) + r_ * (K) + 8 * (c)), (acc)[r_][chain]); \
+    }
+
+/* FUSED: rows m0..m0+MR-1 of y, column n; codes unpacked once per chunk for all MR rows. */
 AVX2_INLINE void fused_block(const Job *j, Py_ssize_t n, Py_ssize_t m0, const int MR, const int bits)
 {
-    const uint8_t *row = j->codes + n * j->row_bytes;
-    const Py_ssize_t K = j->K, whole = K / 8, per_group = j->gs / 8;
+    const Py_ssize_t K = j->K, whole = K / 8;
     const float *x = j->x + m0 * K;
-    __m256 acc[4];
+    RowWalk walk = row_walk(j, n);
+    __m256 acc[2][4];
     for (int r = 0; r < MR; r++) {
-        acc[r] = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            acc[r][i] = _mm256_setzero_ps();
+        }
     }
     Py_ssize_t c = 0;
-    for (int g = 0; c < whole; g++) {
-        float s, z;
-        group_params(j, n, g, &s, &z);
-        const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
-        Py_ssize_t end = per_group * (g + 1) < whole ? per_group * (g + 1) : whole;
-        for (; c < end; c++) {
-            __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(chunk_codes(row, c, bits)), vz), vs);
-            for (int r = 0; r < MR; r++) {
-                acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + 8 * c), acc[r]);
-            }
+    for (; c + 4 <= whole; c += 4) {
+        for (int i = 0; i < 4; i++) {
+            __m256 wv = chunk_weights(&walk, c + i, bits);
+            FMA_ROWS(MR, acc, i, wv, x, K, c + i)
         }
+    }
+    for (int i = 0; c + i < whole; i++) {
+        __m256 wv = chunk_weights(&walk, c + i, bits);
+        FMA_ROWS(MR, acc, i, wv, x, K, c + i)
     }
     float b = j->bias ? j->bias[n] : 0.0f;
     for (int r = 0; r < MR; r++) {
-        float sum = hsum(acc[r]);
+        float sum = reduce(acc[r]);
         for (Py_ssize_t k = whole * 8; k < K; k++) { /* only per-channel rows have a tail (gs = K) */
             float s, z;
             group_params(j, n, (int)(k / j->gs), &s, &z);
-            sum += x[r * K + k] * (((float)code_at(row, k, bits) - z) * s);
+            sum += x[r * K + k] * (((float)code_at(walk.row, k, bits) - z) * s);
         }
         j->y[(m0 + r) * j->N + n] = sum + b;
     }
@@ -225,14 +268,11 @@ AVX2_INLINE void fused_rows(const Job *j, Py_ssize_t n0, Py_ssize_t n1, const in
 {
     for (Py_ssize_t n = n0; n < n1; n++) {
         Py_ssize_t m = 0;
-        for (; m + 4 <= j->M; m += 4) {
-            fused_block(j, n, m, 4, bits);
+        for (; m + 2 <= j->M; m += 2) {
+            fused_block(j, n, m, 2, bits);
         }
-        switch (j->M - m) {
-        case 3: fused_block(j, n, m, 3, bits); break;
-        case 2: fused_block(j, n, m, 2, bits); break;
-        case 1: fused_block(j, n, m, 1, bits); break;
-        default: break;
+        if (m < j->M) {
+            fused_block(j, n, m, 1, bits);
         }
     }
 }
@@ -240,23 +280,15 @@ AVX2_INLINE void fused_rows(const Job *j, Py_ssize_t n0, Py_ssize_t n1, const in
 /* The decoded weight row n into out (K floats): the same values decode_row_scalar writes. */
 AVX2_INLINE void decode_row_avx2(const Job *j, Py_ssize_t n, float *out, const int bits)
 {
-    const uint8_t *row = j->codes + n * j->row_bytes;
-    const Py_ssize_t K = j->K, whole = K / 8, per_group = j->gs / 8;
-    Py_ssize_t c = 0;
-    for (int g = 0; c < whole; g++) {
-        float s, z;
-        group_params(j, n, g, &s, &z);
-        const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
-        Py_ssize_t end = per_group * (g + 1) < whole ? per_group * (g + 1) : whole;
-        for (; c < end; c++) {
-            _mm256_storeu_ps(out + 8 * c,
-                             _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(chunk_codes(row, c, bits)), vz), vs));
-        }
+    const Py_ssize_t K = j->K, whole = K / 8;
+    RowWalk walk = row_walk(j, n);
+    for (Py_ssize_t c = 0; c < whole; c++) {
+        _mm256_storeu_ps(out + 8 * c, chunk_weights(&walk, c, bits));
     }
     for (Py_ssize_t k = whole * 8; k < K; k++) {
         float s, z;
         group_params(j, n, (int)(k / j->gs), &s, &z);
-        out[k] = ((float)code_at(row, k, bits) - z) * s;
+        out[k] = ((float)code_at(walk.row, k, bits) - z) * s;
     }
 }
 
@@ -265,19 +297,26 @@ AVX2_INLINE void tiled_block(const Job *j, Py_ssize_t n, const float *w, Py_ssiz
 {
     const Py_ssize_t K = j->K, whole = K / 8;
     const float *x = j->x + m0 * K;
-    __m256 acc[8];
+    __m256 acc[3][4];
     for (int r = 0; r < MR; r++) {
-        acc[r] = _mm256_setzero_ps();
-    }
-    for (Py_ssize_t c = 0; c < whole; c++) {
-        __m256 wv = _mm256_loadu_ps(w + 8 * c);
-        for (int r = 0; r < MR; r++) {
-            acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + 8 * c), acc[r]);
+        for (int i = 0; i < 4; i++) {
+            acc[r][i] = _mm256_setzero_ps();
         }
+    }
+    Py_ssize_t c = 0;
+    for (; c + 4 <= whole; c += 4) {
+        for (int i = 0; i < 4; i++) {
+            __m256 wv = _mm256_loadu_ps(w + 8 * (c + i));
+            FMA_ROWS(MR, acc, i, wv, x, K, c + i)
+        }
+    }
+    for (int i = 0; c + i < whole; i++) {
+        __m256 wv = _mm256_loadu_ps(w + 8 * (c + i));
+        FMA_ROWS(MR, acc, i, wv, x, K, c + i)
     }
     float b = j->bias ? j->bias[n] : 0.0f;
     for (int r = 0; r < MR; r++) {
-        float sum = hsum(acc[r]);
+        float sum = reduce(acc[r]);
         for (Py_ssize_t k = whole * 8; k < K; k++) {
             sum += x[r * K + k] * w[k];
         }
@@ -290,18 +329,12 @@ AVX2_INLINE void tiled_rows(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *s
     for (Py_ssize_t n = n0; n < n1; n++) {
         decode_row_avx2(j, n, scratch, bits);
         Py_ssize_t m = 0;
-        for (; m + 8 <= j->M; m += 8) {
-            tiled_block(j, n, scratch, m, 8);
+        for (; m + 3 <= j->M; m += 3) {
+            tiled_block(j, n, scratch, m, 3);
         }
-        if (j->M - m >= 4) {
-            tiled_block(j, n, scratch, m, 4);
-            m += 4;
-        }
-        if (j->M - m >= 2) {
+        if (j->M - m == 2) {
             tiled_block(j, n, scratch, m, 2);
-            m += 2;
-        }
-        if (j->M - m >= 1) {
+        } else if (j->M - m == 1) {
             tiled_block(j, n, scratch, m, 1);
         }
     }

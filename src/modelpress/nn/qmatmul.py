@@ -38,7 +38,7 @@ __all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "supports_qmatmul", "prepare_qm
 
 NATIVE_AVAILABLE = _qmatmul is not None  # whether the C kernel was built here
 FUSED, TILED = 0, 1  # the C kernel's methods
-FUSED_MAX_ROWS = 4  # the cost model's crossover (module docstring)
+FUSED_MAX_ROWS = 2  # the cost model's crossover (module docstring)
 _FALLBACK_BLOCK_FLOATS = 1 << 18  # the PyTorch fallback decodes at most this many weights at a time (1 MiB)
 _PATHS = ("torch", "scalar", "avx2")  # the fallback, then the C extension's paths by level
 _state = {"path": None}  # None: the best path this machine runs; tests force others through use_path
