@@ -128,6 +128,35 @@ def test_the_c_paths_agree_to_rounding():
         torch.testing.assert_close(y, out[NATIVE_PATHS[0]], rtol=1e-5, atol=1e-5)
 
 
+@native_only
+@pytest.mark.parametrize("native", NATIVE_PATHS)
+@pytest.mark.parametrize(("bits", "symmetric", "group_size"), SCHEMES, ids=[f"{b}{'s' if s else 'a'}{g}" for b, s, g in SCHEMES])
+def test_the_c_kernel_decodes_exactly_as_the_encoding_does(native, bits, symmetric, group_size):
+    """What the kernels multiply by is bit for bit QuantizedTensor.decode (rows 2..8 of 9 here)."""
+    from modelpress.nn import _qmatmul
+
+    in_f = 128 if isinstance(group_size, int) else 61
+    enc = qenc(9, in_f, bits, symmetric, group_size, seed=bits)
+    out = torch.empty(6, in_f)
+    gs = 0 if group_size == "channel" else group_size
+    zero = None if enc.zero is None else enc.zero.numpy()
+    with qmatmul.use_path(native):
+        _qmatmul.decode_rows(out.numpy(), enc.codes.numpy(), enc.scale.numpy(), zero, 9, in_f, bits, gs, 2, 8)
+    assert torch.equal(out, enc.decode()[2:8])
+
+
+@native_only
+@pytest.mark.parametrize("rows", [qmatmul.BLAS_MIN_ROWS, 40])
+def test_many_rows_multiply_decoded_blocks_with_blas(monkeypatch, rows):
+    monkeypatch.setattr(qmatmul, "_TILE_FLOATS", 5 * 96)  # 5 weight rows per block: 7 blocks for 33 rows
+    enc = qenc(33, 96, 4, True, 32)
+    bias = torch.randn(33, generator=gen(4))
+    x = torch.randn(rows, 96, generator=gen(5))
+    y = CompressedLinear(enc, bias, Kernel.QMATMUL)(x)
+    assert_close_to_reference(y, x, enc, bias)
+    torch.testing.assert_close(y, F.linear(x, enc.decode(), bias), rtol=0, atol=1e-5)
+
+
 def test_the_fallback_decodes_block_by_block(monkeypatch):
     monkeypatch.setattr(qmatmul, "_FALLBACK_BLOCK_FLOATS", 3 * 64)  # 3 rows per block: 5 blocks for 13 rows
     enc = qenc(13, 64, 4, True, 32)
@@ -234,6 +263,17 @@ def test_auto_times_what_has_no_rule_interleaved_per_row_count(monkeypatch):
 
 
 # ---------------------------------------------------------------- the C entry point refuses what does not fit
+
+
+@native_only
+@pytest.mark.parametrize(("n0", "n1", "out_rows"), [(0, 9, 8), (-1, 2, 3), (3, 2, 0), (5, 10, 5), (0, 2, 3)])
+def test_decode_rows_refuses_rows_outside_the_weight_or_a_wrong_buffer(n0, n1, out_rows):
+    from modelpress.nn import _qmatmul
+
+    enc = qenc(9, 64, 4, True, 32)
+    with pytest.raises(ValueError):
+        _qmatmul.decode_rows(torch.empty(out_rows, 64).numpy(), enc.codes.numpy(), enc.scale.numpy(), None,
+                             9, 64, 4, 32, n0, n1)
 
 
 @native_only

@@ -340,6 +340,16 @@ AVX2_INLINE void tiled_rows(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *s
     }
 }
 
+static AVX2 void decode_row_dispatch(const Job *j, Py_ssize_t n, float *out)
+{
+    switch (j->bits) {
+    case 2: decode_row_avx2(j, n, out, 2); break;
+    case 3: decode_row_avx2(j, n, out, 3); break;
+    case 4: decode_row_avx2(j, n, out, 4); break;
+    default: decode_row_avx2(j, n, out, 8); break;
+    }
+}
+
 static AVX2 void rows_avx2(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *scratch)
 {
     if (j->method == FUSED || scratch == NULL) {
@@ -625,6 +635,60 @@ out:
     return result;
 }
 
+/* decode_rows: rows [n0, n1) of W as floats into out, the values the kernels multiply by. */
+static PyObject *py_decode_rows(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer out = {0}, codes = {0}, scale = {0}, zero = {0}, none_x = {0}, none_b = {0};
+    PyObject *zero_obj, *result = NULL;
+    Job j = {0};
+    Py_ssize_t n0, n1;
+    if (!PyArg_ParseTuple(args, "w*y*y*Onniinn:decode_rows", &out, &codes, &scale, &zero_obj, &j.N, &j.K, &j.bits,
+                          &j.gs, &n0, &n1)) {
+        return NULL;
+    }
+    int has_zero = zero_obj != Py_None;
+    if (has_zero && PyObject_GetBuffer(zero_obj, &zero, PyBUF_SIMPLE) < 0) {
+        goto out;
+    }
+    none_x.buf = out.buf; /* no x or y here: M = 0 makes their checked sizes 0 */
+    none_b.buf = out.buf;
+    if (setup_job(&j, &none_x, &none_b, &codes, &scale, &zero, NULL, has_zero, 0) < 0) {
+        goto out;
+    }
+    if (n0 < 0 || n1 < n0 || n1 > j.N) {
+        PyErr_Format(PyExc_ValueError, "rows [%zd, %zd) are not inside [0, %zd)", n0, n1, j.N);
+        goto out;
+    }
+    if (check_len(&out, mul_size(n1 - n0, j.K) * 4, "out") < 0 || (uintptr_t)out.buf % 4) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "out must be aligned to 4 bytes");
+        }
+        goto out;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    float *dst = out.buf;
+    for (Py_ssize_t n = n0; n < n1; n++, dst += j.K) {
+#if HAVE_AVX2_PATH
+        if (j.path == PATH_AVX2) {
+            decode_row_dispatch(&j, n, dst);
+            continue;
+        }
+#endif
+        decode_row_scalar(&j, n, dst);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scale);
+    if (has_zero && zero.obj) {
+        PyBuffer_Release(&zero);
+    }
+    return result;
+}
+
 static PyObject *py_simd(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int level = -1;
@@ -644,6 +708,11 @@ PyDoc_STRVAR(gemm_doc,
 "(zero None: symmetric), bias (N,) float32 or None, group_size 0 = per channel, method 0 fused\n"
 "or 1 tiled. Every buffer must be C-contiguous and exactly the declared size.");
 
+PyDoc_STRVAR(decode_rows_doc,
+"decode_rows(out, codes, scale, zero, N, K, bits, group_size, n0, n1) -> None\n\n"
+"Rows [n0, n1) of the weight, decoded into out ((n1 - n0, K) float32, C-contiguous), exactly as\n"
+"QuantizedTensor.decode computes them.");
+
 PyDoc_STRVAR(simd_doc,
 "_simd(level=-1) -> int\n\n"
 "Test hook: the path in use (0 scalar C, 1 AVX2 + FMA); with a level, use that path or the best\n"
@@ -651,6 +720,7 @@ PyDoc_STRVAR(simd_doc,
 
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS, gemm_doc},
+    {"decode_rows", py_decode_rows, METH_VARARGS, decode_rows_doc},
     {"_simd", py_simd, METH_VARARGS, simd_doc},
     {NULL, NULL, 0, NULL},
 };

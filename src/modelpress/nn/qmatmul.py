@@ -9,13 +9,21 @@ portable C, on `torch.get_num_threads()` threads. Without the extension, a PyTor
 decodes blocks of output rows (at most `_FALLBACK_BLOCK_FLOATS` floats at a time) and multiplies
 each: the same product, slower, still without a float copy of the whole weight.
 
-Method per call, by a cost model rather than a clock (a busy machine cannot mislead it): per chunk
-of 8 weights the fused method spends ~6 vector ops unpacking codes for every block of up to 4
-input rows, plus one FMA per row; the tiled method unpacks once, stores the decoded row (in L1),
-then spends a load and an FMA per row, 8 rows at a time. Fused costs about 6 + 1.5 r per chunk for
-r rows, tiled about 7 + 1.1 r: fused wins for r <= FUSED_MAX_ROWS (decode, 1 row), tiled beyond
-(prefill). Both give bit-identical outputs (the C file's header says why), so the choice never
-changes an answer.
+Method per call, by a cost model rather than a clock (a busy machine cannot mislead it), from the
+number of input rows r:
+- r <= FUSED_MAX_ROWS (decode): the C kernel's fused method. Per chunk of 8 weights it spends ~6
+  vector ops unpacking codes for every pair of rows, plus one FMA per row: it reads the packed
+  codes once and writes nothing but y, so it streams 4-8x fewer bytes than an fp32 matmul.
+- r < BLAS_MIN_ROWS: its tiled method: each weight row is unpacked once into a float row in L1
+  (~7 ops per chunk), then each row of x costs a load and an FMA per chunk, 3 rows at a time;
+  cheaper than fused from 3 rows on.
+- r >= BLAS_MIN_ROWS (prefill): blocks of `_TILE_FLOATS` weights are decoded by the C kernel into
+  one reused float buffer (in L2) and multiplied by PyTorch's BLAS, which reaches far more of the
+  CPU's peak on many rows than a hand-written loop; decoding is then ~1/r of the work. No float
+  copy of the whole weight exists at any time.
+The fused and tiled methods give bit-identical outputs (the C file's header says why); the BLAS
+method differs from them by float rounding only. The crossovers are op counts, not timings of
+this machine: benchmarks/bench_qmatmul.py measures them on a quiet one.
 """
 
 from __future__ import annotations
@@ -34,11 +42,13 @@ try:
 except ImportError:  # installed without a C compiler: the PyTorch fallback runs instead
     _qmatmul = None
 
-__all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "supports_qmatmul", "prepare_qmatmul", "paths", "use_path"]
+__all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "BLAS_MIN_ROWS", "supports_qmatmul", "prepare_qmatmul", "paths", "use_path"]
 
 NATIVE_AVAILABLE = _qmatmul is not None  # whether the C kernel was built here
 FUSED, TILED = 0, 1  # the C kernel's methods
-FUSED_MAX_ROWS = 2  # the cost model's crossover (module docstring)
+FUSED_MAX_ROWS = 2  # the cost model's crossovers (module docstring)
+BLAS_MIN_ROWS = 16
+_TILE_FLOATS = 1 << 16  # weights decoded per BLAS block (256 KiB of float32, half of L2)
 _FALLBACK_BLOCK_FLOATS = 1 << 18  # the PyTorch fallback decodes at most this many weights at a time (1 MiB)
 _PATHS = ("torch", "scalar", "avx2")  # the fallback, then the C extension's paths by level
 _state = {"path": None}  # None: the best path this machine runs; tests force others through use_path
@@ -100,15 +110,34 @@ def prepare_qmatmul(enc: QuantizedTensor, bias: torch.Tensor | None = None) -> P
         x2 = x.detach().reshape(-1, in_f)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()  # (M, K)
+        rows = x2.shape[0]
         if _state["path"] == "torch" or not NATIVE_AVAILABLE:
             y = _fallback(enc, x2, b)
+        elif rows >= BLAS_MIN_ROWS:
+            y = _blas_tiles(x2, arrays, shape, b)
         else:
-            y = torch.empty(x2.shape[0], out_f)  # (M, N)
-            method = FUSED if x2.shape[0] <= FUSED_MAX_ROWS else TILED
-            _qmatmul.gemm(x2.numpy(), y.numpy(), *arrays, x2.shape[0], *shape, method, torch.get_num_threads())
+            y = torch.empty(rows, out_f)  # (M, N)
+            method = FUSED if rows <= FUSED_MAX_ROWS else TILED
+            _qmatmul.gemm(x2.numpy(), y.numpy(), *arrays, rows, *shape, method, torch.get_num_threads())
         return y.reshape(*lead, out_f)
 
     return run
+
+
+def _blas_tiles(x: torch.Tensor, arrays: tuple, shape: tuple, bias: torch.Tensor | None) -> torch.Tensor:
+    """Many rows: decode a block of weight rows at a time (C), multiply it with BLAS (x (M, K))."""
+    codes, scale, zero, _ = arrays
+    out_f, in_f, bits, gs = shape
+    step = max(1, _TILE_FLOATS // in_f)
+    block = torch.empty(min(step, out_f), in_f)  # (T, K), reused
+    y_t = torch.empty(out_f, x.shape[0])  # (N, M): each block's rows are contiguous here
+    for n0 in range(0, out_f, step):
+        n1 = min(n0 + step, out_f)
+        w = block[: n1 - n0]
+        _qmatmul.decode_rows(w.numpy(), codes, scale, zero, out_f, in_f, bits, gs, n0, n1)
+        torch.mm(w, x.t(), out=y_t[n0:n1])
+    y = y_t.t().contiguous()  # (M, N)
+    return y if bias is None else y.add_(bias)
 
 
 def _fallback(enc: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
