@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
+import numpy
 import torch
 import torch.nn.functional as F
 
@@ -106,20 +107,19 @@ def prepare_qmatmul(enc: QuantizedTensor, bias: torch.Tensor | None = None) -> P
     shape = (out_f, in_f, enc.scheme.bits, enc.scheme.group_size)  # group_size 0 = per channel, as the C kernel reads it
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, in_f)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()  # (M, K)
-        rows = x2.shape[0]
+        if x.requires_grad:
+            x = x.detach()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        rows = x.numel() // in_f  # x (..., K) as (M, K): the C kernel reads the buffer, no reshape needed
         if _state["path"] == "torch" or not NATIVE_AVAILABLE:
-            y = _fallback(enc, x2, b)
-        elif rows >= BLAS_MIN_ROWS:
-            y = _blas_tiles(x2, arrays, shape, b)
-        else:
-            y = torch.empty(rows, out_f)  # (M, N)
-            method = FUSED if rows <= FUSED_MAX_ROWS else TILED
-            _qmatmul.gemm(x2.numpy(), y.numpy(), *arrays, rows, *shape, method, torch.get_num_threads())
-        return y.reshape(*lead, out_f)
+            return _fallback(enc, x.reshape(rows, in_f), b).reshape(*x.shape[:-1], out_f)
+        if rows >= BLAS_MIN_ROWS:
+            return _blas_tiles(x.reshape(rows, in_f), arrays, shape, b).reshape(*x.shape[:-1], out_f)
+        y = numpy.empty((*x.shape[:-1], out_f), numpy.float32)  # cheaper than torch.empty + .numpy() per call
+        method = FUSED if rows <= FUSED_MAX_ROWS else TILED
+        _qmatmul.gemm(x.numpy(), y, *arrays, rows, *shape, method, torch.get_num_threads())
+        return torch.from_numpy(y)
 
     return run
 
