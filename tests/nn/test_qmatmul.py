@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.encodings import DenseTensor, QuantizedTensor, QuantScheme, quantize
+from modelpress.encodings.scaled import ChannelScaledTensor
 from modelpress.nn import CompressedEmbedding, CompressedLinear, Kernel, select_kernel, supports
 from modelpress.nn import qmatmul
 from modelpress.nn.kernels import prepare
@@ -157,6 +158,17 @@ def test_many_rows_multiply_decoded_blocks_with_blas(monkeypatch, rows):
     torch.testing.assert_close(y, F.linear(x, enc.decode(), bias), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_a_channel_scaled_weight_multiplies_its_input_first(path, rows):
+    """AWQ/SmoothQuant scales no op absorbed: W_eff = inner * input_scale, run as (x * input_scale) inner^T."""
+    inner = qenc(24, 64, 4, True, 32)
+    enc = ChannelScaledTensor(inner, torch.rand(64, generator=gen(3)) + 0.5)
+    x = torch.randn(rows, 64, generator=gen(4))
+    layer = CompressedLinear(enc, None, Kernel.QMATMUL)
+    ref = F.linear(x.double(), enc.decode().double()).float()
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-5)
+
+
 def test_the_fallback_decodes_block_by_block(monkeypatch):
     monkeypatch.setattr(qmatmul, "_FALLBACK_BLOCK_FLOATS", 3 * 64)  # 3 rows per block: 5 blocks for 13 rows
     enc = qenc(13, 64, 4, True, 32)
@@ -209,6 +221,8 @@ def test_a_tied_table_is_gathered_and_multiplied_without_decoding_it(monkeypatch
     (lambda: qenc(8, 64, 4, False, 16), True),
     (lambda: qenc(8, 60, 8, True, "channel"), True),
     (lambda: qenc(8, 48, 4, True, 12), False),  # groups must be whole 8-code chunks
+    (lambda: ChannelScaledTensor(qenc(8, 64, 4, True, 32), torch.ones(64)), True),
+    (lambda: ChannelScaledTensor(DenseTensor(torch.randn(8, 64)), torch.ones(64)), False),
     (lambda: qenc(8, 64, 8, True, "tensor"), False),
     (lambda: DenseTensor(torch.randn(8, 64)), False),
     (lambda: quantize(torch.randn(8, 4, 2, 2), QuantScheme(8, True, "channel")), False),  # a conv weight

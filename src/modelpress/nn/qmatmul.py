@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from modelpress.encodings import Encoding, QuantizedTensor
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
+from modelpress.encodings.scaled import ChannelScaledTensor
 
 try:
     from modelpress.nn import _qmatmul
@@ -58,7 +59,10 @@ Prepared = Callable[[torch.Tensor], torch.Tensor]
 
 
 def supports_qmatmul(enc: Encoding) -> bool:
-    """A 2-D quantised weight with a scale per row or per group of a multiple of 8 columns."""
+    """A 2-D quantised weight with a scale per row or per group of a multiple of 8 columns (or such a
+    weight times per-input-channel scales no op absorbed: AWQ/SmoothQuant's ChannelScaledTensor)."""
+    if isinstance(enc, ChannelScaledTensor):
+        enc = enc.inner
     if not isinstance(enc, QuantizedTensor) or len(enc.shape) != 2:
         return False
     gs = enc.scheme.group_size
@@ -97,8 +101,11 @@ def _set_path(path: str | None) -> None:
         _qmatmul._simd(level)
 
 
-def prepare_qmatmul(enc: QuantizedTensor, bias: torch.Tensor | None = None) -> Prepared:
+def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor, bias: torch.Tensor | None = None) -> Prepared:
     """The callable x (..., K) -> (..., N) float32, holding only references to the encoding's arrays."""
+    if isinstance(enc, ChannelScaledTensor):  # x W_eff^T = (x * input_scale) inner^T: one pass over x
+        run_inner, input_scale = prepare_qmatmul(enc.inner, bias), enc.input_scale
+        return lambda x: run_inner(x.float() * input_scale)  # (..., K) * (K,)
     out_f, in_f = enc.shape
     codes, scale = enc.codes.contiguous(), enc.scale.contiguous()
     zero = None if enc.zero is None else enc.zero.contiguous()
