@@ -115,8 +115,13 @@ static inline uint32_t code_at(const uint8_t *row, Py_ssize_t k, int bits)
 static inline uint32_t chunk_word(const uint8_t *row, Py_ssize_t c, int bits)
 {
     const uint8_t *p = row + c * bits;
-    uint32_t w = 0;
-    memcpy(&w, p, (size_t)bits); /* little-endian hosts: the first byte is the lowest */
+    uint32_t w = p[0] | (uint32_t)p[1] << 8; /* bytes in stream order on any host (one load on x86) */
+    if (bits > 2) {
+        w |= (uint32_t)p[2] << 16;
+    }
+    if (bits > 3) {
+        w |= (uint32_t)p[3] << 24;
+    }
     return w;
 }
 
@@ -180,7 +185,13 @@ AVX2_INLINE __m256i chunk_codes(const uint8_t *row, Py_ssize_t c, const int bits
         return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8 * c)));
     }
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    __m256i w = _mm256_set1_epi32((int)chunk_word(row, c, bits));
+    uint32_t word;
+    if (bits == 4) { /* x86 is little-endian: one 4-byte load, broadcast straight from memory */
+        memcpy(&word, row + 4 * c, 4);
+    } else {
+        word = chunk_word(row, c, bits);
+    }
+    __m256i w = _mm256_set1_epi32((int)word);
     return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), _mm256_set1_epi32((1 << bits) - 1));
 }
 
