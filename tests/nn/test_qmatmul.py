@@ -359,3 +359,26 @@ def test_a_forked_child_starts_its_own_pool():
 def test_prepare_builds_qmatmul_only_where_supported():
     with pytest.raises(Exception, match="cannot run"):
         prepare(Kernel.QMATMUL, DenseTensor(torch.randn(4, 8)))
+
+
+def test_without_the_extension_auto_keeps_the_measured_choice(monkeypatch):
+    """No C compiler at install: QMATMUL still runs (the PyTorch fallback) but AUTO does not pick it by rule."""
+    from modelpress.nn import kernels
+
+    monkeypatch.setattr(kernels, "NATIVE_AVAILABLE", False)
+    monkeypatch.setattr(kernels, "_TIMINGS", {})
+    enc = qenc(16, 64, 4, True, 32)
+    assert select_kernel(enc) is Kernel.DENSE  # the conftest clock makes every candidate equally fast
+    assert supports(Kernel.QMATMUL, enc)
+
+
+@native_only
+def test_thread_counts_changing_call_by_call():
+    """The pool keeps workers started for more threads than a later call asks: every result stays exact."""
+    enc = qenc(96, 128, 4, True, 32)
+    layer = CompressedLinear(enc, None, Kernel.QMATMUL)
+    x = torch.randn(2, 128, generator=gen(1))
+    expected = layer(x)
+    for i in range(300):
+        torch.set_num_threads((4, 2, 3, 1, 2)[i % 5])
+        assert torch.equal(layer(x), expected)

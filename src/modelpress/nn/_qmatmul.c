@@ -419,9 +419,9 @@ static void run_part(const Job *j, int part, int parts)
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t start, done;
-    int workers;             /* workers started: they run parts 1..workers */
+    int workers;             /* workers started: worker i runs part i of a job split in more than i parts */
     atomic_ulong generation; /* bumped once per job */
-    atomic_int remaining;    /* worker parts of the current job not finished */
+    atomic_int remaining;    /* workers not yet done with the current job */
     const Job *job;
     int parts;
 } pool;
@@ -449,15 +449,15 @@ static void *worker(void *arg)
         }
         pthread_mutex_unlock(&pool.mu);
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
-        const Job *job = pool.job;
-        int parts = pool.parts;
-        if (idx < parts) {
-            run_part(job, idx, parts);
-            if (atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_acq_rel) == 1) {
-                pthread_mutex_lock(&pool.mu);
-                pthread_cond_signal(&pool.done);
-                pthread_mutex_unlock(&pool.mu);
-            }
+        /* Every worker checks in for every job, with work or not (idx >= parts: none), so the
+         * caller cannot post the next job while any worker may still be reading this one. */
+        if (idx < pool.parts) {
+            run_part(pool.job, idx, pool.parts);
+        }
+        if (atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
         }
     }
     return NULL;
@@ -493,7 +493,7 @@ static void run_job(const Job *j, int threads)
         if (parts > 1) {
             pool.job = j;
             pool.parts = parts;
-            atomic_store(&pool.remaining, parts - 1);
+            atomic_store(&pool.remaining, pool.workers); /* all of them check in (see worker) */
             pthread_mutex_lock(&pool.mu);
             atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
             pthread_cond_broadcast(&pool.start);
