@@ -2,8 +2,8 @@
 
 For each shape (out x in) and row count (1 = a decode step, 64 = a prefill chunk), at 1 and 2
 threads: modelpress's QMATMUL (packed codes read directly, nn/_qmatmul.c) at int8 per channel and
-4-bit symmetric g32/g64 (576 is no multiple of 128), against F.linear on the fp32 weight and PyTorch's own weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). A decode step streams every layer's
+4-bit symmetric g32/g64 (576 is no multiple of 128), against F.linear on the fp32 weight and
+PyTorch's own weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). A decode step streams every layer's
 weights from memory once, so each candidate cycles through enough copies of the layer (at least
 `--stream-mb` of fp32 weights, beyond this CPU's 32 MiB L3) that no call finds its weight in
 cache; `--stream-mb 0` times one hot copy instead. Candidates take turns call by call (interleaved

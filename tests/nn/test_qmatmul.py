@@ -50,6 +50,7 @@ SCHEMES = [  # (bits, symmetric, group_size)
     (8, True, "channel"), (8, False, "channel"), (8, True, 32), (4, True, 32), (4, True, 64), (4, True, 128),
     (4, False, 32), (4, True, "channel"), (3, True, 16), (3, False, 64), (2, False, 8), (2, False, "channel"),
 ]
+SCHEME_IDS = [f"{b}{'s' if s else 'a'}{g}" for b, s, g in SCHEMES]
 SHAPES = [(1, 8), (7, 64), (33, 128), (48, 256)]  # (N, K): N odd or 1, K = 8 (one chunk) up to 256
 
 
@@ -131,7 +132,7 @@ def test_the_c_paths_agree_to_rounding():
 
 @native_only
 @pytest.mark.parametrize("native", NATIVE_PATHS)
-@pytest.mark.parametrize(("bits", "symmetric", "group_size"), SCHEMES, ids=[f"{b}{'s' if s else 'a'}{g}" for b, s, g in SCHEMES])
+@pytest.mark.parametrize(("bits", "symmetric", "group_size"), SCHEMES, ids=SCHEME_IDS)
 def test_the_c_kernel_decodes_exactly_as_the_encoding_does(native, bits, symmetric, group_size):
     """What the kernels multiply by is bit for bit QuantizedTensor.decode (rows 2..8 of 9 here)."""
     from modelpress.nn import _qmatmul

@@ -3,7 +3,8 @@
 A module holds its weight as an `Encoding` (the compressed truth that is saved) and prepares a
 kernel lazily on first use, so building or loading a model is cheap and the kernel is chosen on
 the machine that runs it. A CompressedLinear with kernel AUTO chooses twice, for 1-row inputs
-(decode) and for many rows (prefill); where both choices agree they share one prepared kernel. `weight` still answers (decoded) for code that reads it directly.
+(decode) and for many rows (prefill); where both choices agree they share one prepared kernel.
+`weight` still answers (decoded) for code that reads it directly.
 Both register with `nn.registry` (how they are built from the layer they replace, and saved).
 """
 

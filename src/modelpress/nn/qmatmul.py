@@ -44,7 +44,8 @@ try:
 except ImportError:  # installed without a C compiler: the PyTorch fallback runs instead
     _qmatmul = None
 
-__all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "BLAS_MIN_ROWS", "supports_qmatmul", "prepare_qmatmul", "paths", "use_path"]
+__all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "BLAS_MIN_ROWS", "supports_qmatmul", "prepare_qmatmul", "paths",
+           "use_path"]
 
 NATIVE_AVAILABLE = _qmatmul is not None  # whether the C kernel was built here
 FUSED, TILED = 0, 1  # the C kernel's methods
@@ -111,7 +112,7 @@ def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor, bias: torch.Tens
     zero = None if enc.zero is None else enc.zero.contiguous()
     b = None if bias is None else bias.detach().float().contiguous()
     arrays = (codes.numpy(), scale.numpy(), None if zero is None else zero.numpy(), None if b is None else b.numpy())
-    shape = (out_f, in_f, enc.scheme.bits, enc.scheme.group_size)  # group_size 0 = per channel, as the C kernel reads it
+    shape = (out_f, in_f, enc.scheme.bits, enc.scheme.group_size)  # group_size 0 = per channel, as C reads it
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
