@@ -115,8 +115,8 @@ def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor, bias: torch.Tens
     shape = (out_f, in_f, enc.scheme.bits, enc.scheme.group_size)  # group_size 0 = per channel, as C reads it
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad:
-            x = x.detach()
+        if x.requires_grad and torch.is_grad_enabled():  # training through this layer: a differentiable product
+            return F.linear(x, enc.decode(x.dtype), None if b is None else b.to(x.dtype))
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         rows = x.numel() // in_f  # x (..., K) as (M, K): the C kernel reads the buffer, no reshape needed
