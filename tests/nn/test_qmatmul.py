@@ -119,6 +119,26 @@ def test_outputs_do_not_depend_on_batching_method_or_threads(native, bits, group
 
 
 @native_only
+@pytest.mark.parametrize("native", NATIVE_PATHS)
+@pytest.mark.parametrize(("bits", "group_size", "in_f"), [(4, 32, 96), (8, "channel", 61), (3, 16, 64)])
+def test_without_row_buffers_the_results_are_the_same(native, bits, group_size, in_f):
+    """Where malloc fails the kernels still run (tiled as fused, scalar weight by weight): same outputs."""
+    from modelpress.nn import _qmatmul
+
+    enc = qenc(19, in_f, bits, False, group_size)
+    layer = CompressedLinear(enc, torch.randn(19, generator=gen(1)), Kernel.QMATMUL)
+    x = torch.randn(7, in_f, generator=gen(2))  # 7 rows: the tiled method
+    with qmatmul.use_path(native):
+        expected = layer(x)
+        _qmatmul._scratch(0)
+        try:
+            without = layer(x)
+        finally:
+            _qmatmul._scratch(1)
+    assert torch.equal(without, expected)
+
+
+@native_only
 def test_the_c_paths_agree_to_rounding():
     enc = qenc(40, 256, 4, True, 32)
     x = torch.randn(6, 256, generator=gen(7))

@@ -30,10 +30,11 @@
  *              its dot product with 3 rows of x at a time. Best for more rows (prefill).
  *
  * Paths: AVX2 + FMA where the CPU has them (checked at import), else portable scalar C; `_simd`
- * switches between them for tests. Threads: output rows are split into contiguous ranges, one per
- * thread, on a small persistent pthread pool (workers spin briefly, then sleep on a condition
- * variable); the caller passes the thread count (modelpress passes torch's). A call that finds the
- * pool busy (another Python thread inside a kernel) runs on its own thread. The GIL is released
+ * switches between them for tests. Threads: output rows are cut into chunks (8 per thread) that
+ * the caller and a small persistent pthread pool claim one at a time (workers spin briefly, then
+ * sleep on a condition variable), so a worker a busy machine has not scheduled leaves its share to
+ * the others; the caller passes the thread count (modelpress passes torch's). A call that finds
+ * the pool busy (another Python thread inside a kernel) runs on its own thread. The GIL is released
  * while the kernel runs. Every buffer length is checked against the declared shape first.
  */
 
@@ -72,6 +73,7 @@ typedef struct {
 
 static int best_path; /* the best path this CPU runs, set at import */
 static int use_path;  /* the path in use (tests may lower it) */
+static int use_scratch = 1; /* whether row buffers are allocated (tests switch it off: the no-memory paths) */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Scalar helpers                                                                             */
@@ -156,6 +158,33 @@ static float dot_scalar(const float *a, const float *b, Py_ssize_t K)
     float acc = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
     for (Py_ssize_t k = whole * 8; k < K; k++) {
         acc += a[k] * b[k];
+    }
+    return acc;
+}
+
+/* The output for row n of W and one row of x, decoding each weight as it goes (no row buffer): the
+ * same products in the same order as dot_scalar over a decoded row. */
+static float dot_codes_scalar(const Job *j, Py_ssize_t n, const float *x)
+{
+    const uint8_t *row = j->codes + n * j->row_bytes;
+    float chain[4][8] = {{0}}, lane[8], s = 0.0f, z = 0.0f;
+    Py_ssize_t whole = j->K / 8;
+    for (Py_ssize_t k = 0; k < j->K; k++) {
+        if (k % j->gs == 0) {
+            group_params(j, n, (int)(k / j->gs), &s, &z);
+        }
+        float w = ((float)code_at(row, k, j->bits) - z) * s;
+        if (k < whole * 8) {
+            chain[(k / 8) & 3][k % 8] += w * x[k];
+        }
+    }
+    for (int i = 0; i < 8; i++) {
+        lane[i] = (chain[0][i] + chain[1][i]) + (chain[2][i] + chain[3][i]);
+    }
+    float acc = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+    for (Py_ssize_t k = whole * 8; k < j->K; k++) {
+        float w = ((float)code_at(row, k, j->bits) - z) * s; /* the tail lies in the last group */
+        acc += x[k] * w;
     }
     return acc;
 }
@@ -381,49 +410,49 @@ static AVX2 void rows_avx2(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *sc
 }
 #endif
 
-/* Output columns [n0, n1) of the job (one thread's share). */
-static void run_range(const Job *j, Py_ssize_t n0, Py_ssize_t n1)
+/* Output columns [n0, n1) of the job; scratch: K floats, or NULL if none could be allocated. */
+static void run_range(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *scratch)
 {
-    if (n0 >= n1) {
-        return;
-    }
-    int need_scratch = j->path == PATH_SCALAR || j->method == TILED;
-    float *scratch = need_scratch ? malloc((size_t)j->K * sizeof(float)) : NULL;
 #if HAVE_AVX2_PATH
     if (j->path == PATH_AVX2) {
         rows_avx2(j, n0, n1, scratch); /* without scratch memory TILED runs as FUSED: same sums */
-        free(scratch);
         return;
     }
 #endif
-    if (scratch == NULL) { /* the scalar path cannot run without its row buffer: leave NaN, caller checks */
-        for (Py_ssize_t m = 0; m < j->M; m++) {
-            for (Py_ssize_t n = n0; n < n1; n++) {
-                j->y[m * j->N + n] = __builtin_nanf("");
+    if (scratch == NULL) { /* no row buffer: one output at a time, decoding as it goes */
+        for (Py_ssize_t n = n0; n < n1; n++) {
+            for (Py_ssize_t m = 0; m < j->M; m++) {
+                j->y[m * j->N + n] = dot_codes_scalar(j, n, j->x + m * j->K) + (j->bias ? j->bias[n] : 0.0f);
             }
         }
         return;
     }
     rows_scalar(j, n0, n1, scratch);
-    free(scratch);
-}
-
-static void run_part(const Job *j, int part, int parts)
-{
-    run_range(j, j->N * part / parts, j->N * (part + 1) / parts);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* The thread pool                                                                             */
+/*
+ * A job's output columns are cut into chunks; the calling thread and the woken workers claim
+ * chunks one at a time from a shared ticket (generation << 40 | threads << 32 | next chunk), so a
+ * worker the OS has not scheduled yet (a busy machine) leaves its share to the others instead of
+ * making them wait for it. The caller returns when every chunk is done. A worker claims only with
+ * a compare-and-swap on a ticket of its own job's generation, and a claimed chunk keeps the job
+ * alive (the caller waits for it), so a late worker can never touch a finished job.
+ */
+
+#define CHUNKS_PER_THREAD 8
 
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t start, done;
-    int workers;             /* workers started: worker i runs part i of a job split in more than i parts */
-    atomic_ulong generation; /* bumped once per job */
-    atomic_int remaining;    /* workers not yet done with the current job */
+    int workers;              /* workers started (worker i joins a job of more than i threads) */
+    atomic_ulong generation;  /* bumped once per job; wakes the workers */
+    atomic_ullong ticket;     /* generation (24 bits) | threads (8 bits) | next chunk (32 bits) */
+    atomic_llong chunks_done; /* chunks of the current job finished */
+    int waiting;              /* the caller sleeps on `done` */
     const Job *job;
-    int parts;
+    Py_ssize_t chunks, chunk_cols;
 } pool;
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER; /* one pooled call at a time */
 static unsigned long start_generation[MAX_THREADS];
@@ -433,6 +462,52 @@ static inline void relax(void)
 #if HAVE_AVX2_PATH
     _mm_pause();
 #endif
+}
+
+static inline unsigned long long make_ticket(unsigned long generation, int threads, unsigned long long chunk)
+{
+    return (unsigned long long)(generation & 0xFFFFFF) << 40 | (unsigned long long)threads << 32 | chunk;
+}
+
+/* Claim the next chunk of job `generation` for thread `idx` (0 = the caller); -1 when none is left. */
+static Py_ssize_t claim(unsigned long generation, int idx)
+{
+    unsigned long long t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+    for (;;) {
+        if (t >> 40 != (generation & 0xFFFFFF) || idx >= (int)(t >> 32 & 0xFF) ||
+            (Py_ssize_t)(t & 0xFFFFFFFFu) >= pool.chunks) {
+            return -1;
+        }
+        if (atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            return (Py_ssize_t)(t & 0xFFFFFFFFu);
+        }
+    }
+}
+
+/* Run chunks of the job until none is left. */
+static void work(unsigned long generation, int idx)
+{
+    float *scratch = NULL;
+    int tried = 0;
+    Py_ssize_t c;
+    while ((c = claim(generation, idx)) >= 0) {
+        const Job *j = pool.job;
+        if (!tried && use_scratch && (j->path == PATH_SCALAR || j->method == TILED)) {
+            scratch = malloc((size_t)j->K * sizeof(float));
+            tried = 1;
+        }
+        Py_ssize_t n0 = c * pool.chunk_cols, n1 = n0 + pool.chunk_cols < j->N ? n0 + pool.chunk_cols : j->N;
+        run_range(j, n0, n1, scratch);
+        if (atomic_fetch_add_explicit(&pool.chunks_done, 1, memory_order_acq_rel) + 1 == pool.chunks) {
+            pthread_mutex_lock(&pool.mu);
+            if (pool.waiting) {
+                pthread_cond_signal(&pool.done);
+            }
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
+    free(scratch);
 }
 
 static void *worker(void *arg)
@@ -449,16 +524,7 @@ static void *worker(void *arg)
         }
         pthread_mutex_unlock(&pool.mu);
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
-        /* Every worker checks in for every job, with work or not (idx >= parts: none), so the
-         * caller cannot post the next job while any worker may still be reading this one. */
-        if (idx < pool.parts) {
-            run_part(pool.job, idx, pool.parts);
-        }
-        if (atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_acq_rel) == 1) {
-            pthread_mutex_lock(&pool.mu);
-            pthread_cond_signal(&pool.done);
-            pthread_mutex_unlock(&pool.mu);
-        }
+        work(seen, idx);
     }
     return NULL;
 }
@@ -483,36 +549,58 @@ static int grow_pool(int want)
     return pool.workers;
 }
 
+static void run_alone(const Job *j)
+{
+    int need = use_scratch && (j->path == PATH_SCALAR || j->method == TILED);
+    float *scratch = need ? malloc((size_t)j->K * sizeof(float)) : NULL;
+    run_range(j, 0, j->N, scratch);
+    free(scratch);
+}
+
 static void run_job(const Job *j, int threads)
 {
-    if (threads > 1 && pthread_mutex_trylock(&call_mu) == 0) {
-        int parts = 1 + grow_pool(threads - 1);
-        if (parts > threads) {
-            parts = threads;
-        }
-        if (parts > 1) {
-            pool.job = j;
-            pool.parts = parts;
-            atomic_store(&pool.remaining, pool.workers); /* all of them check in (see worker) */
-            pthread_mutex_lock(&pool.mu);
-            atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
-            pthread_cond_broadcast(&pool.start);
-            pthread_mutex_unlock(&pool.mu);
-            run_part(j, 0, parts);
-            for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&pool.remaining, memory_order_acquire); i++) {
-                relax();
-            }
-            pthread_mutex_lock(&pool.mu);
-            while (atomic_load_explicit(&pool.remaining, memory_order_acquire)) {
-                pthread_cond_wait(&pool.done, &pool.mu);
-            }
-            pthread_mutex_unlock(&pool.mu);
-            pthread_mutex_unlock(&call_mu);
-            return;
-        }
-        pthread_mutex_unlock(&call_mu);
+    if (threads < 2 || pthread_mutex_trylock(&call_mu) != 0) {
+        run_alone(j);
+        return;
     }
-    run_part(j, 0, 1);
+    int workers = grow_pool(threads - 1);
+    if (workers < 1) {
+        pthread_mutex_unlock(&call_mu);
+        run_alone(j);
+        return;
+    }
+    if (threads > workers + 1) {
+        threads = workers + 1;
+    }
+    Py_ssize_t chunks = (Py_ssize_t)threads * CHUNKS_PER_THREAD;
+    if (chunks > j->N) {
+        chunks = j->N;
+    }
+    unsigned long generation = atomic_load(&pool.generation) + 1;
+    /* Close the ticket first (no thread may claim from it): a worker still holding the last job's
+     * ticket then fails its compare-and-swap instead of claiming from half-written fields. */
+    atomic_store_explicit(&pool.ticket, make_ticket(generation, 0, 0), memory_order_release);
+    pool.chunk_cols = (j->N + chunks - 1) / chunks;
+    pool.chunks = (j->N + pool.chunk_cols - 1) / pool.chunk_cols;
+    pool.job = j;
+    atomic_store(&pool.chunks_done, 0);
+    atomic_store_explicit(&pool.ticket, make_ticket(generation, threads, 0), memory_order_release);
+    pthread_mutex_lock(&pool.mu);
+    atomic_store_explicit(&pool.generation, generation, memory_order_release);
+    pthread_cond_broadcast(&pool.start);
+    pthread_mutex_unlock(&pool.mu);
+    work(generation, 0);
+    for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&pool.chunks_done, memory_order_acquire) < pool.chunks; i++) {
+        relax();
+    }
+    pthread_mutex_lock(&pool.mu);
+    pool.waiting = 1;
+    while (atomic_load_explicit(&pool.chunks_done, memory_order_acquire) < pool.chunks) {
+        pthread_cond_wait(&pool.done, &pool.mu);
+    }
+    pool.waiting = 0;
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&call_mu);
 }
 
 /* A forked child has none of the parent's threads: start from an empty pool. */
@@ -523,6 +611,7 @@ static void pool_after_fork_child(void)
     pthread_cond_init(&pool.done, NULL);
     pthread_mutex_init(&call_mu, NULL);
     pool.workers = 0;
+    pool.waiting = 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -700,6 +789,18 @@ out:
     return result;
 }
 
+static PyObject *py_scratch(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int on = -1;
+    if (!PyArg_ParseTuple(args, "|i:_scratch", &on)) {
+        return NULL;
+    }
+    if (on >= 0) {
+        use_scratch = on != 0;
+    }
+    return PyBool_FromLong(use_scratch);
+}
+
 static PyObject *py_simd(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int level = -1;
@@ -729,10 +830,16 @@ PyDoc_STRVAR(simd_doc,
 "Test hook: the path in use (0 scalar C, 1 AVX2 + FMA); with a level, use that path or the best\n"
 "this CPU runs below it. Not thread-safe; results differ between paths by float rounding only.");
 
+PyDoc_STRVAR(scratch_doc,
+"_scratch(on=-1) -> bool\n\n"
+"Test hook: whether the kernels allocate a row buffer; off, they run as when malloc fails (the\n"
+"tiled method as fused, the scalar path decoding weight by weight). Results are the same.");
+
 static PyMethodDef methods[] = {
     {"gemm", py_gemm, METH_VARARGS, gemm_doc},
     {"decode_rows", py_decode_rows, METH_VARARGS, decode_rows_doc},
     {"_simd", py_simd, METH_VARARGS, simd_doc},
+    {"_scratch", py_scratch, METH_VARARGS, scratch_doc},
     {NULL, NULL, 0, NULL},
 };
 
