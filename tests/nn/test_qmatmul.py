@@ -1,9 +1,8 @@
 """Kernel.QMATMUL (nn/qmatmul.py, nn/_qmatmul.c): every path equals decode-then-matmul on odd shapes,
-outputs do not depend on row batching or thread count, nothing is decoded ahead of time, hostile
-buffers are refused, and AUTO picks it by rule."""
+outputs do not depend on row batching or thread count, nothing is decoded ahead of time, and AUTO
+picks it by rule (the C entry points and the pool: test_qmatmul_native.py)."""
 
 from __future__ import annotations
-
 
 import pytest
 import torch
