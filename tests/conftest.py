@@ -16,9 +16,10 @@ whichever subset was selected (`-m "not slow"`, `-k`), and whatever the hash see
   no run finds an example another run did not), no example database, and no time-based deadline
   or too-slow health check (a loaded machine must not fail a test). `HYPOTHESIS_PROFILE=fuzz`
   runs random examples, 10x as many, for exploring by hand.
-- `Kernel.AUTO` picks a kernel by timing the candidates (modelpress.nn.kernels); tests replace the
-  clock with a constant, so AUTO takes the first eligible candidate (DENSE) on every run. Tests of
-  the selection itself patch the timer with their own fakes.
+- `Kernel.AUTO` picks QMATMUL by rule where it runs, else by timing the candidates
+  (modelpress.nn.kernels); tests replace the clock with a constant, so a timed choice takes the
+  first eligible candidate (DENSE) on every run. Tests of the selection itself patch the timer
+  with their own fakes.
 """
 
 from __future__ import annotations

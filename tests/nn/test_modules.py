@@ -53,7 +53,7 @@ def test_prepare_release_and_repr():
     assert "kernel=int8_mm" in repr(layer) and "encoding=int8 sym per-channel" in repr(layer)
     assert layer.prepare() is Kernel.INT8_WEIGHT_MM and layer.resolved_kernel is Kernel.INT8_WEIGHT_MM
     layer.release()
-    assert layer.resolved_kernel is None and layer._run is None
+    assert layer.resolved_kernel is None and layer._runs == {}
     assert layer(torch.zeros(1, 32)).shape == (1, 16)
     assert layer.resolved_kernel is Kernel.INT8_WEIGHT_MM
 

@@ -2,7 +2,9 @@
 
 A module holds its weight as an `Encoding` (the compressed truth that is saved) and prepares a
 kernel lazily on first use, so building or loading a model is cheap and the kernel is chosen on
-the machine that runs it. `weight` still answers (decoded) for code that reads it directly.
+the machine that runs it. A CompressedLinear with kernel AUTO chooses twice, for 1-row inputs
+(decode) and for many rows (prefill); where both choices agree they share one prepared kernel.
+`weight` still answers (decoded) for code that reads it directly.
 Both register with `nn.registry` (how they are built from the layer they replace, and saved).
 """
 
@@ -17,10 +19,12 @@ from torch import nn
 from modelpress.encodings import Encoding, QuantizedTensor
 from modelpress.encodings.quantized import PER_TENSOR
 from modelpress.errors import ConfigError, FormatError
-from modelpress.nn.kernels import Kernel, prepare, select_kernel, supports
+from modelpress.nn.kernels import Kernel, Prepared, prepare, select_kernel, supports
 from modelpress.nn.registry import KEEP, register_compressed, source_bias
 
-__all__ = ["CompressedLinear", "CompressedEmbedding", "EmbeddingKernel"]
+__all__ = ["CompressedLinear", "CompressedEmbedding", "EmbeddingKernel", "PREFILL_ROWS"]
+
+PREFILL_ROWS = 64  # the row count AUTO chooses a many-row (prefill) kernel for
 
 
 @register_compressed("linear", replaces=nn.Linear)
@@ -41,8 +45,9 @@ class CompressedLinear(nn.Module):
         self.encoding = weight
         self.kernel = kernel
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self._run = None
-        self.resolved_kernel: Kernel | None = None
+        self._runs: dict[bool, Prepared] = {}  # by "one row?": the prepared kernel for decode / for prefill
+        self._chosen: dict[bool, Kernel] = {}
+        self.resolved_kernel: Kernel | None = None  # the kernel last prepared (by a call or by prepare())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: Encoding, kernel: Kernel | str = Kernel.AUTO) -> "CompressedLinear":
@@ -66,22 +71,29 @@ class CompressedLinear(nn.Module):
         bias = torch.zeros(weight.shape[0]) if has_bias else None  # the values come from the state dict
         return cls(weight, bias, Kernel(entry.get("kernel", "auto")))
 
-    def prepare(self) -> Kernel:
-        """Resolve AUTO by measurement and build the kernel; returns the kernel used."""
-        if self._run is None:
-            chosen = select_kernel(self.encoding) if self.kernel is Kernel.AUTO else self.kernel
-            self._run = prepare(chosen, self.encoding, None if self.bias is None else self.bias.data)
-            self.resolved_kernel = chosen
+    def prepare(self, rows: int = 1) -> Kernel:
+        """Resolve AUTO for `rows`-row inputs (nn/kernels.py) and build the kernel; returns the kernel used."""
+        one = rows == 1
+        if one not in self._runs:
+            rows = 1 if one else PREFILL_ROWS
+            chosen = select_kernel(self.encoding, rows=rows) if self.kernel is Kernel.AUTO else self.kernel
+            other = self._chosen.get(not one)
+            self._runs[one] = self._runs[not one] if other is chosen else \
+                prepare(chosen, self.encoding, None if self.bias is None else self.bias.data)
+            self._chosen[one] = chosen
+        self.resolved_kernel = self._chosen[one]
         return self.resolved_kernel
 
     def release(self) -> None:
-        """Drop the prepared kernel (and any decoded copy); the next call prepares again."""
-        self._run, self.resolved_kernel = None, None
+        """Drop the prepared kernels (and any decoded copy); the next call prepares again."""
+        self._runs, self._chosen, self.resolved_kernel = {}, {}, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._run is None:
-            self.prepare()
-        return self._run(x)
+        run = self._runs.get(x.numel() == self.in_features)
+        if run is None:
+            self.prepare(x.numel() // max(self.in_features, 1))
+            run = self._runs[x.numel() == self.in_features]
+        return run(x)
 
     @property
     def weight(self) -> torch.Tensor:
