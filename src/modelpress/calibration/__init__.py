@@ -5,7 +5,9 @@ of their layers' inputs.
 Calibration data is normalised into batches (`prepare_batches`): sentences are tokenised with
 `model.tokenize`, dicts of tensors are keyword inputs, tensors (or tuples of tensors) positional
 ones. The `attention_mask` of a batch, when it has one, marks the real tokens: padded positions
-never enter a statistic.
+never enter a statistic. A causal LM is calibrated on running text through its own tokenizer
+(`calibration_windows(tokenizer)`: windows of the `dev` reference text, as dicts of input ids), and
+its key/value cache is off for the walk (a re-run block must not attend to its earlier runs).
 
 `run_blockwise` walks the model's sequence of repeated blocks (e.g. `encoder.layer`):
 
@@ -28,7 +30,8 @@ blocks.py (finding and running the blocks), hooks.py (measuring layers), walk.py
 """
 
 from modelpress.calibration.blocks import find_blocks
-from modelpress.calibration.inputs import CalibrationBatch, calibration_sentences, prepare_batches
+from modelpress.calibration.inputs import (CalibrationBatch, calibration_sentences, calibration_windows,
+                                          prepare_batches, text_windows)
 from modelpress.calibration.stats import LayerStats, real_tokens
 from modelpress.calibration.walk import ProcessFn, release_free_memory, run_blockwise
 
@@ -37,9 +40,11 @@ __all__ = [
     "LayerStats",
     "ProcessFn",
     "calibration_sentences",
+    "calibration_windows",
     "find_blocks",
     "prepare_batches",
     "real_tokens",
     "release_free_memory",
     "run_blockwise",
+    "text_windows",
 ]

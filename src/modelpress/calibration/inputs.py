@@ -15,9 +15,11 @@ from torch import nn
 
 from modelpress.data.batches import tokenised_batches
 from modelpress.data.corpus import corpus_splits, stdlib_sentences
+from modelpress.data.text import reference_text
 from modelpress.errors import CalibrationError
 
-__all__ = ["DEFAULT_BATCH_SIZE", "CalibrationBatch", "calibration_sentences", "prepare_batches"]
+__all__ = ["DEFAULT_BATCH_SIZE", "CalibrationBatch", "calibration_sentences", "calibration_windows",
+           "prepare_batches", "text_windows"]
 
 DEFAULT_BATCH_SIZE = 32  # sentences per tokenised batch
 
@@ -33,6 +35,29 @@ def calibration_sentences(n: int = 128, seed: int = 0) -> list[str]:
     if not 1 <= n < total:
         raise CalibrationError(f"calibration_sentences(n={n}): ask for between 1 and {total - 1} sentences")
     return list(corpus_splits(n_eval=total - n, n_calib=n, seed=seed).calibration)
+
+
+def text_windows(tokenizer: Any, text: str, windows: int, window: int = 512) -> list[dict[str, torch.Tensor]]:
+    """Running text through a causal LM's tokenizer, cut into `windows` (1, window) input batches.
+
+    `tokenizer(text)["input_ids"]` gives the ids (a Hugging Face tokenizer); windows are consecutive
+    and do not overlap, from the start of the text, as the perplexity windows are cut.
+    """
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+        raise CalibrationError(f"windows={windows!r}: ask for a positive number of calibration windows")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise CalibrationError(f"window={window!r}: a calibration window needs at least 2 tokens")
+    ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long).reshape(-1)
+    if ids.numel() < windows * window:
+        raise CalibrationError(f"the text has {ids.numel()} tokens, fewer than {windows} windows of {window}: "
+                               f"ask for at most {ids.numel() // window} windows or a smaller window")
+    return [{"input_ids": w[None]} for w in ids[: windows * window].reshape(windows, window)]
+
+
+def calibration_windows(tokenizer: Any, windows: int = 32, window: int = 512) -> list[dict[str, torch.Tensor]]:
+    """Calibration for a causal LM: `windows` windows of the `dev` reference text (never the `heldout`
+    text that perplexity is reported on), through the model's own tokenizer."""
+    return text_windows(tokenizer, reference_text("dev"), windows, window)
 
 
 @dataclass(frozen=True)

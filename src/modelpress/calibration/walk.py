@@ -51,6 +51,7 @@ def run_blockwise(
             raise CalibrationError(f"layer {t.name!r} is not a Linear layer: calibration captures Linear inputs only")
     walk = _Walk(model, batches, {t.name: t for t in targets}, process, log, pass_name, hessian, sequential)
     was_training = {m: m.training for m in model.modules()}
+    caches = _without_kv_cache(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -60,6 +61,26 @@ def run_blockwise(
     finally:
         for m, mode in was_training.items():
             m.train(mode)
+        for config, use_cache in caches:
+            config.use_cache = use_cache
+
+
+def _without_kv_cache(model: nn.Module) -> list[tuple[Any, bool]]:
+    """Turn off the key/value cache of a causal LM's config(s) for the walk; returns what to restore.
+
+    With a cache, every forward appends its keys and values to a cache object that the catcher
+    captures with block 0's inputs, so re-running a block (once per group of layers measured, then
+    once for the next block's inputs) would attend to its own earlier runs.
+    """
+    configs = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if isinstance(getattr(config, "use_cache", None), bool):
+            configs[id(config)] = config  # one config is often shared by the model and its inner model
+    saved = [(c, c.use_cache) for c in configs.values()]
+    for c, _ in saved:
+        c.use_cache = False
+    return saved
 
 
 def release_free_memory() -> None:
