@@ -151,3 +151,22 @@ def _check_query_heads(model: nn.Module, targets: list[Target]) -> None:
         if isinstance(hidden, int) and hidden % count:
             raise ConfigError(f"prune_heads would leave {count} query heads, which do not divide hidden_size {hidden} "
                               "(the model's config requires it): choose a ratio that keeps a divisor")
+
+
+@register_pass("prune_channels", PruneChannelsConfig, (nn.Conv2d,))
+def prune_channels(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    for t in targets:
+        if t.config.reconstruct:
+            raise ConfigError(f"layer {t.name!r}: reconstruct refits Linear readers of FFN neurons and heads; "
+                              "channel pruning does not support it, drop reconstruct")
+    graph = trace(model)
+    plans = {t.name: channel_plan(model, graph, t.name) for t in targets}  # refuse before changing anything
+    for t in targets:
+        act = None
+        if t.config.importance is UnitImportance.ACTIVATION:
+            act = channel_activations(model, plans[t.name], context.calibration)
+        scores = conv_importance(model, plans[t.name], t.config.importance, act)
+        keep = keep_units(scores, t.config.ratio, t.config.multiple_of)
+        remove_conv_channels(model, plans[t.name], keep)
+        context.log.append(f"{t.name}: prune_channels kept {len(keep)} of {len(scores)} channels "
+                           f"({t.config.importance.value} importance)")
