@@ -57,6 +57,33 @@ _PRESETS: dict[str, list[dict]] = {  # each preset's stages as plain data; read 
     "int3": [_stage("rtn", ["Linear", "Embedding"], _asymmetric_mse(3, 64))],
 }
 
+# Decoder LLMs (Llama-family causal LMs). A tied token embedding and output layer are one weight: the
+# embedding stage quantises it once and the output layer holds the same encoding; an untied output
+# layer gets the same 8 bits from the second stage (llama.cpp too keeps the output layer at 6-8 bits:
+# every token's logits go through it). The Linear layers of the blocks take the rest.
+_LM_OUTPUT = ["lm_head", "*.lm_head"]
+_LLM_EMBEDDINGS = [
+    _stage("rtn", ["Embedding"], {"bits": 8, "group_size": "channel"}),
+    {**_stage("rtn", ["Linear"], {"bits": 8, "group_size": "channel"}, optional=True),
+     "targets": {"types": ["Linear"], "include": _LM_OUTPUT}},
+]
+_BLOCK_LINEARS = {"types": ["Linear"], "ignore": _LM_OUTPUT}
+
+
+def _gptq(bits: int, group_size: int, overrides: dict | None = None) -> dict:
+    """GPTQ of the blocks' Linear layers: symmetric groups with float16 scales, act-order with static groups."""
+    config = {"bits": bits, "symmetric": True, "group_size": group_size, "search": "mse", "act_order": True}
+    stage = _stage("gptq", ["Linear"], config, overrides=overrides)
+    return {**stage, "targets": _BLOCK_LINEARS}
+
+
+_PRESETS.update({
+    # Weight-only int8 per output channel everywhere (target: perplexity within 1.002x of fp32).
+    "llm-int8": [*_LLM_EMBEDDINGS, _stage("rtn", ["Linear"], {"bits": 8, "group_size": "channel"})],
+    # Q4_0's format for the blocks (4-bit symmetric groups of 32, float16 scales), 8-bit output layer.
+    "llm-q4": [*_LLM_EMBEDDINGS, _gptq(4, 32)],
+})
+
 DEFAULT_PRESET = "int8"
 
 

@@ -18,11 +18,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from modelpress.encodings import as_matrix
+from modelpress.encodings import Encoding, as_matrix
 from modelpress.errors import RecipeError
+from modelpress.nn import install
 
-__all__ = ["PassContext", "Target", "PassSpec", "PASSES", "register_pass", "pass_for", "pass_for_config",
-           "weight_matrix"]
+__all__ = ["PassContext", "Target", "PassSpec", "PASSES", "install_tied", "register_pass", "pass_for",
+           "pass_for_config", "tied_partners", "weight_matrix"]
 
 
 @dataclass
@@ -94,3 +95,34 @@ def pass_for_config(config: Any) -> PassSpec:
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """A layer's float weight viewed as the matrix (R, C) (a conv's as (R, Cin*kh*kw)), detached."""
     return as_matrix(module.weight.detach().float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tied weights (a language model's token embedding and output layer share one weight Parameter)
+
+
+def tied_partners(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """For each of `names`, the other modules of `model` whose `weight` is the very same Parameter.
+
+    Found before a pass changes anything: a pass that rebinds a layer's weight during calibration
+    (GPTQ) would otherwise no longer see the tie when it installs the encoding.
+    """
+    by_weight: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and isinstance(weight, torch.Tensor):
+            by_weight.setdefault(id(weight), []).append(name)
+    out = {}
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        out[name] = [n for n in by_weight.get(id(weight), []) if n != name] if isinstance(weight, torch.Tensor) else []
+    return out
+
+
+def install_tied(model: nn.Module, name: str, encoding: Encoding, kernel, partners: list[str]) -> list[str]:
+    """Install `encoding` as layer `name`'s weight and as the weight of each tied partner (one encoding
+    object for all of them, so a tied weight stays one tensor); returns the names installed."""
+    install(model, name, encoding, kernel)
+    for partner in partners:
+        install(model, partner, encoding, kernel)
+    return [name, *partners]

@@ -33,8 +33,8 @@ from modelpress.encodings import (PER_CHANNEL, PER_TENSOR, QuantizedTensor, Quan
                                   quantize)
 from modelpress.encodings.quantized import quantize_with_params
 from modelpress.errors import ConfigError
-from modelpress.nn import Kernel, install
-from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.nn import Kernel
+from modelpress.passes.base import PassContext, Target, install_tied, register_pass, tied_partners
 from modelpress.passes.config import PassConfig, WeightQuant, pass_config
 from modelpress.passes.linalg import inverse_cholesky, one_thread, output_error
 from modelpress.passes.quantize import weight_only_kernel
@@ -199,7 +199,7 @@ def check_groups(targets: list[Target]) -> None:
 @register_pass("gptq", GPTQConfig, (nn.Linear,))
 def gptq(model: nn.Module, targets: list[Target], context: PassContext) -> None:
     check_groups(targets)
-    layers = _Quantiser(context.log)
+    layers = _Quantiser(context.log, tied_partners(model, [t.name for t in targets]))
     try:
         run_blockwise(model, targets, context.calibration, layers, context.log, pass_name="gptq")
     finally:  # also when calibration fails part-way: a quantised layer never passes for a float one
@@ -211,6 +211,7 @@ class _Quantiser:
     """Quantises each group of layers calibration hands over; swaps the compressed modules in at the end."""
 
     log: list[str]
+    partners: dict[str, list[str]]  # tied weights, found before any weight is rebound
     done: list[tuple[Target, QuantizedTensor]] = field(default_factory=list)
 
     def __call__(self, group: list[tuple[Target, LayerStats]]) -> None:
@@ -249,4 +250,4 @@ class _Quantiser:
 
     def swap_in(self, model: nn.Module) -> None:
         for target, encoding in self.done:
-            install(model, target.name, encoding, target.config.kernel)
+            install_tied(model, target.name, encoding, target.config.kernel, self.partners[target.name])

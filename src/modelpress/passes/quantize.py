@@ -11,7 +11,7 @@ from modelpress.encodings import PER_CHANNEL, PER_TENSOR, RangeSearch, quantize_
 from modelpress.errors import CalibrationError, ConfigError
 from modelpress.nn import Kernel, install
 from modelpress.nn.kernels import ACTIVATION_KERNELS
-from modelpress.passes.base import PassContext, Target, register_pass
+from modelpress.passes.base import PassContext, Target, install_tied, register_pass, tied_partners
 from modelpress.passes.channel_scales import FoldMode, migrate, share_groups, target_sites, with_input_scale
 from modelpress.passes.config import PassConfig, WeightQuant, enum_value, pass_config
 
@@ -95,14 +95,19 @@ class DynamicInt8Config(PassConfig):
 
 @register_pass("rtn", RTNConfig, (nn.Linear, nn.Embedding, nn.Conv2d))
 def rtn(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    partners = tied_partners(model, [t.name for t in targets])
+    done: set[str] = set()
     for t in targets:
+        if t.name in done:  # a tied partner of a layer already quantised: it holds that encoding
+            continue
         q: WeightQuant = t.config.quant
         try:
             enc = quantize_weight(t.module.weight.data, q.scheme, q.search)
         except ConfigError as exc:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
-        install(model, t.name, enc, t.config.kernel)
-        context.log.append(f"{t.name}: {q.scheme.describe()} ({q.search.value})")
+        done.update(install_tied(model, t.name, enc, t.config.kernel, partners[t.name]))
+        tied = f", tied to {', '.join(partners[t.name])} (one encoding)" if partners[t.name] else ""
+        context.log.append(f"{t.name}: {q.scheme.describe()} ({q.search.value}){tied}")
 
 
 @register_pass("dynamic_int8", DynamicInt8Config, (nn.Linear,))

@@ -1,0 +1,99 @@
+"""The LLM presets on a tiny Llama: a tied embedding and output layer stay one encoding through every
+pass, the blocks' Linear layers take the preset's scheme, and GPTQ calibrated on token windows lands
+closer to the float model than round-to-nearest in the same format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import modelpress
+from modelpress.encodings import QuantScheme, RangeSearch, quantize_weight
+from modelpress.nn.registry import is_compressed
+from modelpress.passes.gptq import GPTQConfig
+from modelpress.passes.quantize import RTNConfig
+from modelpress.presets import preset
+from modelpress.recipe import Stage
+
+pytest.importorskip("transformers")
+from _tiny_llama import logits, tiny_llama, token_windows  # noqa: E402
+
+BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj"]
+INT8_ROWS = QuantScheme(8, True, "channel")
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    return [f"model.layers.{i}.{n}" for i in range(model.config.num_hidden_layers) for n in BLOCK]
+
+
+def decoded_copy(model: nn.Module, compressed: nn.Module) -> nn.Module:
+    """The float `model` with every weight replaced by the decoded weight `compressed` holds (the reference)."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    for name, module in compressed.named_modules():
+        if is_compressed(module):
+            reference.get_submodule(name).weight = nn.Parameter(module.encoding.decode(torch.float32))
+    return reference
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llm_int8_keeps_a_tied_weight_one_encoding(tied):
+    import copy
+
+    model = tiny_llama(tied=tied)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    output = model.lm_head.weight.detach().clone()
+    compressed = modelpress.compress(copy.deepcopy(model), "llm-int8")
+    emb, head = compressed.model.embed_tokens, compressed.lm_head
+    assert is_compressed(emb) and is_compressed(head)
+    assert (emb.encoding is head.encoding) == tied
+    expected = quantize_weight(embedding, INT8_ROWS, RangeSearch.MINMAX)
+    assert torch.equal(emb.encoding.codes, expected.codes) and torch.equal(emb.encoding.scale, expected.scale)
+    if not tied:
+        expected = quantize_weight(output, INT8_ROWS, RangeSearch.MINMAX)
+        assert torch.equal(head.encoding.codes, expected.codes)
+    for name in block_linears(compressed):
+        assert compressed.get_submodule(name).encoding.scheme == INT8_ROWS
+    ids = token_windows(1, seed=1)[0]["input_ids"]
+    torch.testing.assert_close(logits(compressed, ids), logits(decoded_copy(model, compressed), ids),
+                               rtol=1e-4, atol=1e-4)
+    lines = "\n".join(modelpress.provenance(compressed).log)
+    assert ("lm_head (one encoding)" in lines) == tied
+
+
+def test_gptq_of_a_tied_output_layer_gives_the_embedding_the_same_encoding():
+    model = tiny_llama()
+    modelpress.compress(model, {"lm_head": GPTQConfig(bits=4, symmetric=True, group_size=32), "*": None},
+                        calibration=token_windows(4))
+    assert model.lm_head.encoding is model.model.embed_tokens.encoding
+    ids = token_windows(1, seed=1)[0]["input_ids"]
+    table = model.lm_head.encoding.decode(torch.float32)
+    torch.testing.assert_close(model.model.embed_tokens(ids), table[ids])
+
+
+def test_llm_q4_is_symmetric_g32_in_the_blocks_and_8_bit_for_the_tied_output():
+    model = tiny_llama()
+    modelpress.compress(model, "llm-q4", calibration=token_windows(8))
+    for name in block_linears(model):
+        assert model.get_submodule(name).encoding.scheme == QuantScheme(4, True, 32)
+    assert model.lm_head.encoding is model.model.embed_tokens.encoding
+    assert model.lm_head.encoding.scheme == INT8_ROWS
+
+
+def test_llm_q4_gptq_beats_round_to_nearest_in_the_same_format():
+    import copy
+
+    model, calibration = tiny_llama(layers=3), token_windows(16, length=32)
+    held_out = torch.cat([w["input_ids"] for w in token_windows(4, length=32, seed=7)])
+    reference = logits(model, held_out)
+    gptq = modelpress.compress(copy.deepcopy(model), "llm-q4", calibration=calibration)
+    rtn = preset("llm-q4")
+    rtn_recipe = modelpress.Recipe((*rtn.stages[:2], Stage.of(
+        RTNConfig(bits=4, symmetric=True, group_size=32, search="mse"), rtn.stages[2].targets)))
+    rounded = modelpress.compress(copy.deepcopy(model), rtn_recipe)
+    error = {name: (logits(m, held_out) - reference).pow(2).mean().item() for name, m in
+             (("gptq", gptq), ("rtn", rounded))}
+    assert error["gptq"] < 0.8 * error["rtn"], error
