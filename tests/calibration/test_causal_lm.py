@@ -18,7 +18,7 @@ from _calibration_support import T, assert_stats_match, collect  # noqa: E402
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "passes"))
-from _tiny_llama import tiny_llama, token_windows  # noqa: E402
+from _tiny_decoders import tiny_decoder, windows  # noqa: E402
 
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -43,9 +43,9 @@ def test_text_windows_are_consecutive_token_windows_from_the_start():
 def test_too_little_text_or_a_bad_count_is_our_error():
     with pytest.raises(CalibrationError, match="fewer than 6 windows of 10: ask for at most 5"):
         text_windows(WordTokenizer(), "a " * 55, windows=6, window=10)
-    for windows, window in [(0, 10), (True, 10), (2, 1)]:
+    for count, window in [(0, 10), (True, 10), (2, 1)]:
         with pytest.raises(CalibrationError):
-            text_windows(WordTokenizer(), "a " * 55, windows=windows, window=window)
+            text_windows(WordTokenizer(), "a " * 55, windows=count, window=window)
 
 
 def test_calibration_windows_come_from_the_dev_text():
@@ -69,7 +69,7 @@ def llama_reference(model, names, batches):
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_llama_block_walk_gives_the_statistics_of_whole_forwards(sequential):
-    model, data = tiny_llama(layers=3), token_windows(3)
+    model, data = tiny_decoder(layers=3), windows(3)
     names = [f"model.layers.{i}.{n}" for i in range(3) for n in LLAMA_LINEARS] + ["lm_head"]
     assert model.config.use_cache is True  # the default: each forward would fill a key/value cache
     seen, order, log = collect(model, names, data, sequential=sequential)
@@ -86,7 +86,7 @@ def test_llama_block_walk_gives_the_statistics_of_whole_forwards(sequential):
 def test_layers_after_a_processed_one_see_its_new_weights_not_a_cached_run():
     # The walk re-runs a block for each group of layers; with the model's key/value cache on, a
     # re-run would attend to the keys and values of the runs before (the float ones).
-    model, data = tiny_llama(layers=2), token_windows(2)
+    model, data = tiny_decoder(layers=2), windows(2)
     names = [f"model.layers.{i}.{n}" for i in range(2) for n in LLAMA_LINEARS]
     seen = {}
 

@@ -17,7 +17,7 @@ from modelpress.presets import preset
 from modelpress.recipe import Stage
 
 pytest.importorskip("transformers")
-from _tiny_llama import logits, tiny_llama, token_windows  # noqa: E402
+from _tiny_decoders import logits, tiny_decoder, windows  # noqa: E402
 
 BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
          "mlp.up_proj", "mlp.down_proj"]
@@ -43,7 +43,7 @@ def decoded_copy(model: nn.Module, compressed: nn.Module) -> nn.Module:
 def test_llm_int8_keeps_a_tied_weight_one_encoding(tied):
     import copy
 
-    model = tiny_llama(tied=tied)
+    model = tiny_decoder(tied=tied)
     embedding = model.model.embed_tokens.weight.detach().clone()
     output = model.lm_head.weight.detach().clone()
     compressed = modelpress.compress(copy.deepcopy(model), "llm-int8")
@@ -57,7 +57,7 @@ def test_llm_int8_keeps_a_tied_weight_one_encoding(tied):
         assert torch.equal(head.encoding.codes, expected.codes)
     for name in block_linears(compressed):
         assert compressed.get_submodule(name).encoding.scheme == INT8_ROWS
-    ids = token_windows(1, seed=1)[0]["input_ids"]
+    ids = windows(1, seed=1)[0]["input_ids"]
     torch.testing.assert_close(logits(compressed, ids), logits(decoded_copy(model, compressed), ids),
                                rtol=1e-4, atol=1e-4)
     lines = "\n".join(modelpress.provenance(compressed).log)
@@ -65,18 +65,18 @@ def test_llm_int8_keeps_a_tied_weight_one_encoding(tied):
 
 
 def test_gptq_of_a_tied_output_layer_gives_the_embedding_the_same_encoding():
-    model = tiny_llama()
+    model = tiny_decoder()
     modelpress.compress(model, {"lm_head": GPTQConfig(bits=4, symmetric=True, group_size=32), "*": None},
-                        calibration=token_windows(4))
+                        calibration=windows(4))
     assert model.lm_head.encoding is model.model.embed_tokens.encoding
-    ids = token_windows(1, seed=1)[0]["input_ids"]
+    ids = windows(1, seed=1)[0]["input_ids"]
     table = model.lm_head.encoding.decode(torch.float32)
     torch.testing.assert_close(model.model.embed_tokens(ids), table[ids])
 
 
 def test_llm_q4_is_symmetric_g32_in_the_blocks_and_8_bit_for_the_tied_output():
-    model = tiny_llama()
-    modelpress.compress(model, "llm-q4", calibration=token_windows(8))
+    model = tiny_decoder()
+    modelpress.compress(model, "llm-q4", calibration=windows(8))
     for name in block_linears(model):
         assert model.get_submodule(name).encoding.scheme == QuantScheme(4, True, 32)
     assert model.lm_head.encoding is model.model.embed_tokens.encoding
@@ -86,8 +86,8 @@ def test_llm_q4_is_symmetric_g32_in_the_blocks_and_8_bit_for_the_tied_output():
 def test_llm_q4_gptq_beats_round_to_nearest_in_the_same_format():
     import copy
 
-    model, calibration = tiny_llama(layers=3), token_windows(16, length=32)
-    held_out = torch.cat([w["input_ids"] for w in token_windows(4, length=32, seed=7)])
+    model, calibration = tiny_decoder(layers=3), windows(16, length=32)
+    held_out = torch.cat([w["input_ids"] for w in windows(4, length=32, seed=7)])
     reference = logits(model, held_out)
     gptq = modelpress.compress(copy.deepcopy(model), "llm-q4", calibration=calibration)
     rtn = preset("llm-q4")
