@@ -106,3 +106,18 @@ def test_kmeans_runs_on_decoder_blocks():
         assert layer.encoding.decode(torch.float32).unique().numel() <= 16, name
     coarse = pruned(model, "kmeans", None, bits=2)
     assert error(out, reference, x) < error(coarse, reference, x)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_a_tied_output_layer_is_refused_not_untied(method):
+    from modelpress.errors import ConfigError
+
+    model = tiny_decoder(tied=True)
+    with pytest.raises(ConfigError, match="shares its weight with 'model.embed_tokens'"):
+        modelpress.compress(model, {"stages": [{"pass": method, "config": {"sparsity": 0.5},
+                                                "targets": {"include": ["lm_head"]}}]}, calibration=windows(2))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = tiny_decoder(tied=False)
+    modelpress.compress(untied, {"stages": [{"pass": method, "config": {"sparsity": 0.5},
+                                             "targets": {"include": ["lm_head"]}}]}, calibration=windows(2))
+    assert isinstance(untied.lm_head, CompressedLinear)
