@@ -92,3 +92,19 @@ def test_one_token_of_the_per_token_kernel_is_the_per_call_product(bias):
         step = float(x[i].max() - x[i].min().clamp_max(0)) / 255 * float(w.abs().sum(1).max())
         assert float((one - many[i:i + 1]).abs().max()) <= step  # at most one activation step apart
     assert token(x[None, 2:3]).shape == (1, 1, 48)  # (batch, tokens, features) with one token
+
+
+def test_the_llm_w8a8_preset_on_a_tied_decoder():
+    from modelpress.presets import preset
+
+    model = outlier_decoder()
+    x = torch.cat([w["input_ids"] for w in windows(4, length=32, seed=11)])
+    reference = logits(model, x)
+    out = modelpress.compress(copy.deepcopy(model), preset("llm-w8a8"), calibration=windows(8, length=32))
+    emb, head = out.model.embed_tokens, out.lm_head
+    assert emb.encoding is head.encoding  # the tied weight stays one int8 encoding
+    assert emb.encoding.scheme == QuantScheme(8, True, PER_CHANNEL)
+    blocks = {n: m for n, m in out.named_modules() if n.startswith("model.layers.") and isinstance(m, CompressedLinear)}
+    assert len(blocks) == 14
+    assert all(m.kernel in (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN) for m in blocks.values())
+    assert error(out, reference, x) < error(w8a8(model), reference, x)
