@@ -192,9 +192,13 @@ def _prepare_dynamic_int8_per_token(enc: QuantizedTensor, bias: torch.Tensor | N
     [min, max] widened to hold 0, over 255 levels, or 127 beside 8-bit weights) instead of scanning
     x for them again.
     """
+    if isinstance(enc, ChannelScaledTensor):  # its input multiply first, as the per-call kernel does
+        run, inverse = _prepare_dynamic_int8_per_token(enc.inner, bias), enc.input_scale
+        return lambda x: run(x.float() * inverse)  # (..., C) * (C,)
     packed, reduce_range = _pack_int8(enc, None)
     levels = 127 if reduce_range else 255
     quantized = torch.ops.quantized
+    linear_dynamic = quantized.linear_dynamic
 
     def gemm(top: float, bottom: float) -> Prepared:
         """(scaled x) W^T on fbgemm, for scaled activations spanning [bottom, top]."""
@@ -206,6 +210,10 @@ def _prepare_dynamic_int8_per_token(enc: QuantizedTensor, bias: torch.Tensor | N
 
     def per_token(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if x.numel() == x.shape[-1]:  # one token (a decode step): its range is the call's, which fbgemm finds
+            y = linear_dynamic(x.reshape(1, -1), packed, reduce_range)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if bias is None else y.add_(bias)
         if x.numel() == 0:
             return F.linear(x, torch.zeros(enc.shape), bias)
         hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)  # two reads of x; abs() would write a copy

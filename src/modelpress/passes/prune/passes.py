@@ -11,13 +11,13 @@ from modelpress.encodings import DenseTensor, Encoding, quantize_weight
 from modelpress.encodings.sparse import SparseTensor, sparsify
 from modelpress.errors import ConfigError
 from modelpress.nn import install
-from modelpress.passes.base import PassContext, Target, register_pass, weight_matrix
+from modelpress.passes.base import PassContext, Target, register_pass, tied_partners, weight_matrix
 from modelpress.passes.linalg import output_error
 from modelpress.passes.prune.config import MagnitudeConfig, Scope, SparseGPTConfig, SparsityConfig, WandaConfig
 from modelpress.passes.prune.masks import global_masks, nm_mask, topk_mask, wanda_scores
 from modelpress.passes.prune.sparsegpt import check_kept_groups, sparsegpt_prune
 
-__all__ = ["layer_mask", "magnitude", "sparsegpt", "wanda"]
+__all__ = ["check_untied", "layer_mask", "magnitude", "sparsegpt", "wanda"]
 
 
 def layer_mask(scores: torch.Tensor, cfg: SparsityConfig, per_row: bool) -> torch.Tensor:
@@ -58,6 +58,15 @@ def _prune(model: nn.Module, target: Target, mask: torch.Tensor) -> SparseTensor
     return enc
 
 
+def check_untied(model: nn.Module, targets: list[Target], pass_name: str) -> None:
+    """Refuse targets whose weight is tied to another module's (a language model's output layer and token
+    embedding): a sparse weight for one would untie them, and an embedding table is not pruned."""
+    for name, partners in tied_partners(model, [t.name for t in targets]).items():
+        if partners:
+            raise ConfigError(f"layer {name!r} shares its weight with {partners[0]!r}: {pass_name} would untie them; "
+                              f"leave it out of the stage (targets: ignore: [{name!r}])")
+
+
 def _check_width(target: Target) -> None:
     nm = target.config.nm
     cols = weight_matrix(target.module).shape[1]
@@ -73,6 +82,7 @@ def _log(context: PassContext, target: Target, enc: SparseTensor, method: str, e
 
 @register_pass("magnitude", MagnitudeConfig, (nn.Linear, nn.Conv2d))
 def magnitude(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    check_untied(model, targets, "magnitude")
     for t in targets:
         _check_width(t)
     global_groups: dict[float, list[Target]] = {}
@@ -89,6 +99,7 @@ def magnitude(model: nn.Module, targets: list[Target], context: PassContext) -> 
 
 
 def _calibrated(model: nn.Module, targets: list[Target], context: PassContext, name: str, process) -> None:
+    check_untied(model, targets, name)
     for t in targets:
         _check_width(t)
     run_blockwise(model, targets, context.calibration, lambda group: [process(t, s) for t, s in group],
@@ -106,6 +117,7 @@ def wanda(model: nn.Module, targets: list[Target], context: PassContext) -> None
 
 @register_pass("sparsegpt", SparseGPTConfig, (nn.Linear,))
 def sparsegpt(model: nn.Module, targets: list[Target], context: PassContext) -> None:
+    check_untied(model, targets, "sparsegpt")
     for t in targets:  # fail on groups that do not fit the blocks before spending time on calibration
         _check_sparsegpt_groups(t)
 

@@ -10,7 +10,7 @@ from modelpress.errors import ConfigError
 from modelpress.passes.config import PassConfig, enum_value, pass_config
 from modelpress.passes.prune.masks import pruned_count
 
-__all__ = ["PruneChannelsConfig", "PruneFFNConfig", "PruneHeadsConfig", "StructuredConfig", "UnitImportance",
+__all__ = ["GQAMode", "PruneChannelsConfig", "PruneFFNConfig", "PruneHeadsConfig", "StructuredConfig", "UnitImportance",
            "keep_units", "unit_norm"]
 
 
@@ -18,6 +18,13 @@ class UnitImportance(str, Enum):
     L1 = "l1"  # |producer|_1 * |reader|_1
     L2 = "l2"  # |producer|_2 * |reader|_2
     ACTIVATION = "activation"  # mean |activation| on calibration data * |reader|_2
+
+
+class GQAMode(str, Enum):
+    """Which heads of a grouped-query attention (G query heads per key/value head) prune_heads removes."""
+
+    GROUPS = "groups"  # whole key/value heads with their G query heads (G unchanged)
+    QUERIES = "queries"  # the same number of query heads from every group, every key/value head kept (G shrinks)
 
 
 @pass_config
@@ -43,12 +50,19 @@ class StructuredConfig(PassConfig):
 
 @pass_config
 class PruneFFNConfig(StructuredConfig):
-    """`prune_ffn`: remove FFN neurons of BERT-style layers."""
+    """`prune_ffn`: remove FFN neurons of BERT-style layers, or of SwiGLU MLPs (gate/up rows, down columns)."""
 
 
 @pass_config
 class PruneHeadsConfig(StructuredConfig):
-    """`prune_heads`: remove attention heads of BERT-style attentions."""
+    """`prune_heads`: remove attention heads of BERT-style attentions, or of grouped-query attentions
+    (Llama family) as `gqa` says: whole key/value groups, or query heads evenly from every group."""
+
+    gqa: GQAMode = GQAMode.GROUPS
+
+    def validate(self) -> None:
+        super().validate()
+        object.__setattr__(self, "gqa", enum_value(GQAMode, self.gqa, "gqa"))
 
 
 @pass_config
