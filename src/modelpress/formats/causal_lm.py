@@ -73,7 +73,7 @@ class CausalLM(nn.Module):
         """transformers' output for `input_ids` (B, T): `.logits` is (B, T, vocab)."""
         return self.model(input_ids=input_ids, **kwargs)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: kernels prepared here must stay usable by later autograd-tracked calls
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """transformers' `generate` on the wrapped model (greedy unless the generation config samples)."""
         self.eval()

