@@ -1,0 +1,206 @@
+"""Greedy generation at batch 1, with the prefill and the decode steps timed apart.
+
+Two engines give the tokens of transformers' `generate(do_sample=False)`:
+
+- `Engine.TRANSFORMERS`: the model's own forward and its own cache, one call per token (what
+  `generate` runs, without its logits processors, stopping criteria and output bookkeeping);
+  any causal LM that transformers runs.
+- `Engine.LEAN`: for the Llama family (`LEAN_MODEL_TYPES`: pre-norm blocks of q/k/v/o attention
+  with rotary positions, grouped-query heads and a gated MLP), a loop over the model's own modules
+  with a static KV cache allocated once, the rotary tables computed once, no masks (a causal
+  prefill from position 0, then one query row per step), and the output layer run on the last
+  position only. Every Linear, Embedding and norm is still called as the model's module, so
+  compressed modules run their own kernels; only the glue between them is ours, written op for
+  op as transformers writes it (RMSNorm, rotary, scaled_dot_product_attention with the same
+  scale and grouped heads), so the logits are the same.
+
+`Engine.AUTO` takes LEAN where the model has that shape and TRANSFORMERS elsewhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.errors import ConfigError, UnsupportedError
+
+__all__ = ["Engine", "Generation", "LEAN_MODEL_TYPES", "greedy_generate", "lean_supported"]
+
+# transformers model types whose decoder layers compute exactly what the LEAN engine computes
+LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+class Engine(str, Enum):
+    AUTO = "auto"  # LEAN where the model has its shape, else TRANSFORMERS
+    TRANSFORMERS = "transformers"  # the model's own forward and cache
+    LEAN = "lean"  # static KV cache and a loop over the model's own modules (Llama family)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The new tokens of one greedy run (the first comes from the prefill) and the time of each phase."""
+
+    tokens: tuple[int, ...]
+    prompt_tokens: int
+    prefill_s: float  # the prompt's forward and the first token's argmax
+    decode_s: float  # every later token, one forward each
+    engine: Engine
+
+    @property
+    def decoded(self) -> int:
+        """Tokens produced by decode steps (all but the first)."""
+        return max(len(self.tokens) - 1, 0)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if self.decoded == 0:
+            return None
+        return self.decoded / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+def greedy_generate(model: nn.Module, prompt: torch.Tensor | Sequence[int], new_tokens: int, *,
+                    stop: Collection[int] = (), engine: Engine | str = Engine.AUTO) -> Generation:
+    """Up to `new_tokens` greedy tokens after `prompt` (1-D ids), ending early after a token in `stop`."""
+    ids = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0:
+        raise ConfigError("the prompt has no tokens: give at least one token id")
+    if new_tokens < 1:
+        raise ConfigError(f"new_tokens={new_tokens}: ask for at least one token")
+    try:
+        engine = Engine(engine)
+    except ValueError:
+        raise ConfigError(f"unknown engine {engine!r}: use one of {[e.value for e in Engine]}") from None
+    max_len = ids.numel() + new_tokens
+    if engine is Engine.AUTO:
+        engine = Engine.LEAN if lean_supported(model, max_len) else Engine.TRANSFORMERS
+    if engine is Engine.LEAN and not lean_supported(model, max_len):
+        raise UnsupportedError(f"the lean engine runs {sorted(LEAN_MODEL_TYPES)} decoders of the standard shape: "
+                               "use engine 'transformers' for this model")
+    step = _LeanDecoder(model, max_len) if engine is Engine.LEAN else _TransformersDecoder(model)
+    with torch.inference_mode():
+        return _greedy(step, ids, new_tokens, frozenset(stop), engine)
+
+
+def _greedy(step, ids: torch.Tensor, new_tokens: int, stop: frozenset[int], engine: Engine) -> Generation:
+    """Prefill, then one decode step per token; `step(ids (1, T), start)` returns the last position's logits."""
+    start = time.perf_counter()
+    token = int(step(ids[None], 0).argmax(-1))
+    prefill_s = time.perf_counter() - start
+    tokens, position = [token], ids.numel()
+    start = time.perf_counter()
+    while len(tokens) < new_tokens and token not in stop:
+        token = int(step(torch.tensor([[token]]), position).argmax(-1))
+        tokens.append(token)
+        position += 1
+    return Generation(tuple(tokens), ids.numel(), prefill_s, time.perf_counter() - start, engine)
+
+
+# -- the model's own forward ---------------------------------------------------------------------------------
+
+
+class _TransformersDecoder:
+    """One forward of the whole model per call, carrying the cache it returns (transformers' own)."""
+
+    def __init__(self, model: nn.Module):
+        parameters = inspect.signature(model.forward).parameters
+        self.model = model
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        self.cache = None
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        past = {} if start == 0 else {self.cache_name: self.cache}
+        out = self.model(input_ids=ids, use_cache=True, **past, **self.last_only)
+        self.cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        return out.logits[:, -1]  # (1, V)
+
+
+# -- the lean loop over a Llama-family model's modules --------------------------------------------------------
+
+
+def lean_supported(model: nn.Module, max_len: int) -> bool:
+    """Whether `model` has exactly the Llama-family shape LEAN runs, for sequences of `max_len` tokens."""
+    config, base = getattr(model, "config", None), getattr(model, "model", None)
+    if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES or base is None:
+        return False
+    if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(model, "lm_head"):
+        return False
+    if getattr(base.rotary_emb, "rope_type", "default") == "dynamic" or getattr(config, "pretraining_tp", 1) != 1:
+        return False  # dynamic rope rescales per call; tensor-parallel slicing changes the sums
+    window = getattr(config, "sliding_window", None)
+    if window is not None and max_len > window:
+        return False
+    if len(base.layers) != config.num_hidden_layers:
+        return False
+    for layer in base.layers:
+        attn = getattr(layer, "self_attn", None)
+        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return False
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return False
+        if not all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")):
+            return False
+    return True
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _LeanDecoder:
+    """A static KV cache of `max_len` positions and the decoder's forward written over its modules."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        config, base = model.config, model.model
+        self.embed, self.layers, self.norm, self.head = base.embed_tokens, list(base.layers), base.norm, model.lm_head
+        attn = self.layers[0].self_attn
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.gqa = config.num_attention_heads != config.num_key_value_heads
+        dtype = _float_dtype(model)
+        cos, sin = base.rotary_emb(torch.empty(1, 1, dtype=dtype), torch.arange(max_len)[None])  # (1, L, D) each
+        self.cos, self.sin = cos[0], sin[0]  # (L, D)
+        shape = (1, config.num_key_value_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        T = ids.shape[1]
+        if T > 1 and start != 0:
+            raise ConfigError("the lean engine prefills from position 0 only, then decodes one token per step")
+        end = start + T
+        cos, sin = self.cos[start:end], self.sin[start:end]  # (T, D)
+        h = self.embed(ids)  # (1, T, C)
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)  # (1, H, T, D)
+            k = attn.k_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)  # (1, Hkv, T, D)
+            v = attn.v_proj(x).view(1, T, -1, self.head_dim).transpose(1, 2)  # (1, Hkv, T, D)
+            q = q * cos + _rotate_half(q) * sin
+            keys[:, :, start:end] = k * cos + _rotate_half(k) * sin
+            values[:, :, start:end] = v
+            o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], scale=self.scale,
+                                               is_causal=T > 1, enable_gqa=self.gqa)  # (1, H, T, D)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.head(self.norm(h[:, -1:]))[:, -1]  # (1, V)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations run in: the first floating parameter's (float32 when there is none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
