@@ -16,7 +16,7 @@ from modelpress.cli.console import stderr_console as _stderr_console
 from modelpress.compress import compress, resolve_recipe
 from modelpress.data.corpus import corpus_splits
 from modelpress.errors import ConfigError, OutputExistsError, UnsafeOutputError
-from modelpress.evaluate.report import evaluate_encoder
+from modelpress.evaluate.report import evaluate_encoder, report_table
 from modelpress.evaluate.size import folder_bytes, size_report
 from modelpress.formats.checkpoint import WEIGHTS, load, read_manifest, save
 from modelpress.formats.hf import load_sentence_encoder, resolve_model_path
@@ -50,27 +50,7 @@ def _evaluate(original, compressed, name: str, n_sentences: int, threads: int, l
 
 
 def _render(evaluation, console, original_file_bytes: int | None, file_bytes: int | None) -> None:
-    table = Table(title=f"modelpress report: {evaluation.name}", show_header=True)
-    table.add_column("metric")
-    table.add_column("original", justify="right")
-    table.add_column("compressed", justify="right")
-    table.add_column("ratio", justify="right")
-    if original_file_bytes and file_bytes:
-        table.add_row("weights file", f"{original_file_bytes / 1e6:.1f} MB", f"{file_bytes / 1e6:.1f} MB",
-                      f"{file_bytes / original_file_bytes:.1%}")
-    table.add_row("tensor bytes", f"{evaluation.original_size.bytes / 1e6:.1f} MB",
-                  f"{evaluation.size.bytes / 1e6:.1f} MB", f"{evaluation.size.bytes / evaluation.original_size.bytes:.1%}")
-    table.add_row("bits per weight", f"{evaluation.original_size.bits_per_weight:.2f}",
-                  f"{evaluation.size.bits_per_weight:.2f}", "")
-    f = evaluation.fidelity
-    table.add_row("mean cosine", "1", f"{f.mean_cosine:.4f}", "")
-    table.add_row("1st-percentile cosine", "1", f"{f.p1_cosine:.4f}", "")
-    table.add_row(f"overlap@10 ({f.n_queries} queries)", "1", f"{f.overlap_at_10:.3f}", "")
-    if evaluation.latency is not None:
-        table.add_row(f"latency, {evaluation.latency.n_sentences} sentences, {evaluation.latency.threads} threads",
-                      f"{evaluation.original_latency.median_s:.2f} s", f"{evaluation.latency.median_s:.2f} s",
-                      f"{evaluation.latency_ratio:.2f}x")
-    console.print(table)
+    console.print(report_table(evaluation, original_file_bytes, file_bytes))
 
 
 def _layers_table(model, console, limit: int | None = None) -> None:

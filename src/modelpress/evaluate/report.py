@@ -1,18 +1,23 @@
 """The evaluation of a compressed sentence encoder against its original: size, fidelity, latency,
-and an optional task metric from a user callable."""
+and an optional task metric from a user callable; and the one table every evaluation renders to
+(`report_table`: metric | original | compressed | ratio, from the evaluation's `rows()`), which the
+causal-LM evaluation (evaluate/llm.py) shares."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
+from rich.table import Table
 
 from modelpress.evaluate.fidelity import Fidelity, fidelity
 from modelpress.evaluate.latency import Latency, measure_latency
 from modelpress.evaluate.size import SizeReport, size_report
 
-__all__ = ["Evaluation", "evaluate_encoder", "encode_with_progress"]
+__all__ = ["Evaluation", "Row", "evaluate_encoder", "encode_with_progress", "report_table", "size_rows"]
+
+Row = tuple[str, str, str, str]  # metric, original, compressed, ratio
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,19 @@ class Evaluation:
             return None
         return self.latency.median_s / self.original_latency.median_s
 
+    def rows(self, original_file_bytes: int | None = None, file_bytes: int | None = None) -> list[Row]:
+        """The report's rows: size, fidelity and (when measured) latency."""
+        rows = size_rows(self.original_size, self.size, original_file_bytes, file_bytes)
+        f = self.fidelity
+        rows += [("mean cosine", "1", f"{f.mean_cosine:.4f}", ""),
+                 ("1st-percentile cosine", "1", f"{f.p1_cosine:.4f}", ""),
+                 (f"overlap@10 ({f.n_queries} queries)", "1", f"{f.overlap_at_10:.3f}", "")]
+        if self.latency is not None and self.original_latency is not None:
+            rows.append((f"latency, {self.latency.n_sentences} sentences, {self.latency.threads} threads",
+                         f"{self.original_latency.median_s:.2f} s", f"{self.latency.median_s:.2f} s",
+                         f"{self.latency_ratio:.2f}x"))
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -55,6 +73,37 @@ class Evaluation:
             "latency_ratio": self.latency_ratio,
             "task": dict(self.task),
         }
+
+
+class _Reported(Protocol):
+    name: str
+
+    def rows(self, original_file_bytes: int | None = None, file_bytes: int | None = None) -> list[Row]: ...
+
+
+def report_table(evaluation: _Reported, original_file_bytes: int | None = None,
+                 file_bytes: int | None = None) -> Table:
+    """The report of any evaluation (encoder or causal LM) as one table: metric, original, compressed, ratio."""
+    table = Table(title=f"modelpress report: {evaluation.name}", show_header=True)
+    table.add_column("metric")
+    for column in ("original", "compressed", "ratio"):
+        table.add_column(column, justify="right")
+    for row in evaluation.rows(original_file_bytes, file_bytes):
+        table.add_row(*row)
+    return table
+
+
+def size_rows(original: SizeReport, compressed: SizeReport, original_file_bytes: int | None = None,
+              file_bytes: int | None = None) -> list[Row]:
+    """The rows every report opens with: the weights file (when known), tensor bytes and bits per weight."""
+    rows: list[Row] = []
+    if original_file_bytes and file_bytes:
+        rows.append(("weights file", f"{original_file_bytes / 1e6:.1f} MB", f"{file_bytes / 1e6:.1f} MB",
+                     f"{file_bytes / original_file_bytes:.1%}"))
+    rows.append(("tensor bytes", f"{original.bytes / 1e6:.1f} MB", f"{compressed.bytes / 1e6:.1f} MB",
+                 f"{compressed.bytes / max(original.bytes, 1):.1%}"))
+    rows.append(("bits per weight", f"{original.bits_per_weight:.2f}", f"{compressed.bits_per_weight:.2f}", ""))
+    return rows
 
 
 def encode_with_progress(encoder, sentences: Sequence[str], advance: Callable[[int], None] | None = None,

@@ -44,16 +44,23 @@ class SizeReport:
 
 
 def size_report(model: nn.Module) -> SizeReport:
-    """One row per weight tensor: encoded weights at their encoded size, everything else as stored."""
+    """One row per weight tensor: encoded weights at their encoded size, everything else as stored.
+
+    A tensor or encoding that several modules share (tied embeddings: `lm_head` and the embedding
+    table) is one row, under the first name that reaches it, since it is stored and held once.
+    """
     rows: list[LayerSize] = []
+    seen: set[int] = set()
     for name, module in model.named_modules():
-        if is_compressed(module):  # every compressed module type (nn.registry), convolutions included
+        if is_compressed(module) and id(module.encoding) not in seen:  # every compressed module type (nn.registry)
             enc = module.encoding
+            seen.add(id(enc))
             rows.append(LayerSize(f"{name}.weight", enc.describe(), tuple(enc.shape), enc.numel, enc.nbytes))
         for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             full = f"{name}.{pname}" if name else pname
-            if pname in module._non_persistent_buffers_set:
+            if pname in module._non_persistent_buffers_set or id(tensor) in seen:
                 continue
+            seen.add(id(tensor))
             rows.append(LayerSize(full, str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape),
                                   math.prod(tensor.shape), tensor.numel() * tensor.element_size()))
     return SizeReport(tuple(rows))
