@@ -104,7 +104,8 @@ def table(rows: list[dict], args) -> str:
         a = next((r for r in rows if r.get("row") == f"modelpress {ours}" and "error" not in r), None)
         b = next((r for r in rows if r.get("row") == f"llama.cpp {theirs}" and "error" not in r), None)
         if a and b:
-            ratios.append(f"modelpress {ours} / llama.cpp {theirs} decode tok/s: {a['decode_tok_s'] / b['decode_tok_s']:.2f}x")
+            ratio = a["decode_tok_s"] / b["decode_tok_s"]
+            ratios.append(f"modelpress {ours} / llama.cpp {theirs} decode tok/s: {ratio:.2f}x")
     return "\n".join(lines + [""] + ratios)
 
 

@@ -74,7 +74,8 @@ def test_every_figure_matches_its_reference(pair):
     assert result.reference.score.perplexity == pytest.approx(ref_score.perplexity, rel=1e-6)
     assert result.candidate.score.perplexity == pytest.approx(cand_score.perplexity, rel=1e-6)
     assert result.perplexity_ratio == pytest.approx(cand_score.perplexity / ref_score.perplexity, rel=1e-6)
-    assert result.top1_agreement == pytest.approx(float((ref_score.predictions == cand_score.predictions).float().mean()))
+    same = (ref_score.predictions == cand_score.predictions).float().mean()
+    assert result.top1_agreement == pytest.approx(float(same))
     assert result.candidate.score.tokens == 3 * 47
 
     stop = [3, 2]  # the tokenizer's end-of-sequence id and the model's

@@ -43,7 +43,7 @@ def test_smollm2_generation_and_evaluation(smollm2):
 
     result = evaluate_causal_lm(model, model, tokenizer, windows=1, window=256, prompts=["What is 2 + 3?"],
                                 new_tokens=8, measure_speed=False, name="smollm2")
-    ids = torch.tensor(tokenizer.encode(reference_text("heldout")))
+    ids = torch.tensor(tokenizer.encode(reference_text("heldout"), add_special_tokens=False))
     window = token_windows(ids, 256, 256)
     with torch.inference_mode():
         loss = float(model(input_ids=window, labels=window).loss)

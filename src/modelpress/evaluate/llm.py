@@ -3,8 +3,9 @@
 What a user of a small LLM needs to trust a compressed copy, measured on the same tokens for both:
 
 - perplexity on a deterministic built-in text (modelpress.data.text, `heldout` by default: never
-  tuned on), cut into `windows` windows of `window` tokens (evaluate/perplexity.py), and the top-1
-  next-token agreement with the original at every scored position;
+  tuned on), tokenised without special tokens (every window is plain text, and another runtime
+  can be fed the same ids), cut into `windows` windows of `window` tokens (evaluate/perplexity.py),
+  and the top-1 next-token agreement with the original at every scored position;
 - greedy generation on a fixed set of prompts (chat-formatted where the tokenizer has a chat
   template): the fraction of generated tokens equal position by position (a continuation that
   stops early or runs on counts its missing or extra positions as different) and the prompts whose
@@ -142,7 +143,8 @@ class LLMEvaluation:
         g = self.generation
         rows.append((f"greedy tokens equal ({g.prompts} prompts, up to {self.new_tokens} tokens)", "1",
                      f"{g.token_agreement:.4f}", ""))
-        rows.append(("prompts with the same continuation", f"{g.prompts}/{g.prompts}", f"{g.identical}/{g.prompts}", ""))
+        rows.append(("prompts with the same continuation", f"{g.prompts}/{g.prompts}", f"{g.identical}/{g.prompts}",
+                     ""))
         for a, b in zip(ref.speeds, cand.speeds):
             rows.append((f"prefill tokens/s, {a.threads} thread{'s' * (a.threads > 1)}",
                          f"{a.prefill_tokens_per_s:.1f}", f"{b.prefill_tokens_per_s:.1f}",
@@ -186,7 +188,7 @@ def evaluate_causal_lm(reference, candidate, tokenizer, *, text_split: str = "he
                           "window, one new token and thread counts of at least 1")
     note = advance or (lambda stage: None)
     rss = rss_bytes()
-    ids = torch.tensor(_encode(tokenizer, reference_text(text_split)), dtype=torch.long)
+    ids = torch.tensor(_encode(tokenizer, reference_text(text_split), special=False), dtype=torch.long)
     batches = token_windows(ids, window=window, max_tokens=windows * window)
     ref_score = score_language_model(ref_model, batches)
     cand_score = score_language_model(cand_model, batches)

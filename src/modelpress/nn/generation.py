@@ -134,7 +134,8 @@ def lean_supported(model: nn.Module, max_len: int) -> bool:
     config, base = getattr(model, "config", None), getattr(model, "model", None)
     if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES or base is None:
         return False
-    if not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(model, "lm_head"):
+    if not hasattr(model, "lm_head") or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm",
+                                                                              "rotary_emb")):
         return False
     if getattr(base.rotary_emb, "rope_type", "default") == "dynamic" or getattr(config, "pretraining_tp", 1) != 1:
         return False  # dynamic rope rescales per call; tensor-parallel slicing changes the sums
