@@ -19,7 +19,9 @@ from modelpress.errors import ConfigError, OutputExistsError, UnsafeOutputError
 from modelpress.evaluate.report import evaluate_encoder, report_table
 from modelpress.evaluate.size import folder_bytes, size_report
 from modelpress.formats.checkpoint import WEIGHTS, load, read_manifest, save
-from modelpress.formats.hf import load_sentence_encoder, resolve_model_path
+from modelpress.evaluate.llm import evaluate_causal_lm
+from modelpress.formats.causal_lm import CausalLM
+from modelpress.formats.models import is_gguf, load_model, resolve_source
 from modelpress.nn.provenance import provenance
 from modelpress.presets import preset, preset_names
 from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
@@ -30,7 +32,25 @@ __all__ = ["cmd_compress", "cmd_eval", "cmd_inspect", "cmd_presets", "cmd_sensit
 
 
 def _load_original(model: str):
-    return load_sentence_encoder(model)
+    """The float model a bundled name, .gguf file or model folder holds (a SentenceEncoder or a CausalLM)."""
+    return load_model(resolve_source(model))
+
+
+def _source_bytes(source: Path) -> int:
+    """Bytes of a source's weights: the .gguf file, or a folder's safetensors files."""
+    return source.stat().st_size if is_gguf(source) else folder_bytes(source)
+
+
+def _evaluate_any(original, compressed, name: str, args, latency: bool):
+    """The report of a compressed model against its original: perplexity, agreement and generation for a
+    causal LM (evaluate_causal_lm), embedding fidelity for a sentence encoder."""
+    if not isinstance(compressed, CausalLM):
+        return _evaluate(original, compressed, name, args.sentences, args.threads, latency)
+    threads = tuple(sorted({1, args.threads}))
+    with _stderr_console().status("evaluating: perplexity, generation" + (", speed" if latency else "")) as status:
+        return evaluate_causal_lm(original, compressed, compressed.tokenizer, windows=args.windows,
+                                  threads=threads, measure_speed=latency, name=name,
+                                  advance=lambda stage: status.update(f"evaluated {stage}"))
 
 
 def _eval_sentences(n: int):
@@ -106,12 +126,12 @@ def _write_report(path: Path | None, text: str) -> None:
 def cmd_compress(args) -> int:
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on a bad recipe, model path or --out before loading anything
-    source = resolve_model_path(args.model)
+    source = resolve_source(args.model)
     protected = [source, *([args.store] if args.store else [])]
     out = fileio.check_output_dir(args.out, args.overwrite, protected, "--out")
     report = _output_file(args.json, "--json", [*protected, out])
     with _stderr_console().status(f"loading {args.model}"):
-        model = load_sentence_encoder(source)
+        model = load_model(source)
     with _progress() as progress:
         task = progress.add_task(f"compressing with {recipe.name}", total=len(recipe.stages))
         compress(model, recipe, calibration=_calibration(args.calibration),
@@ -125,11 +145,11 @@ def cmd_compress(args) -> int:
             vid = store.put(model, name, message=f"modelpress compress {args.model} --recipe {args.recipe}")
             console.print(f"stored as {name}@{vid[:12]} in {args.store} "
                           f"({store.stored_bytes(name, vid) / 1e6:.1f} MB in chunks)")
-    original_bytes = folder_bytes(source)
+    original_bytes = _source_bytes(source)
     file_bytes = (out / WEIGHTS).stat().st_size
     if args.eval:
         original = _load_original(str(source))
-        evaluation = _evaluate(original, model, recipe.name, args.sentences, args.threads, latency=True)
+        evaluation = _evaluate_any(original, model, recipe.name, args, latency=True)
         _render(evaluation, console, original_bytes, file_bytes)
         _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
     else:
@@ -140,13 +160,16 @@ def cmd_compress(args) -> int:
 
 def cmd_eval(args) -> int:
     console = _console()
-    report = _output_file(args.json, "--json", [resolve_model_path(args.original), args.compressed])
+    report = _output_file(args.json, "--json", [resolve_source(args.original), args.compressed])
     original = _load_original(args.original)
     with _stderr_console().status(f"loading {args.compressed}"):
         compressed = load(args.compressed)
+    if isinstance(original, CausalLM) != isinstance(compressed, CausalLM):
+        raise ConfigError(f"{args.original!r} and {args.compressed!r} are not the same kind of model (a causal LM and "
+                          "a sentence encoder): give the original the checkpoint was compressed from")
     name = provenance(compressed).recipe_name or Path(args.compressed).name
-    evaluation = _evaluate(original, compressed, name, args.sentences, args.threads, latency=not args.no_latency)
-    _render(evaluation, console, folder_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
+    evaluation = _evaluate_any(original, compressed, name, args, latency=not args.no_latency)
+    _render(evaluation, console, _source_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
     _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
     return 0
 

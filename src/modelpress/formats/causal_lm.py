@@ -60,18 +60,20 @@ class CausalLM(nn.Module):
         self.support_files = dict(files)
         self.source = source  # the folder or .gguf file it was read from, if any
 
-    @property
-    def config(self):
-        """The transformers config (layers, heads, vocabulary ...)."""
-        return self.model.config
-
-    @property
-    def generation_config(self):
-        return self.model.generation_config
+    # No `config` attribute of its own: code that runs transformers models unwraps `.model` (which has one).
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """transformers' output for `input_ids` (B, T): `.logits` is (B, T, vocab)."""
         return self.model(input_ids=input_ids, **kwargs)
+
+    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
+        """Sentences as one right-padded batch (calibration on sentences, as for a sentence encoder)."""
+        ids = [self.tokenizer.encode(s) for s in sentences]
+        width = max((len(i) for i in ids), default=0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], dtype=torch.long)  # (B, T)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], dtype=torch.long)  # (B, T)
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     @torch.no_grad()  # not inference_mode: kernels prepared here must stay usable by later autograd-tracked calls
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
