@@ -1,4 +1,5 @@
-"""Encoding fixed sentence batches with a model, replaying the blocks a change cannot reach.
+"""Running fixed input batches through a model (sentence embeddings, or a causal LM's next-token
+log-probabilities), replaying the blocks a change cannot reach.
 
 A layer inside the model's repeated blocks (`encoder.layer.i`) can only change what blocks i..
 compute: the outputs of the blocks before it are recorded in the reference run and replayed.
@@ -39,8 +40,12 @@ def _copied(value: Any) -> Any:
 class Runner:
     """Encodes fixed sentence batches with the model as it is now, replaying the blocks a change cannot reach."""
 
-    def __init__(self, model: nn.Module, batches: list[tuple[list[int], dict]]):
+    def __init__(self, model: nn.Module, batches: list[tuple[list[int], dict]],
+                 output: Callable[[Any], torch.Tensor] | None = None):
+        """`output` turns what `model(**inputs)` returns into a (B, ...) tensor (default: it is one, e.g. a
+        sentence encoder's (B, D) embeddings; a causal LM's next-token log-probabilities for example)."""
         self.model, self.batches, self.batch = model, batches, 0
+        self.output = output or (lambda out: out)
         found = find_blocks(model)
         self.blocks: nn.ModuleList | None = found[1] if found else None
         self.outputs: list[list[Any]] = []  # [block][batch]: recorded outputs
@@ -82,7 +87,7 @@ class Runner:
         for self.batch, (idx, inputs) in enumerate(self.batches):
             if before_batch:
                 before_batch()
-            parts.append(self.model(**inputs).float())  # (B, D)
+            parts.append(self.output(self.model(**inputs)).float())  # (B, ...)
             order += idx
         stacked = torch.cat(parts)
         out = torch.empty_like(stacked)

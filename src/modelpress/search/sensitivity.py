@@ -30,7 +30,7 @@ from modelpress.search.overrides import with_overrides
 from modelpress.search.replay import Runner
 
 __all__ = ["LayerSensitivity", "MAX_QUERIES", "MIN_SENTENCES", "Measurement", "Upgrades", "as_recipe",
-           "layer_sensitivity"]
+           "compressed_variants", "layer_sensitivity", "selected_targets"]
 
 MIN_SENTENCES = 11  # overlap@10 needs 10 neighbours besides the query
 MAX_QUERIES = 200  # overlap@10 queries, as in every modelpress evaluation
@@ -45,13 +45,15 @@ class Measurement:
     changes: dict[str, Any]  # config changes on top of the recipe's config for the layer ({} = as the recipe says)
     encoding: str  # "int4 asym g64", ...
     bytes: int  # the layer's weight as stored
-    mean_cosine: float
+    mean_cosine: float  # sentence encoders: of the embeddings (NaN for a causal LM)
     p1_cosine: float
     overlap_at_10: float
+    kl: float | None = None  # causal LMs: mean KL(float || compressed) of the next-token distributions, nats
 
     @property
     def damage(self) -> float:
-        return 1.0 - self.mean_cosine
+        """1 - mean cosine of a sentence encoder's embeddings; a causal LM's next-token KL divergence."""
+        return self.kl if self.kl is not None else 1.0 - self.mean_cosine
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,14 @@ def layer_sensitivity(
     """
     recipe = as_recipe(recipe)
     sentences = _check_sentences(sentences)
-    targets = _selected(model, recipe)
+    targets = selected_targets(model, recipe)
     changes = {t.name: (upgrades(config_to_dict(t.config)) if upgrades else []) for _, t in targets}
     stages = {t.name: stage for stage, t in targets}
     was_training = model.training
     model.eval()
     try:
         runner = Runner(model, tokenised_batches(model, sentences, batch_size, longest_first=True))
-        variants = _variants(model, recipe, changes, stages, calibration)
+        variants = compressed_variants(model, recipe, changes, stages, calibration)
         rows = []
         for i, (stage, target) in enumerate(targets):
             if progress:
@@ -120,8 +122,8 @@ def layer_sensitivity(
     return sorted(rows, key=lambda r: (-r.damage, -r.base.bytes, r.name))
 
 
-def _variants(model: nn.Module, recipe: Recipe, changes: dict[str, list[dict[str, Any]]], stages: dict[str, int],
-              calibration: Any) -> list[nn.Module]:
+def compressed_variants(model: nn.Module, recipe: Recipe, changes: dict[str, list[dict[str, Any]]],
+                        stages: dict[str, int], calibration: Any) -> list[nn.Module]:
     """Compressed copies of the model: [0] by the recipe, [k] with every layer's k-th upgrade (layers
     with fewer upgrades stay as the recipe says there). Each layer is later taken from them one by one."""
     variants = [compress(copy.deepcopy(model), recipe, calibration=calibration)]
@@ -148,7 +150,7 @@ def _check_sentences(sentences: Sequence[str]) -> list[str]:
     return list(sentences)
 
 
-def _selected(model: nn.Module, recipe: Recipe) -> list[tuple[int, Target]]:
+def selected_targets(model: nn.Module, recipe: Recipe) -> list[tuple[int, Target]]:
     """(stage index, target) of every module the recipe rewrites, resolved as `compress` does."""
     taken: set[str] = set()
     out = []
