@@ -76,3 +76,12 @@ def test_eval_refuses_a_model_of_another_kind(capsys, tmp_path, tiny_llama):
     (encoder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     assert main(["eval", str(encoder), str(tmp_path / "q")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_sensitivity_of_a_causal_lm_plans_mixed_precision(capsys, tmp_path, tiny_llama):
+    recipe = tmp_path / "mixed.yaml"
+    out = _run(capsys, "sensitivity", tiny_llama, "--recipe", "int3", "--windows", 1, "--budget", 4,
+               "--write-recipe", recipe)
+    assert "KL" in out and "model.lm_head" in out and "mixed precision within 4" in out
+    _run(capsys, "compress", tiny_llama, "--recipe", recipe, "--out", tmp_path / "q")
+    assert read_manifest(tmp_path / "q")["architecture"]["kind"] == "causal-lm"

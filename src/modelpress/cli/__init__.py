@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("sensitivity", help="measure how much each layer alone loses under a recipe; plan mixed precision")
-    p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
+    p.add_argument("model", help="a Hugging Face folder (sentence encoder or causal LM), a .gguf file, or a bundled "
+                              "name (minilm, smollm2)")
     p.add_argument("--recipe", default="int4", help="preset name or recipe YAML file (default int4)")
-    p.add_argument("--sentences", type=int, default=256, help="held-out evaluation sentences (default 256)")
+    p.add_argument("--sentences", type=int, default=256, help="held-out evaluation sentences of an encoder (default 256)")
+    p.add_argument("--windows", type=int, default=2, help="dev-text windows of 512 tokens for a causal LM (default 2)")
     p.add_argument("--calibration", type=int, metavar="N", help="calibrate data-aware passes (gptq) on N sentences")
     p.add_argument("--budget", type=float, metavar="BITS",
                    help="plan mixed precision: bits per weight of the selected layers (above the recipe's own)")
