@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError
-from modelpress.formats.hf import (bad_file, materialise_buffers, parse_json, read_support_files, source_state,
-                                  weights_file)
+from modelpress.formats.hf import (bad_file, check_state, materialise_buffers, parse_json, read_support_files,
+                                  source_state, weights_file)
 from modelpress.nn.tying import retie, tied_parameters
 
-__all__ = ["CAUSAL_LM_FILES", "CausalLM", "build_causal_lm", "causal_lm_from_files", "causal_lm_tokenizer", "is_causal_lm_config",
-           "linearise_conv1d"]
+__all__ = ["CAUSAL_LM_FILES", "CausalLM", "build_causal_lm", "causal_lm_from_files", "causal_lm_tokenizer",
+           "fill_causal_lm", "is_causal_lm_config", "linearise_conv1d"]
 
 # Files that describe a causal LM without holding weights (read from a source folder, kept as bytes).
 CAUSAL_LM_FILES = (
@@ -183,16 +183,25 @@ def build_causal_lm(folder: Path) -> CausalLM:
     weight_file = weights_file(folder)
     lm = causal_lm_from_files(read_support_files(folder, CAUSAL_LM_FILES), source=folder, linearise=False)
     ties = tied_parameters(lm.model)
-    state = source_state(lm.model, weight_file, optional=frozenset(ties) | frozenset(ties.values()))
-    for name, kept in ties.items():  # a folder holds a tied weight once, under either name
+    fill_causal_lm(lm, source_state(lm.model, weight_file, optional=frozenset(ties) | frozenset(ties.values())),
+                   weight_file)
+    linearise_conv1d(lm.model)  # after loading: the folder holds Conv1D weights (in, out)
+    return lm
+
+
+def fill_causal_lm(lm: CausalLM, state: dict[str, torch.Tensor], where: Path) -> CausalLM:
+    """Give a meta skeleton its weights: `state` checked against it (a tied weight may come under either
+    name, once), assigned, tied weights tied again, computed buffers computed."""
+    ties = tied_parameters(lm.model)
+    state = check_state(lm.model, state, where, optional=frozenset(ties) | frozenset(ties.values()))
+    for name, kept in ties.items():  # a source holds a tied weight once, under either name
         if kept not in state and name in state:
             state[kept] = state[name]
         if kept not in state:
-            raise FormatError(f"{weight_file}: weights do not match config.json (missing {kept!r}); use the config "
+            raise FormatError(f"{where}: weights do not match config.json (missing {kept!r}); use the config "
                               "that belongs to these weights")
         state[name] = state[kept]
     lm.model.load_state_dict(state, strict=True, assign=True)
     retie(lm.model, ties)
-    linearise_conv1d(lm.model)  # after loading: the folder holds Conv1D weights (in, out)
     materialise_buffers(lm)
     return lm

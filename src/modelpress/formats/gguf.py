@@ -17,9 +17,11 @@ byte range (inside the file, aligned, no two overlapping), and the memory its de
 take. After transformers built the model, every weight must have come from the file: a missing,
 unexpected or mismatched tensor (which transformers would initialise at random) is refused.
 
-The support files a CausalLM carries are derived from the file: config.json and
-generation_config.json from the model transformers built, tokenizer.json, tokenizer_config.json
-and chat_template.jinja from its tokenizer.
+A plain Llama file is dequantised by us (formats/gguf_llama.py: the same model, in seconds instead
+of transformers' ~40 s); any other goes through transformers' reader. The support files a CausalLM
+carries are derived from the file: config.json and generation_config.json from the metadata (or the
+model transformers built), tokenizer.json, tokenizer_config.json and chat_template.jinja from the
+tokenizer transformers builds from the file's vocabulary.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import torch
 
 from modelpress import fileio
 from modelpress.errors import FormatError, LimitExceededError, ModelpressError, UnsupportedError
-from modelpress.formats.causal_lm import CausalLM, causal_lm_tokenizer, linearise_conv1d
+from modelpress.formats.causal_lm import (CausalLM, causal_lm_from_files, causal_lm_tokenizer, fill_causal_lm,
+                                         linearise_conv1d)
+from modelpress.formats.gguf_llama import llama_config, llama_state
 from modelpress.limits import check_allocation
 
 __all__ = ["GGUFInfo", "GGUFTensor", "MAX_METADATA_BYTES", "check_gguf", "load_gguf"]
@@ -231,14 +235,35 @@ def load_gguf(path: str | os.PathLike) -> CausalLM:
     info = check_gguf(path)
     numel = sum(t.numel for t in info.tensors)
     check_allocation(4 * numel, f"the dequantised weights of {path} ({numel:,} parameters in float32)")
+    fields = llama_config(info.metadata, {t.name for t in info.tensors})
+    if fields is not None:  # a plain Llama: dequantised here, in seconds
+        files = _support_files(fields, _transformers_tokenizer(path))
+        lm = causal_lm_from_files(files, source=path)
+        _check_size(lm.model, numel, path)
+        return fill_causal_lm(lm, llama_state(path, info.tensors, fields), path)
     model, tokenizer = _transformers_load(path)
+    _check_size(model, numel, path)
+    linearise_conv1d(model)
+    model.eval()
+    files = _support_files(model.config.to_dict(), tokenizer, model.generation_config)
+    return CausalLM(model, causal_lm_tokenizer(files), files, source=path)  # the tokenizer a reload rebuilds
+
+
+def _check_size(model: torch.nn.Module, numel: int, path: Path) -> None:
+    """The model the metadata describes may not hold more weights than the file (tied ones counted once)."""
     params = {id(p): p.numel() for p in model.parameters()}
     if sum(params.values()) > numel:
         raise _bad(path, "the model its metadata describes has more weights than the file holds")
-    linearise_conv1d(model)
-    model.eval()
-    files = _support_files(model, tokenizer)
-    return CausalLM(model, causal_lm_tokenizer(files), files, source=path)  # the tokenizer a reload rebuilds
+
+
+def _transformers_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # as in _transformers_load
+        raise FormatError(f"{path}: transformers cannot read the tokenizer of this GGUF file ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]}); use an intact .gguf file") from None
 
 
 def _transformers_load(path: Path):
@@ -249,6 +274,7 @@ def _transformers_load(path: Path):
         model, loading = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                               output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model.config.architectures = [type(model).__name__]
     except Exception as exc:  # transformers' and gguf's readers raise any error type for a file they cannot use
         if isinstance(exc, ModelpressError):
             raise
@@ -261,14 +287,17 @@ def _transformers_load(path: Path):
     return model, tokenizer
 
 
-def _support_files(model, tokenizer) -> dict[str, bytes]:
-    """config.json, generation_config.json and the tokenizer's files, derived from what transformers built."""
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
+def _support_files(config: dict[str, Any], tokenizer, generation=None) -> dict[str, bytes]:
+    """config.json, generation_config.json and the tokenizer's files, derived from the config fields and the
+    tokenizer transformers built (the generation config from the model config where none is given)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if generation is None:
+        generation = GenerationConfig.from_model_config(AutoConfig.for_model(**config))
     files = {
         "config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
-        "generation_config.json": model.generation_config.to_json_string().encode(),
+        "generation_config.json": generation.to_json_string().encode(),
         "tokenizer.json": tokenizer.backend_tokenizer.to_str().encode(),
     }
     fields = {key: getattr(tokenizer, key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")

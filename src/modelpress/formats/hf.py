@@ -34,6 +34,7 @@ __all__ = [
     "load_sentence_encoder",
     "materialise_buffers",
     "bad_file",
+    "check_state",
     "parse_json",
     "read_support_files",
     "resolve_model_path",
@@ -318,11 +319,16 @@ def build_sentence_encoder(folder: Path) -> SentenceEncoder:
 
 
 def source_state(model: nn.Module, weight_file: Path, optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The weights of a source folder, checked name by name, shape by shape against the (meta) model,
-    accepting a `<base_model_prefix>.` on every key and cast to the model's dtypes. Names in `optional`
-    (the second name of a tied weight, which a folder holds once) may be missing."""
+    """The weights of a source folder, checked against the (meta) model (`check_state`)."""
     buffer = fileio.read_buffer(os.path.realpath(weight_file), MAX_WEIGHTS_BYTES, "weights file")
-    state = tensorfile.parse(buffer, str(weight_file))
+    return check_state(model, tensorfile.parse(buffer, str(weight_file)), weight_file, optional)
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], weight_file: Path,
+                optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Source weights checked name by name, shape by shape against the (meta) model, accepting a
+    `<base_model_prefix>.` on every key and cast to the model's dtypes. Names in `optional` (the second
+    name of a tied weight, which a source holds once) may be missing. `weight_file` names the source."""
     expected = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "") + "."
     if prefix != "." and state and all(k.startswith(prefix) for k in state) and not all(k in expected for k in state):
