@@ -154,3 +154,25 @@ def test_a_tampered_tie_is_refused(folders, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match="tied"):
         load(tmp_path / "ck")
+
+
+def test_a_pass_that_rebinds_the_output_weight_keeps_the_tie(folders):
+    """GPTQ rebinds each layer's float weight while it calibrates (the embedding must keep its float values
+    for the lookups meanwhile); the tie recorded when the model was built still makes one encoding of both."""
+    from modelpress.calibration import calibration_sentences
+    from modelpress.passes import GPTQConfig
+
+    lm = load_model(folders["llama"])
+    compress(lm, GPTQConfig(bits=4, group_size=16), calibration=calibration_sentences(8))
+    head, table = _head_and_table(lm)
+    assert isinstance(table, CompressedEmbedding) and table.encoding is head.encoding
+
+
+def test_a_tampered_float_tie_is_refused(folders, tmp_path):
+    save(load_model(folders["llama"]), tmp_path / "f")
+    path = tmp_path / "f" / "modelpress.json"
+    manifest = json.loads(path.read_text())
+    manifest["tied"] = {"model.lm_head.weight": "model.model.norm.weight"}  # a (64,) vector for a (259, 64) table
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError):
+        load(tmp_path / "f")

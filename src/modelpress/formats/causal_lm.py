@@ -23,7 +23,7 @@ from torch import nn
 from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError
 from modelpress.formats.hf import (bad_file, check_state, materialise_buffers, parse_json, read_support_files,
                                   source_state, weights_file)
-from modelpress.nn.tying import retie, tied_parameters
+from modelpress.nn.tying import record_ties, retie, tied_parameters
 
 __all__ = ["CAUSAL_LM_FILES", "CausalLM", "build_causal_lm", "causal_lm_from_files", "causal_lm_tokenizer",
            "fill_causal_lm", "is_causal_lm_config", "linearise_conv1d"]
@@ -59,11 +59,14 @@ class CausalLM(nn.Module):
         self.tokenizer = tokenizer  # transformers' fast tokenizer (encode, decode, apply_chat_template)
         self.support_files = dict(files)
         self.source = source  # the folder or .gguf file it was read from, if any
+        record_ties(self)  # the embedding and output layer stay one tensor even if a pass rebinds one of them
 
     # No `config` attribute of its own: code that runs transformers models unwraps `.model` (which has one).
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        """transformers' output for `input_ids` (B, T): `.logits` is (B, T, vocab)."""
+        """transformers' output for `input_ids` (B, T): `.logits` is (B, T, vocab). No key/value cache unless asked
+        (`generate` keeps its own): a calibration walk that re-runs a block must not attend to its earlier keys."""
+        kwargs.setdefault("use_cache", False)
         return self.model(input_ids=input_ids, **kwargs)
 
     def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:

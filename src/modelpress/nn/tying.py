@@ -2,7 +2,8 @@
 
 A float model ties by sharing one `nn.Parameter` (`lm_head.weight is embed_tokens.weight`); a
 compressed model ties by sharing one `Encoding` object (`lm_head.encoding is embed_tokens.encoding`).
-Model surgery keeps ties (`nn.registry.install` rewrites every module of a tie at once), checkpoints
+Model surgery keeps ties (`nn.registry.install` rewrites every module of a tie at once, the tie found
+by identity or recorded by name when the model was built: `record_ties`), checkpoints
 and store versions hold a tied tensor once and retie on load. This module finds ties and restores
 them; it never decides what a tie holds.
 """
@@ -13,7 +14,9 @@ from torch import nn
 
 from modelpress.errors import FormatError
 
-__all__ = ["retie", "tied_modules", "tied_parameters"]
+__all__ = ["record_ties", "retie", "tied_modules", "tied_parameters"]
+
+_ATTR = "_modelpress_ties"  # the groups record_ties found, kept on the model as plain names
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -36,13 +39,27 @@ def _shared(module: nn.Module):
     return weight
 
 
+def record_ties(model: nn.Module) -> None:
+    """Remember which modules of `model` share their weight now, by name: a pass that rebinds one weight
+    while it calibrates (GPTQ keeps the float table for the embedding lookups) still rewrites both."""
+    groups: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        shared = _shared(module)
+        if name and shared is not None:
+            groups.setdefault(id(shared), []).append(name)
+    setattr(model, _ATTR, tuple(tuple(g) for g in groups.values() if len(g) > 1))
+
+
 def tied_modules(model: nn.Module, name: str) -> list[str]:
-    """The other modules of `model` whose weight is the same object as module `name`'s (Parameter or Encoding)."""
+    """The other modules of `model` whose weight is the same object as module `name`'s (Parameter or Encoding),
+    or that `record_ties` found tied to it."""
     shared = _shared(model.get_submodule(name))
-    if shared is None:
-        return []
-    return [other for other, module in model.named_modules(remove_duplicate=False)
-            if other and other != name and _shared(module) is shared]
+    found = [other for other, module in model.named_modules(remove_duplicate=False)
+             if shared is not None and other and other != name and _shared(module) is shared]
+    for group in getattr(model, _ATTR, ()):
+        if name in group:
+            found += [other for other in group if other != name and other not in found]
+    return found
 
 
 def retie(model: nn.Module, ties: dict[str, str]) -> None:
