@@ -51,9 +51,10 @@ def resolve_source(name_or_path: str | Path) -> Path:
     if key in BUNDLED_LLMS:
         return _bundled_llm(key)
     path = Path(name_or_path)
+    if key not in BUNDLED_MODELS and not (path.exists() or path.is_symlink()):
+        raise ModelNotFoundError(f"model path {str(path)!r} does not exist: give a Hugging Face folder, a .gguf file "
+                                 f"or one of the bundled names {sorted({*BUNDLED_MODELS, *BUNDLED_LLMS})}")
     if key not in BUNDLED_MODELS and path.suffix.lower() == ".gguf":
-        if not path.exists():
-            raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
         if path.is_dir():
             raise ModelNotFoundError(f"{str(path)!r} is a folder, not a .gguf file")
         return path
