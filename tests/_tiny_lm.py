@@ -70,7 +70,8 @@ def write_tiny_lm(arch: str, folder: Path, seed: int = 0) -> Path:
 
 _GGUF_NAMES = [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
-               ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")]
+               ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"),
+               ("post_attention_layernorm", "ffn_norm")]
 
 
 def write_tiny_gguf(path: Path, seed: int = 0, drop: str | None = None) -> Path:

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--eval", action="store_true", help="evaluate against the original and print the report")
     p.add_argument("--sentences", type=int, default=2000, help="evaluation sentences of an encoder (default 2000)")
-    p.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens for a causal LM (default 8)")
+    p.add_argument("--windows", type=int, default=8,
+                   help="perplexity windows of 512 tokens for a causal LM (default 8)")
     p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2; a causal LM "
                                                           "is also timed at 1)")
     p.add_argument("--json", help="also write the evaluation as JSON to this file")
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a Hugging Face folder (sentence encoder or causal LM), a .gguf file, or a bundled "
                               "name (minilm, smollm2)")
     p.add_argument("--recipe", default="int4", help="preset name or recipe YAML file (default int4)")
-    p.add_argument("--sentences", type=int, default=256, help="held-out evaluation sentences of an encoder (default 256)")
+    p.add_argument("--sentences", type=int, default=256,
+                   help="held-out evaluation sentences of an encoder (default 256)")
     p.add_argument("--windows", type=int, default=2, help="dev-text windows of 512 tokens for a causal LM (default 2)")
     p.add_argument("--calibration", type=int, metavar="N", help="calibrate data-aware passes (gptq) on N sentences")
     p.add_argument("--budget", type=float, metavar="BITS",

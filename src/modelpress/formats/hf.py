@@ -318,7 +318,8 @@ def build_sentence_encoder(folder: Path) -> SentenceEncoder:
     return encoder
 
 
-def source_state(model: nn.Module, weight_file: Path, optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+def source_state(model: nn.Module, weight_file: Path,
+                 optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The weights of a source folder, checked against the (meta) model (`check_state`)."""
     buffer = fileio.read_buffer(os.path.realpath(weight_file), MAX_WEIGHTS_BYTES, "weights file")
     return check_state(model, tensorfile.parse(buffer, str(weight_file)), weight_file, optional)
