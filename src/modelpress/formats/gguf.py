@@ -119,13 +119,14 @@ def _bad(path: Path, what: str) -> FormatError:
     return FormatError(f"{path}: not a valid GGUF file: {what}; use an intact .gguf file")
 
 
-def _value(cur: _Cursor, kind: int, depth: int = 0):
-    """One metadata value; an array is skipped (its length kept), except arrays of scalars we may need."""
+def _value(cur: _Cursor, kind: int):
+    """One metadata value: a scalar or string as itself; an array (of scalars or strings, never of arrays) is
+    walked over and kept as "<array of N>" (the vocabulary is transformers' to read)."""
     if kind in _SCALARS:
         return cur.scalar(_SCALARS[kind])
     if kind == STRING:
         return cur.string()
-    if kind == ARRAY and depth == 0:
+    if kind == ARRAY:
         item = cur.scalar("<I")
         if item not in _SCALARS and item != STRING:
             raise _bad(cur.path, f"an array of value type {item} (arrays of arrays are not read)")
