@@ -54,11 +54,13 @@ def test_compress_eval_json_inspect_store(capsys, tmp_path, tiny_llama, short_te
     assert "lm_head" in out or "embed_tokens" in out
 
     _run(capsys, "store", "put", store, out_dir, "tiny")
+    _run(capsys, "store", "get", store, "tiny", "--out", tmp_path / "restored")
     with Store(store) as opened:
         again = opened.load("tiny")
     ids = torch.tensor([[5, 6, 7]])
-    assert torch.equal(again.generate(ids, max_new_tokens=5, do_sample=False),
-                       load(out_dir).generate(ids, max_new_tokens=5, do_sample=False))
+    expected = load(out_dir).generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(again.generate(ids, max_new_tokens=5, do_sample=False), expected)
+    assert torch.equal(load(tmp_path / "restored").generate(ids, max_new_tokens=5, do_sample=False), expected)
 
 
 def test_a_gguf_file_is_a_source(capsys, tmp_path):
