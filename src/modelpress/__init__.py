@@ -3,10 +3,10 @@
     import modelpress
     from modelpress import GPTQConfig
 
-    model = modelpress.load_sentence_encoder("minilm")
+    model = modelpress.load_model("minilm")        # or "smollm2", a .gguf file, a Hugging Face folder
     modelpress.compress(model, GPTQConfig(bits=4, group_size=64), calibration=modelpress.calibration_sentences(128))
     modelpress.save(model, "out/minilm-gptq")
-    same = modelpress.load("out/minilm-gptq")
+    same = modelpress.load("out/minilm-gptq")      # a SentenceEncoder (encode) or a CausalLM (generate)
 
 This module only re-exports: the one verb (`compress`), the configs it takes, recipes and
 presets, checkpoints, the store, and the error base class.
@@ -16,8 +16,10 @@ from modelpress._version import __version__
 from modelpress.calibration import calibration_sentences
 from modelpress.compress import compress
 from modelpress.errors import ModelpressError
+from modelpress.formats.causal_lm import CausalLM
 from modelpress.formats.checkpoint import load, save
-from modelpress.formats.hf import load_sentence_encoder
+from modelpress.formats.hf import SentenceEncoder, load_sentence_encoder
+from modelpress.formats.models import load_model
 from modelpress.nn.provenance import provenance
 from modelpress.passes import (AWQConfig, DynamicInt8Config, GPTQConfig, GradualConfig, KMeansConfig, LowRankConfig,
                                MagnitudeConfig, PassConfig, PruneChannelsConfig, PruneFFNConfig, PruneHeadsConfig,
@@ -38,6 +40,6 @@ __all__ = [
     "KMeansConfig", "LowRankConfig", "SimplifyConfig",  # weight sharing, factorisation, graph simplification
     "Recipe", "Selector", "Stage", "preset", "preset_names",
     # models in and out
-    "load", "load_sentence_encoder", "save", "provenance", "Store",
+    "load", "load_model", "load_sentence_encoder", "save", "provenance", "Store", "CausalLM", "SentenceEncoder",
     "ModelpressError",
 ]

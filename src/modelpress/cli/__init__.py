@@ -25,13 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress a model with a recipe or preset and save it")
-    p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
+    p.add_argument("model", help="a Hugging Face folder (sentence encoder or causal LM), a .gguf file, or a bundled "
+                              "name (minilm, smollm2)")
     p.add_argument("--recipe", default="int8", help="preset name (int8, w8a8, w8a8-smooth, int4, int3) or recipe YAML file")
     p.add_argument("--out", required=True, help="folder to write the compressed model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--eval", action="store_true", help="evaluate against the original and print the report")
-    p.add_argument("--sentences", type=int, default=2000, help="evaluation sentences (default 2000)")
-    p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2)")
+    p.add_argument("--sentences", type=int, default=2000, help="evaluation sentences of an encoder (default 2000)")
+    p.add_argument("--windows", type=int, default=8,
+                   help="perplexity windows of 512 tokens for a causal LM (default 8)")
+    p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2; a causal LM "
+                                                          "is also timed at 1)")
     p.add_argument("--json", help="also write the evaluation as JSON to this file")
     p.add_argument("--calibration", type=int, metavar="N",
                    help="calibrate data-aware passes (gptq, awq, w8a8-smooth) on N corpus sentences, e.g. 128")
@@ -40,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="compare a compressed model with its original")
-    p.add_argument("original")
-    p.add_argument("compressed")
+    p.add_argument("original", help="the model it was compressed from (folder, .gguf file or bundled name)")
+    p.add_argument("compressed", help="the checkpoint folder")
     p.add_argument("--sentences", type=int, default=2000)
+    p.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens for a causal LM")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--json")
@@ -57,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("sensitivity", help="measure how much each layer alone loses under a recipe; plan mixed precision")
-    p.add_argument("model", help="a Hugging Face / sentence-transformers folder, or a bundled name (minilm)")
+    p.add_argument("model", help="a Hugging Face folder (sentence encoder or causal LM), a .gguf file, or a bundled "
+                              "name (minilm, smollm2)")
     p.add_argument("--recipe", default="int4", help="preset name or recipe YAML file (default int4)")
-    p.add_argument("--sentences", type=int, default=256, help="held-out evaluation sentences (default 256)")
+    p.add_argument("--sentences", type=int, default=256,
+                   help="held-out evaluation sentences of an encoder (default 256)")
+    p.add_argument("--windows", type=int, default=2, help="dev-text windows of 512 tokens for a causal LM (default 2)")
     p.add_argument("--calibration", type=int, metavar="N", help="calibrate data-aware passes (gptq) on N sentences")
     p.add_argument("--budget", type=float, metavar="BITS",
                    help="plan mixed precision: bits per weight of the selected layers (above the recipe's own)")

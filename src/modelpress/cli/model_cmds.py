@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from rich.table import Table
 
 from modelpress import fileio
@@ -15,22 +16,46 @@ from modelpress.cli.console import progress as _progress
 from modelpress.cli.console import stderr_console as _stderr_console
 from modelpress.compress import compress, resolve_recipe
 from modelpress.data.corpus import corpus_splits
+from modelpress.data.text import reference_text
 from modelpress.errors import ConfigError, OutputExistsError, UnsafeOutputError
+from modelpress.evaluate.llm import evaluate_causal_lm
+from modelpress.evaluate.perplexity import token_windows
 from modelpress.evaluate.report import evaluate_encoder, report_table
 from modelpress.evaluate.size import folder_bytes, size_report
+from modelpress.formats.causal_lm import CausalLM
 from modelpress.formats.checkpoint import WEIGHTS, load, read_manifest, save
-from modelpress.formats.hf import load_sentence_encoder, resolve_model_path
+from modelpress.formats.models import is_causal_lm_source, is_gguf, load_model, resolve_source
 from modelpress.nn.provenance import provenance
 from modelpress.presets import preset, preset_names
-from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, mixed_precision_recipe,
-                               plan_mixed_precision)
+from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, lm_layer_sensitivity,
+                               mixed_precision_recipe, plan_mixed_precision)
 from modelpress.store import Store
 
 __all__ = ["cmd_compress", "cmd_eval", "cmd_inspect", "cmd_presets", "cmd_sensitivity"]
 
+SENSITIVITY_WINDOW = 512  # tokens per window of a causal LM's sensitivity measurement
+
 
 def _load_original(model: str):
-    return load_sentence_encoder(model)
+    """The float model a bundled name, .gguf file or model folder holds (a SentenceEncoder or a CausalLM)."""
+    return load_model(resolve_source(model))
+
+
+def _source_bytes(source: Path) -> int:
+    """Bytes of a source's weights: the .gguf file, or a folder's safetensors files."""
+    return source.stat().st_size if is_gguf(source) else folder_bytes(source)
+
+
+def _evaluate_any(original, compressed, name: str, args, latency: bool):
+    """The report of a compressed model against its original: perplexity, agreement and generation for a
+    causal LM (evaluate_causal_lm), embedding fidelity for a sentence encoder."""
+    if not isinstance(compressed, CausalLM):
+        return _evaluate(original, compressed, name, args.sentences, args.threads, latency)
+    threads = tuple(sorted({1, args.threads}))
+    with _stderr_console().status("evaluating: perplexity, generation" + (", speed" if latency else "")) as status:
+        return evaluate_causal_lm(original, compressed, compressed.tokenizer, windows=args.windows,
+                                  threads=threads, measure_speed=latency, name=name,
+                                  advance=lambda stage: status.update(f"evaluated {stage}"))
 
 
 def _eval_sentences(n: int):
@@ -106,12 +131,12 @@ def _write_report(path: Path | None, text: str) -> None:
 def cmd_compress(args) -> int:
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on a bad recipe, model path or --out before loading anything
-    source = resolve_model_path(args.model)
+    source = resolve_source(args.model)
     protected = [source, *([args.store] if args.store else [])]
     out = fileio.check_output_dir(args.out, args.overwrite, protected, "--out")
     report = _output_file(args.json, "--json", [*protected, out])
     with _stderr_console().status(f"loading {args.model}"):
-        model = load_sentence_encoder(source)
+        model = load_model(source)
     with _progress() as progress:
         task = progress.add_task(f"compressing with {recipe.name}", total=len(recipe.stages))
         compress(model, recipe, calibration=_calibration(args.calibration),
@@ -125,11 +150,11 @@ def cmd_compress(args) -> int:
             vid = store.put(model, name, message=f"modelpress compress {args.model} --recipe {args.recipe}")
             console.print(f"stored as {name}@{vid[:12]} in {args.store} "
                           f"({store.stored_bytes(name, vid) / 1e6:.1f} MB in chunks)")
-    original_bytes = folder_bytes(source)
+    original_bytes = _source_bytes(source)
     file_bytes = (out / WEIGHTS).stat().st_size
     if args.eval:
         original = _load_original(str(source))
-        evaluation = _evaluate(original, model, recipe.name, args.sentences, args.threads, latency=True)
+        evaluation = _evaluate_any(original, model, recipe.name, args, latency=True)
         _render(evaluation, console, original_bytes, file_bytes)
         _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
     else:
@@ -140,13 +165,16 @@ def cmd_compress(args) -> int:
 
 def cmd_eval(args) -> int:
     console = _console()
-    report = _output_file(args.json, "--json", [resolve_model_path(args.original), args.compressed])
+    report = _output_file(args.json, "--json", [resolve_source(args.original), args.compressed])
     original = _load_original(args.original)
     with _stderr_console().status(f"loading {args.compressed}"):
         compressed = load(args.compressed)
+    if isinstance(original, CausalLM) != isinstance(compressed, CausalLM):
+        raise ConfigError(f"{args.original!r} and {args.compressed!r} are not the same kind of model (a causal LM and "
+                          "a sentence encoder): give the original the checkpoint was compressed from")
     name = provenance(compressed).recipe_name or Path(args.compressed).name
-    evaluation = _evaluate(original, compressed, name, args.sentences, args.threads, latency=not args.no_latency)
-    _render(evaluation, console, folder_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
+    evaluation = _evaluate_any(original, compressed, name, args, latency=not args.no_latency)
+    _render(evaluation, console, _source_bytes(original.source), (Path(args.compressed) / WEIGHTS).stat().st_size)
     _write_report(report, json.dumps(evaluation.to_dict(), indent=1))
     return 0
 
@@ -173,7 +201,11 @@ def cmd_presets(args) -> int:
 def cmd_sensitivity(args) -> int:
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on bad arguments before loading anything
-    if args.sentences < MIN_SENTENCES:
+    source = resolve_source(args.model)
+    causal = is_causal_lm_source(source)
+    if causal and not 1 <= args.windows <= 64:
+        raise ConfigError(f"--windows {args.windows} is not valid: give 1 to 64 windows of {SENSITIVITY_WINDOW} tokens")
+    if not causal and args.sentences < MIN_SENTENCES:
         raise ConfigError(f"--sentences {args.sentences} is too few: give at least {MIN_SENTENCES} "
                           "(overlap@10 needs 10 neighbours), e.g. 256")
     if args.budget is not None and not 0 < args.budget < 64:
@@ -184,14 +216,23 @@ def cmd_sensitivity(args) -> int:
         raise OutputExistsError(f"{args.write_recipe!r} already exists: choose another --write-recipe path")
     recipe_file = _output_file(args.write_recipe, "--write-recipe", [args.model])
     with _stderr_console().status(f"loading {args.model}"):
-        model = _load_original(args.model)
-    sentences = _eval_sentences(args.sentences)
+        model = load_model(source)
+    upgrades = default_upgrades if args.budget is not None else None
     with _progress() as progress:
         task = progress.add_task(f"measuring layers of {recipe.name}", total=None)
-        rows = layer_sensitivity(model, recipe, sentences, calibration=_calibration(args.calibration),
-                                 upgrades=default_upgrades if args.budget is not None else None,
-                                 progress=lambda msg: progress.update(task, description=msg))
-    _sensitivity_table(rows, console, recipe.name, len(sentences))
+        advance = lambda msg: progress.update(task, description=msg)  # noqa: E731
+        if isinstance(model, CausalLM):
+            windows = _dev_windows(model, args.windows)
+            rows = lm_layer_sensitivity(model, recipe, windows, calibration=_calibration(args.calibration),
+                                        upgrades=upgrades, progress=advance)
+        else:
+            sentences = _eval_sentences(args.sentences)
+            rows = layer_sensitivity(model, recipe, sentences, calibration=_calibration(args.calibration),
+                                     upgrades=upgrades, progress=advance)
+    if isinstance(model, CausalLM):
+        _lm_sensitivity_table(rows, console, recipe.name, windows.numel())
+    else:
+        _sensitivity_table(rows, console, recipe.name, len(sentences))
     if args.budget is not None:
         _print_plan(plan_mixed_precision(rows, budget_bits=args.budget), rows, args.budget, console)
     if args.write_recipe:
@@ -208,6 +249,23 @@ def _print_plan(plan, rows, budget: float, console) -> None:
     for row, option in plan.choices:
         if option is not row.base:
             console.print(f"  {row.name}: {row.base.encoding} -> {option.encoding}")
+
+
+def _dev_windows(model: CausalLM, n: int) -> torch.Tensor:
+    """`n` windows of SENSITIVITY_WINDOW tokens of the dev text (never the heldout text reports use)."""
+    ids = torch.tensor(model.tokenizer.encode(reference_text("dev"), add_special_tokens=False), dtype=torch.long)
+    return token_windows(ids, window=SENSITIVITY_WINDOW, max_tokens=n * SENSITIVITY_WINDOW)
+
+
+def _lm_sensitivity_table(rows, console, name: str, n_tokens: int) -> None:
+    table = Table(title=f"each layer alone with {name}, most damaging first (next-token KL on {n_tokens} dev tokens)")
+    for col in ("layer", "bits", "KL (nats)", "bytes", "saved"):
+        table.add_column(col, justify="left" if col in ("layer", "bits") else "right")
+    for r in rows:
+        table.add_row(r.name, r.base.encoding, f"{r.base.kl:.5f}", f"{r.base.bytes:,}", f"{r.bytes_saved:,}")
+    table.add_row("all layers", f"{8.0 * sum(r.base.bytes for r in rows) / sum(r.params for r in rows):.3f} "
+                  "bits/weight", "", f"{sum(r.base.bytes for r in rows):,}", f"{sum(r.bytes_saved for r in rows):,}")
+    console.print(table)
 
 
 def _sensitivity_table(rows, console, name: str, n_sentences: int) -> None:

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 from rich.table import Table
 
@@ -14,8 +13,8 @@ from modelpress import fileio
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
 from modelpress.errors import ModelpressError, StoreError
-from modelpress.formats.checkpoint import MANIFEST, load, save
-from modelpress.formats.hf import load_sentence_encoder
+from modelpress.formats.checkpoint import save
+from modelpress.formats.models import load_model
 from modelpress.store import GC_GRACE, Store
 
 __all__ = ["add_store_commands"]
@@ -32,11 +31,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_put(args) -> int:
-    source = Path(args.source)
-    if (source / MANIFEST).is_file():
-        model = load(source)
-    else:
-        model = load_sentence_encoder(args.source)
+    model = load_model(args.source)  # a checkpoint, a model folder, a .gguf file or a bundled name
     bad = [item for item in args.codec or () if "=" not in item]
     if bad:
         raise ModelpressError(f"--codec {bad[0]!r} is not PATTERN=CODEC: write e.g. --codec '*embeddings*=raw'")
@@ -161,7 +156,8 @@ def add_store_commands(sub) -> None:
 
     command("init", cmd_init, "create a store")
     p = command("put", cmd_put, "put a model folder or checkpoint in as a new version")
-    p.add_argument("source", help="a modelpress checkpoint folder, a sentence-transformers folder, or 'minilm'")
+    p.add_argument("source", help="a modelpress checkpoint folder, a Hugging Face folder (sentence encoder or causal "
+                                   "LM), a .gguf file, or a bundled name (minilm, smollm2)")
     p.add_argument("name", help="model name in the store")
     p.add_argument("--parent", default="latest", help="version or ref to record as parent (default latest)")
     p.add_argument("--no-parent", action="store_true", help="record no parent (no deltas)")

@@ -7,7 +7,7 @@ A checkpoint is a folder:
                          other file (formats/manifest.py)
     weights.safetensors  every array: plain parameters/buffers under their state_dict names,
                          encoding parts as "<module>.weight::<part>" (e.g. "fc.weight::codes")
-    config.json, tokenizer.json, ...   for sentence encoders, the files that rebuild the skeleton
+    config.json, tokenizer.json, ...   for sentence encoders and causal LMs, the files that rebuild the skeleton
 
 This module turns a model into (manifest, tensors, support files) and back: `describe` and `rebuild`
 (the store uses both). Folders are written by formats/writer.py (atomically, never over what
@@ -31,6 +31,7 @@ from modelpress import fileio
 from modelpress._version import __version__
 from modelpress.encodings import encoding_from_parts
 from modelpress.errors import ConfigError, FormatError, UnsupportedError
+from modelpress.formats.causal_lm import CausalLM, causal_lm_from_files
 from modelpress.formats.entropy import ENTROPY_KEY, entropy_code
 from modelpress.formats.hf import SentenceEncoder, materialise_buffers, sentence_encoder_from_files
 from modelpress.formats.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, bad_manifest, read_manifest,
@@ -42,6 +43,7 @@ from modelpress.nn.provenance import provenance, record_provenance
 from modelpress.nn.registry import check_saveable, module_entry, module_from_entry
 from modelpress.nn.shapes import apply_shapes, record_shapes
 from modelpress.nn.simplified import apply_simplified, simplified_record
+from modelpress.nn.tying import retie, tied_parameters
 
 __all__ = ["save", "load", "rebuild", "describe", "read_manifest", "validate_manifest", "MANIFEST", "WEIGHTS",
            "FORMAT_NAME", "FORMAT_VERSION"]
@@ -50,23 +52,33 @@ PART_SEPARATOR = "::"
 _bad = bad_manifest
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Manifest module entries and the flat tensor dict to write."""
+def _collect(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
+    """Manifest module entries, the flat tensor dict to write, and the tied parameters left out of it.
+
+    A tied weight is written once: a compressed module sharing an earlier module's encoding gets a
+    `tied_to` entry and no arrays; a parameter that is the same object as an earlier one is listed in
+    `tied` (name -> the stored name) instead of written."""
     check_saveable(model)  # e.g. layers still in quantisation-aware training
     modules: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
+    owners: dict[int, str] = {}  # id(encoding) -> the module that stores it
     for name, module in model.named_modules():
         entry = module_entry(module)
         if entry is None:
             continue
+        owner = owners.setdefault(id(module.encoding), name)
+        if owner != name:
+            modules[name] = {**entry, "tied_to": owner}
+            continue
         modules[name] = entry
         for part, array in module.encoding.arrays().items():
             tensors[f"{name}.weight{PART_SEPARATOR}{part}"] = array
+    tied = tied_parameters(model)
     for key, value in model.state_dict().items():
-        tensors[key] = value
-    # The writer streams each tensor's own memory (tensorfile.serialise): no copy of the model is made,
-    # and tensors that share memory (tied weights) are simply written twice.
-    return modules, {k: v.detach().contiguous() for k, v in tensors.items()}
+        if key not in tied:
+            tensors[key] = value
+    # The writer streams each tensor's own memory (tensorfile.serialise): no copy of the model is made.
+    return modules, {k: v.detach().contiguous() for k, v in tensors.items()}, tied
 
 
 def save(model: nn.Module, path: str | Path, recipe: Any = None, overwrite: bool = False,
@@ -101,6 +113,8 @@ def _build_skeleton(path: Path, manifest: dict[str, Any], files: Mapping[str, by
         return model
     if kind == "sentence-transformers":
         return sentence_encoder_from_files(files)
+    if kind == "causal-lm":
+        return causal_lm_from_files(files)
     raise FormatError(
         f"{path}: the checkpoint holds a plain {manifest['architecture'].get('class', 'nn.Module')}; "
         "pass the uncompressed model as `load(path, model=...)` so its structure can be rebuilt"
@@ -114,6 +128,14 @@ def _compressed_module(name: str, entry: dict[str, Any], parts: dict[str, torch.
         raise FormatError(f"{path}: module {name!r}: {exc}") from None
     try:
         return module_from_entry(name, entry, enc, current)
+    except FormatError as exc:
+        raise _bad(path, str(exc)) from None
+
+
+def _tied_module(name: str, entry: dict[str, Any], encoding, current: nn.Module, path: Path) -> nn.Module:
+    """The module of a `tied_to` entry: its own type and fields, the shared encoding object."""
+    try:
+        return module_from_entry(name, entry, encoding, current)
     except FormatError as exc:
         raise _bad(path, str(exc)) from None
 
@@ -148,15 +170,28 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
             raise _bad(path, str(exc)) from None
     known = dict(skeleton.named_modules())
     used: set[str] = set()
-    for name, entry in manifest["modules"].items():
+    built: dict[str, nn.Module] = {}
+    entries = manifest["modules"]
+    for name in sorted(entries, key=lambda n: "tied_to" in entries[n]):  # tied modules after what they share
+        entry = entries[name]
         if name not in known or not name:
             raise _bad(path, f"module {name!r} does not exist in the model")
-        prefix = f"{name}.weight{PART_SEPARATOR}"
-        parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        used.update(prefix + p for p in parts)
-        skeleton.set_submodule(name, _compressed_module(name, entry, parts, known[name], path))
+        if "tied_to" in entry:  # validate_manifest: the target holds the same encoding metadata
+            built[name] = _tied_module(name, entry, built[entry["tied_to"]].encoding, known[name], path)
+        else:
+            prefix = f"{name}.weight{PART_SEPARATOR}"
+            parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            used.update(prefix + p for p in parts)
+            built[name] = _compressed_module(name, entry, parts, known[name], path)
+    for name, module in built.items():
+        skeleton.set_submodule(name, module)
     state = {k: v for k, v in tensors.items() if k not in used}
     expected = skeleton.state_dict()
+    ties = manifest.get("tied", {})
+    for name, kept in ties.items():  # stored once: both names get the stored tensor, then share one Parameter
+        if name in state or kept not in state or name not in expected:
+            raise _bad(path, f"tied weight {name!r} -> {kept!r} does not name a stored weight of the model")
+        state[name] = state[kept]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -166,6 +201,10 @@ def rebuild(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], files: M
             raise _bad(path, f"tensor {key!r} is {tuple(value.shape)} {value.dtype}, expected "
                              f"{tuple(expected[key].shape)} {expected[key].dtype}")
     skeleton.load_state_dict(state, strict=True, assign=True)
+    try:
+        retie(skeleton, ties)
+    except FormatError as exc:
+        raise _bad(path, str(exc)) from None
     _materialise(skeleton, path)
     skeleton.eval()
     recipe = manifest.get("recipe")
@@ -187,7 +226,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def _materialise(skeleton: nn.Module, path: Path) -> None:
     """Give real values to what the state dict does not hold (a meta skeleton's non-persistent buffers)."""
-    if isinstance(skeleton, SentenceEncoder):
+    if isinstance(skeleton, (SentenceEncoder, CausalLM)):
         materialise_buffers(skeleton)
     left = [name for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()) if t.is_meta]
     if left:
@@ -199,11 +238,14 @@ def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict
     """What saving `model` writes: the manifest (without file checksums), its arrays, and its support
     files (relative name -> bytes)."""
     recipe = recipe if recipe is not None else provenance(model).recipe
-    modules, tensors = _collect(model)
+    modules, tensors, tied = _collect(model)
     architecture: dict[str, Any] = {"kind": "module", "class": type(model).__name__}
     files: dict[str, bytes] = {}
     if isinstance(model, SentenceEncoder):
         architecture = {"kind": "sentence-transformers"}
+        files = dict(model.support_files)
+    if isinstance(model, CausalLM):
+        architecture = {"kind": "causal-lm", "class": type(model.model).__name__}
         files = dict(model.support_files)
     manifest = {
         "format": FORMAT_NAME,
@@ -214,6 +256,8 @@ def describe(model: nn.Module, recipe: Any = None) -> tuple[dict[str, Any], dict
         "modules": modules,
         "shapes": record_shapes(model),  # layer widths, so that structurally pruned models rebuild
     }
+    if tied:
+        manifest["tied"] = tied
     simplified = simplified_record(model)  # set by passes/simplify.py
     if simplified:
         manifest["simplified"] = {key: list(names) for key, names in simplified.items()}

@@ -33,9 +33,14 @@ __all__ = [
     "SUPPORT_FILES",
     "load_sentence_encoder",
     "materialise_buffers",
+    "bad_file",
+    "check_state",
+    "parse_json",
     "read_support_files",
     "resolve_model_path",
     "sentence_encoder_from_files",
+    "source_state",
+    "weights_file",
 ]
 
 # Names a user may give instead of a path, for models that a Python package ships.
@@ -102,25 +107,25 @@ class SentenceEncoderConfig:
     def from_files(cls, files: Mapping[str, bytes]) -> "SentenceEncoderConfig":
         pooling, normalize, max_len = "mean", False, 256
         if "modules.json" in files:
-            modules = _parse_json(files, "modules.json")
+            modules = parse_json(files, "modules.json")
             if not isinstance(modules, list):
-                raise _bad_file("modules.json", "it must be a list of modules")
+                raise bad_file("modules.json", "it must be a list of modules")
             types = [m.get("type") for m in modules if isinstance(m, dict)]
             normalize = any(isinstance(t, str) and t.endswith("Normalize") for t in types)
         if "1_Pooling/config.json" in files:
-            pool = _parse_json(files, "1_Pooling/config.json")
+            pool = parse_json(files, "1_Pooling/config.json")
             if not isinstance(pool, dict):
-                raise _bad_file("1_Pooling/config.json", "it must be a JSON object")
+                raise bad_file("1_Pooling/config.json", "it must be a JSON object")
             if pool.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif not pool.get("pooling_mode_mean_tokens", True):
                 raise UnsupportedError("1_Pooling/config.json: only mean or CLS pooling is supported; "
                                        "use mean or cls pooling")
         if "sentence_bert_config.json" in files:
-            config = _parse_json(files, "sentence_bert_config.json")
+            config = parse_json(files, "sentence_bert_config.json")
             max_len = config.get("max_seq_length", max_len) if isinstance(config, dict) else None
             if isinstance(max_len, bool) or not isinstance(max_len, int) or not 0 < max_len <= MAX_SEQ_LENGTH:
-                raise _bad_file("sentence_bert_config.json", f"max_seq_length must be an integer in [1, {MAX_SEQ_LENGTH}]")
+                raise bad_file("sentence_bert_config.json", f"max_seq_length must be an integer in [1, {MAX_SEQ_LENGTH}]")
         return cls(pooling=pooling, normalize=normalize, max_seq_length=max_len)
 
 
@@ -173,23 +178,23 @@ class SentenceEncoder(nn.Module):
         return torch.stack(out)
 
 
-def _bad_file(name: str, what: str) -> FormatError:
+def bad_file(name: str, what: str) -> FormatError:
     return FormatError(f"{name} is not valid: {what}; restore the file from the original model")
 
 
-def _parse_json(files: Mapping[str, bytes], name: str):
+def parse_json(files: Mapping[str, bytes], name: str):
     return load_json(files[name], name, MAX_SUPPORT_FILE_BYTES, hint="restore the file from the original model")
 
 
-def read_support_files(folder: Path) -> dict[str, bytes]:
-    """The SUPPORT_FILES present in a source folder, by relative name (regular files only, size-capped).
+def read_support_files(folder: Path, names: tuple[str, ...] = SUPPORT_FILES) -> dict[str, bytes]:
+    """The support files (`names`) present in a source folder, by relative name (regular files only, size-capped).
 
     A symbolic link is followed to its target, as Hugging Face's cache links every file of a snapshot
     to a blob; the target must still be a regular file (never a FIFO or a device). A checkpoint's files
     are read differently: each must be the regular file its manifest hashes (formats/reader.py).
     """
     files = {}
-    for rel in SUPPORT_FILES:
+    for rel in names:
         path = folder / rel
         if path.exists() or path.is_symlink():
             files[rel] = fileio.read_file(os.path.realpath(path), MAX_SUPPORT_FILE_BYTES, f"model file {rel}")
@@ -208,9 +213,9 @@ def _tokenizer(files: Mapping[str, bytes], max_seq_length: int):
         pad = tokenizer.padding or {}
         tokenizer.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
     except UnicodeDecodeError:
-        raise _bad_file("tokenizer.json", "it is not UTF-8 text") from None
+        raise bad_file("tokenizer.json", "it is not UTF-8 text") from None
     except Exception as exc:  # tokenizers raises a bare Exception for every malformed file
-        raise _bad_file("tokenizer.json", " ".join(str(exc).split())[:200]) from None
+        raise bad_file("tokenizer.json", " ".join(str(exc).split())[:200]) from None
     return tokenizer
 
 
@@ -222,9 +227,9 @@ def sentence_encoder_from_files(files: Mapping[str, bytes], source: Path | None 
 
     if "config.json" not in files:
         raise ModelNotFoundError("the model has no config.json: it is not a Hugging Face model")
-    fields = _parse_json(files, "config.json")
+    fields = parse_json(files, "config.json")
     if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
-        raise _bad_file("config.json", "it has no model_type")
+        raise bad_file("config.json", "it has no model_type")
     try:
         hf_config = AutoConfig.for_model(**fields)
         with torch.device("meta"):
@@ -233,7 +238,7 @@ def sentence_encoder_from_files(files: Mapping[str, bytes], source: Path | None 
     except Exception as exc:  # transformers and huggingface_hub validate configs with any error type they like
         if isinstance(exc, ModelpressError):
             raise
-        raise _bad_file("config.json", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+        raise bad_file("config.json", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     model.eval()
     st_config = SentenceEncoderConfig.from_files(files)
     tokenizer = _tokenizer(files, max(1, min(st_config.max_seq_length, max_positions)))
@@ -252,9 +257,10 @@ def _still_sentinel(buffer: torch.Tensor) -> bool:
     return bool(buffer.numel() and torch.equal(buffer, _sentinel(buffer)))
 
 
-def materialise_buffers(encoder: SentenceEncoder) -> None:
-    """Give real values to the buffers a state dict does not hold (position and token-type ids), after
-    `load_state_dict(..., assign=True)` filled a meta skeleton: the model's own initialiser computes them
+def materialise_buffers(encoder: nn.Module) -> None:
+    """Give real values to the buffers a state dict does not hold (position ids, rotary frequencies), after
+    `load_state_dict(..., assign=True)` filled the meta skeleton `encoder.model` (of a SentenceEncoder or a
+    CausalLM): the model's own initialiser computes them
     (transformers >= 5); where it leaves one unset, a freshly built CPU model supplies it."""
     model = encoder.model
     if any(p.is_meta for p in model.parameters()):
@@ -280,45 +286,57 @@ def materialise_buffers(encoder: SentenceEncoder) -> None:
         _buffers_from_a_fresh_model(encoder, unset)
 
 
-def _buffers_from_a_fresh_model(encoder: SentenceEncoder, names: list[str]) -> None:
-    """Older transformers compute non-persistent buffers only in constructors: build one real model."""
-    from transformers import AutoModel
-
+def _buffers_from_a_fresh_model(encoder: nn.Module, names: list[str]) -> None:
+    """Older transformers compute non-persistent buffers only in constructors: build one real model (of the
+    skeleton's own class, so that buffer names match)."""
     skeleton = encoder.model
     check_allocation(sum(t.numel() * t.element_size() for t in skeleton.state_dict().values()),
                      "a fresh copy of the model, to compute its position buffers")
-    fresh = AutoModel.from_config(skeleton.config, attn_implementation="sdpa")
+    fresh = type(skeleton)._from_config(skeleton.config, attn_implementation="sdpa")
     for name in names:
         owner, _, attr = name.rpartition(".")
         skeleton.get_submodule(owner)._buffers[attr] = fresh.get_buffer(name).clone()
 
 
-def build_sentence_encoder(folder: Path) -> SentenceEncoder:
-    """The float encoder of a sentence-transformers folder (support files and model.safetensors)."""
+def weights_file(folder: Path) -> Path:
+    """A source folder's model.safetensors (never pytorch_model.bin, a pickle)."""
     weight_file = folder / "model.safetensors"
     if not (weight_file.exists() or weight_file.is_symlink()):
         hint = " (pytorch_model.bin is a pickle and is not read)" if (folder / "pytorch_model.bin").exists() else ""
         raise ModelNotFoundError(
             f"folder {str(folder)!r} has no model.safetensors{hint}: convert the weights to safetensors first"
         )
+    return weight_file
+
+
+def build_sentence_encoder(folder: Path) -> SentenceEncoder:
+    """The float encoder of a sentence-transformers folder (support files and model.safetensors)."""
+    weight_file = weights_file(folder)
     encoder = sentence_encoder_from_files(read_support_files(folder), source=folder)
-    encoder.model.load_state_dict(_source_state(encoder.model, weight_file), strict=True, assign=True)
+    encoder.model.load_state_dict(source_state(encoder.model, weight_file), strict=True, assign=True)
     materialise_buffers(encoder)
     return encoder
 
 
-def _source_state(model: nn.Module, weight_file: Path) -> dict[str, torch.Tensor]:
-    """The weights of a source folder, checked name by name, shape by shape against the (meta) model,
-    accepting a `<base_model_prefix>.` on every key and cast to the model's dtypes."""
+def source_state(model: nn.Module, weight_file: Path,
+                 optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The weights of a source folder, checked against the (meta) model (`check_state`)."""
     buffer = fileio.read_buffer(os.path.realpath(weight_file), MAX_WEIGHTS_BYTES, "weights file")
-    state = tensorfile.parse(buffer, str(weight_file))
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    if prefix != "." and state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return check_state(model, tensorfile.parse(buffer, str(weight_file)), weight_file, optional)
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], weight_file: Path,
+                optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Source weights checked name by name, shape by shape against the (meta) model, accepting a
+    `<base_model_prefix>.` on every key and cast to the model's dtypes. Names in `optional` (the second
+    name of a tied weight, which a source holds once) may be missing. `weight_file` names the source."""
     expected = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and state and all(k.startswith(prefix) for k in state) and not all(k in expected for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     # Older checkpoints also saved the constant `position_ids` buffer; newer models rebuild it.
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and k not in optional]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise FormatError(

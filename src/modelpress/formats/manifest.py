@@ -1,10 +1,12 @@
 """The checkpoint manifest (`modelpress.json`): what it may say, checked field by field.
 
     {"format": "modelpress.checkpoint", "format_version": 1, "modelpress_version": "...",
-     "architecture": {"kind": "sentence-transformers"} | {"kind": "module", "class": "..."},
+     "architecture": {"kind": "sentence-transformers" | "causal-lm"} | {"kind": "module", "class": "..."},
      "recipe": {...} | null,                      provenance only
      "modules": {"<name>": {"type": "linear" | "embedding" | "conv2d", "weight": {"kind": ...}, ...}},
      "shapes": {...}, "simplified": {...},          optional: structural changes to rebuild
+     "tied": {"lm_head.weight": "model.embed_tokens.weight"},   optional: parameters stored once
+                                                  (a module entry's "tied_to" does the same for encodings)
      "entropy_coded": {...}, "narrowed_floats": {...},   optional: how arrays are stored (entropy.py, narrow.py)
      "files": {"weights.safetensors": "<sha256>", "tokenizer.json": "<sha256>", ...}}
 
@@ -25,6 +27,7 @@ from typing import Any
 
 from modelpress import fileio
 from modelpress.errors import FormatError, ModelNotFoundError
+from modelpress.formats.causal_lm import CAUSAL_LM_FILES
 from modelpress.formats.hf import SUPPORT_FILES
 from modelpress.limits import MAX_JSON_BYTES
 from modelpress.nn.registry import COMPRESSED_TYPES
@@ -40,7 +43,7 @@ FILES_KEY = "files"
 FORMAT_NAME = "modelpress.checkpoint"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = MAX_JSON_BYTES
-CHECKPOINT_FILES = (WEIGHTS, *SUPPORT_FILES)  # every name a checkpoint's `files` may list
+CHECKPOINT_FILES = tuple(dict.fromkeys((WEIGHTS, *SUPPORT_FILES, *CAUSAL_LM_FILES)))  # every name `files` may list
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_DIMS, MAX_DIM = 8, 1 << 40  # an encoded weight's rank and size along one dimension
 
@@ -87,6 +90,7 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         if not isinstance(entry.get("weight"), dict):
             raise bad_manifest(path, f"module {name!r} has no weight encoding")
         _check_shapes(entry["weight"], path, name)
+    _check_ties(manifest, path)
     if manifest.get("recipe") is not None and not isinstance(manifest["recipe"], dict):
         raise bad_manifest(path, "recipe must be a mapping or null")
     if "simplified" in manifest:  # BatchNorms folded / Dropouts dropped (nn/simplified.py)
@@ -95,6 +99,23 @@ def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         except FormatError as exc:
             raise bad_manifest(path, str(exc)) from None
     return manifest
+
+
+def _check_ties(manifest: dict[str, Any], path: Path) -> None:
+    """`tied` maps a parameter to the one it shares (stored once); a module's `tied_to` names the module whose
+    encoding it shares, which holds the arrays itself and has the same encoding metadata."""
+    tied = manifest.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) and v not in tied
+                                             for k, v in tied.items()):
+        raise bad_manifest(path, "tied must map parameter names to the names of stored parameters")
+    modules = manifest["modules"]
+    for name, entry in modules.items():
+        if "tied_to" not in entry:
+            continue
+        target = modules.get(entry["tied_to"]) if isinstance(entry["tied_to"], str) else None
+        if target is None or "tied_to" in target or target["weight"] != entry["weight"]:
+            raise bad_manifest(path, f"module {name!r} is tied to {entry['tied_to']!r}, which is not a module "
+                                     "holding the same encoded weight")
 
 
 def _check_shapes(meta: dict[str, Any], path: Path, name: str) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from modelpress.encodings import Encoding
 from modelpress.errors import ConfigError, FormatError
+from modelpress.nn.tying import tied_modules
 
 __all__ = [
     "KEEP",
@@ -129,12 +130,21 @@ def compressed_twin(source: nn.Module, weight: Encoding, kernel: Any = None, bia
 
 
 def install(model: nn.Module, name: str, weight: Encoding, kernel: Any = None, bias: Any = KEEP) -> nn.Module:
-    """Swap layer `name` of `model` for its compressed twin holding `weight`; returns the twin."""
+    """Swap layer `name` of `model` for its compressed twin holding `weight`; returns the twin.
+
+    A tied weight stays tied: every other module whose weight is the same object as `name`'s (a causal
+    LM's embedding table and output layer, see nn/tying.py) is swapped for its own twin holding the same
+    `weight` object, keeping its own bias (`kernel` applies to `name` only).
+    """
+    partners = tied_modules(model, name)
     try:
         twin = compressed_twin(model.get_submodule(name), weight, kernel, bias)
+        twins = {other: compressed_twin(model.get_submodule(other), weight) for other in partners}
     except ConfigError as exc:
         raise ConfigError(f"layer {name!r}: {exc}") from None
     model.set_submodule(name, twin)
+    for other, partner in twins.items():
+        model.set_submodule(other, partner)
     return twin
 
 
