@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from modelpress.errors import ModelNotFoundError
+from modelpress.errors import FormatError, ModelNotFoundError
 from modelpress.formats.causal_lm import build_causal_lm, is_causal_lm_config
 from modelpress.formats.checkpoint import load
 from modelpress.formats.gguf import load_gguf
@@ -73,7 +73,11 @@ def is_causal_lm_source(path: Path) -> bool:
         return True
     if (path / "modules.json").exists():
         return False
-    data = read_file(os.path.realpath(path / "config.json"), MAX_SUPPORT_FILE_BYTES, "model file config.json")
+    try:
+        data = read_file(os.path.realpath(path / "config.json"), MAX_SUPPORT_FILE_BYTES, "model file config.json")
+    except FileNotFoundError:
+        raise FormatError(f"model folder {str(path)!r} has no config.json: give a Hugging Face model folder, "
+                          "a .gguf file or a bundled name") from None
     return is_causal_lm_config(parse_json({"config.json": data}, "config.json"))
 
 
