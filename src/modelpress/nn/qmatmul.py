@@ -64,7 +64,7 @@ def supports_qmatmul(enc: Encoding) -> bool:
     weight times per-input-channel scales no op absorbed: AWQ/SmoothQuant's ChannelScaledTensor)."""
     if isinstance(enc, ChannelScaledTensor):
         enc = enc.inner
-    if not isinstance(enc, QuantizedTensor) or len(enc.shape) != 2:
+    if not isinstance(enc, QuantizedTensor) or len(enc.shape) != 2 or min(enc.shape) < 1:
         return False
     gs = enc.scheme.group_size
     return gs == PER_CHANNEL or (gs != PER_TENSOR and gs % 8 == 0)
