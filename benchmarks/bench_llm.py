@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -63,8 +64,12 @@ def prepare_base(folder: Path, windows: int, window: int) -> dict:
     gguf = next(source.glob("*.gguf"))
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.name)
-    model.save_pretrained(folder / "fp32")
-    tokenizer.save_pretrained(folder / "fp32")
+    # transformers will not save_pretrained a model it read from GGUF: the config and the tensors (tied once) instead
+    (folder / "fp32").mkdir()
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.to_json_file(folder / "fp32" / "config.json")
+    safetensors.torch.save_model(model, str(folder / "fp32" / "model.safetensors"))
     ids = torch.tensor(tokenizer.encode(reference_text("heldout"), add_special_tokens=False))
     dev = torch.tensor(tokenizer.encode(reference_text("dev"), add_special_tokens=False))
     text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], tokenize=False,
@@ -117,7 +122,7 @@ def _mb(n) -> str:
 
 
 def worker_torch(name: str, folder: Path, args) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from modelpress import compress
     from modelpress.evaluate.memory import resident_bytes, rss_bytes
@@ -125,7 +130,9 @@ def worker_torch(name: str, folder: Path, args) -> dict:
     from modelpress.nn.generation import greedy_generate
 
     tokens = json.loads((folder / "tokens.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(folder / "fp32", dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(folder / "fp32")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    safetensors.torch.load_model(model, str(folder / "fp32" / "model.safetensors"))
     row = {"row": "transformers fp32" if name == "fp32" else
            "modelpress fp32 (lean generation)" if name == "fp32-lean" else f"modelpress {name}"}
     if name not in ("fp32", "fp32-lean"):

@@ -36,10 +36,10 @@ def test_smollm2_generation_and_evaluation(smollm2):
                                          tokenize=False, add_generation_prompt=True)
     prompt = torch.tensor(tokenizer.encode(text, add_special_tokens=False))
     expected = model.generate(prompt[None], attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long),
-                              max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, prompt.numel():].tolist()
-    lean = greedy_generate(model, prompt, 12, engine=Engine.LEAN)
+                              max_new_tokens=12, do_sample=False)[0, prompt.numel():].tolist()  # ends at <|im_end|>
+    lean = greedy_generate(model, prompt, 12, stop={tokenizer.eos_token_id}, engine=Engine.LEAN)
     assert lean.engine is Engine.LEAN and list(lean.tokens) == expected
-    assert "Paris" in tokenizer.decode(list(lean.tokens))
+    assert "Paris" in tokenizer.decode(list(lean.tokens)) and lean.tokens[-1] == tokenizer.eos_token_id
 
     result = evaluate_causal_lm(model, model, tokenizer, windows=1, window=256, prompts=["What is 2 + 3?"],
                                 new_tokens=8, measure_speed=False, name="smollm2")

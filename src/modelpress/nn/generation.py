@@ -15,6 +15,11 @@ Two engines give the tokens of transformers' `generate(do_sample=False)`:
   scale and grouped heads), so the logits are the same.
 
 `Engine.AUTO` takes LEAN where the model has that shape and TRANSFORMERS elsewhere.
+
+Measured on the development machine (1 thread, a 30-layer 64-wide Llama whose compute is negligible,
+so the time per token is framework time; machine busy, same run): transformers' `generate` 28.7 ms,
+TRANSFORMERS 27.1 ms, LEAN 18.1 ms. `torch.compile` (inductor, dynamic shapes) of the LEAN step took
+144 s to compile and ran at 21-24 ms per token against LEAN's 16 ms in the same run: not used.
 """
 
 from __future__ import annotations
