@@ -95,11 +95,13 @@ def test_defaults():
     assert r.stages[0].config == RTNConfig() and r.stages[0].targets == Selector() and r.stages[0].overrides == ()
 
 
+PRESETS = ["int3", "int4", "int8", "llm-int8", "llm-q3", "llm-q4", "llm-w8a8", "w8a8", "w8a8-smooth"]
+
+
 def test_preset_registry():
     assert DEFAULT_PRESET in preset_names()
-    names = ["int3", "int4", "int8", "llm-int8", "llm-q4", "llm-w8a8", "w8a8", "w8a8-smooth"]
-    assert sorted(preset_names()) == names
-    with pytest.raises(RecipeError, match=re.escape(f"unknown preset 'int5': use one of {names}")):
+    assert sorted(preset_names()) == PRESETS
+    with pytest.raises(RecipeError, match=re.escape(f"unknown preset 'int5': use one of {PRESETS}")):
         preset("int5")
 
 
@@ -280,8 +282,7 @@ def test_resolve_directory(tmp_path):
 
 
 def test_resolve_unknown_preset():
-    with pytest.raises(RecipeError, match=r"unknown preset 'int2': use one of \['int3', 'int4', 'int8', 'llm-int8', "
-                       r"'llm-q4', 'llm-w8a8', 'w8a8', 'w8a8-smooth'\] or a recipe"):
+    with pytest.raises(RecipeError, match=re.escape(f"unknown preset 'int2': use one of {PRESETS} or a recipe")):
         compress(model(), "int2")
 
 

@@ -84,6 +84,21 @@ _PRESETS.update({
     # The blocks come first: GPTQ's calibration forwards then run a float output layer, not a compressed
     # one whose kernel would first be chosen by timing it on a whole calibration window.
     "llm-q4": [_gptq(4, 32), *_LLM_EMBEDDINGS],
+    # 3-bit symmetric groups of 32 (float16 scales) with 4 bits where they buy the most, under a size
+    # budget: 88 MB for the whole checkpoint of SmolLM2-135M (below llama.cpp's smallest files of it,
+    # Q3_K_S/Q2_K at 88.2 MB), less 3.6 MB of support files and the 8-bit tied embedding/output layer.
+    # No 4-bit group-32 blocks with a float minimum (the base model's own Q4_1 grid). The plan is
+    # benchmarks/plan_llm_q3.py's, measured on the dev text only: each layer type over blocks 0-9, 10-19
+    # and 20-29 at 3 and 4 bits alone (next-token KL), the budget spent greedily. A model with other
+    # layer names takes 3 bits everywhere (the patterns match nothing).
+    "llm-q3": [_gptq(3, 32, overrides={f"model.layers.{blocks}.{layer}": {"bits": 4} for blocks, layer in (
+        ("[0-9]", "self_attn.k_proj"), ("[0-9]", "self_attn.v_proj"), ("[0-9]", "mlp.gate_proj"),
+        ("[0-9]", "mlp.up_proj"), ("[0-9]", "mlp.down_proj"),
+        ("1[0-9]", "self_attn.k_proj"), ("1[0-9]", "self_attn.v_proj"), ("1[0-9]", "self_attn.o_proj"),
+        ("1[0-9]", "mlp.up_proj"), ("1[0-9]", "mlp.down_proj"),
+        ("2[0-9]", "self_attn.k_proj"), ("2[0-9]", "self_attn.v_proj"), ("2[0-9]", "self_attn.o_proj"),
+        ("2[0-9]", "mlp.up_proj"), ("2[0-9]", "mlp.down_proj"),
+    )}), *_LLM_EMBEDDINGS],
 })
 
 # W8A8 for decoder LLMs: fbgemm's int8 x int8 GEMM in the blocks (calibration needed), the tied embedding

@@ -162,3 +162,16 @@ def test_gptq_with_awq_scales_folds_them_first_and_beats_gptq_alone():
     error = {name: (logits(m, held_out) - reference).pow(2).mean().item() for name, m in
              (("plain", plain), ("scaled", scaled))}
     assert error["scaled"] < 0.9 * error["plain"], error
+
+
+def test_llm_q3_takes_4_bits_where_its_plan_says_and_3_elsewhere():
+    model = tiny_decoder(layers=12)
+    modelpress.compress(model, "llm-q3", calibration=windows(2))
+    four = {("[0-9]", n) for n in ("k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
+    four |= {("1[0-9]", n) for n in ("k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
+    for i in range(12):
+        for name in BLOCK:
+            scheme = model.get_submodule(f"model.layers.{i}.{name}").encoding.scheme
+            expected = 4 if ("[0-9]" if i < 10 else "1[0-9]", name.split(".")[1]) in four else 3
+            assert scheme == QuantScheme(expected, True, 32), (i, name)
+    assert model.lm_head.encoding is model.model.embed_tokens.encoding
