@@ -18,9 +18,11 @@ number of input rows r:
   (~7 ops per chunk), then each row of x costs a load and an FMA per chunk, 3 rows at a time;
   cheaper than fused from 3 rows on.
 - r >= BLAS_MIN_ROWS (prefill): blocks of `_TILE_FLOATS` weights are decoded by the C kernel into
-  one reused float buffer (in L2) and multiplied by PyTorch's BLAS, which reaches far more of the
-  CPU's peak on many rows than a hand-written loop; decoding is then ~1/r of the work. No float
-  copy of the whole weight exists at any time.
+  one reused float buffer (4 MiB, transient) and multiplied by PyTorch's BLAS, which reaches far
+  more of the CPU's peak on many rows than a hand-written loop; decoding is then ~1/r of the work.
+  No float copy of a weight over 1M values exists at any time. Measured against decode-once dense
+  (2 threads, quiet AVX-512 machine, 2026-12-07): 1.2-1.5x its time at 1024 rows, 1.2-2.1x at 64
+  (blocks of 64K values, in L2, ran 1.6-2.4x): prefill pays for the memory it saves.
 The fused and tiled methods give bit-identical outputs (the C file's header says why); the BLAS
 method differs from them by float rounding only. The crossovers are op counts, not timings of
 this machine: benchmarks/bench_qmatmul.py measures them on a quiet one.
@@ -51,7 +53,7 @@ NATIVE_AVAILABLE = _qmatmul is not None  # whether the C kernel was built here
 FUSED, TILED = 0, 1  # the C kernel's methods
 FUSED_MAX_ROWS = 2  # the cost model's crossovers (module docstring)
 BLAS_MIN_ROWS = 16
-_TILE_FLOATS = 1 << 16  # weights decoded per BLAS block (256 KiB of float32, half of L2)
+_TILE_FLOATS = 1 << 20  # weights decoded per BLAS block (4 MiB of float32, transient)
 _FALLBACK_BLOCK_FLOATS = 1 << 18  # the PyTorch fallback decodes at most this many weights at a time (1 MiB)
 _PATHS = ("torch", "scalar", "avx2")  # the fallback, then the C extension's paths by level
 _state = {"path": None}  # None: the best path this machine runs; tests force others through use_path
