@@ -21,6 +21,7 @@ from torch import nn
 from modelpress.encodings import Encoding, as_matrix
 from modelpress.errors import ConfigError, RecipeError
 from modelpress.nn import install
+from modelpress.nn.tying import tied_modules
 
 __all__ = ["PassContext", "Target", "PassSpec", "PASSES", "check_untied", "install_tied", "register_pass", "pass_for",
            "pass_for_config", "tied_partners", "weight_matrix"]
@@ -102,21 +103,12 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def tied_partners(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
-    """For each of `names`, the other modules of `model` whose `weight` is the very same Parameter.
+    """For each of `names`, the other modules of `model` that share its weight (nn.tying.tied_modules).
 
     Found before a pass changes anything: a pass that rebinds a layer's weight during calibration
     (GPTQ) would otherwise no longer see the tie when it installs the encoding.
     """
-    by_weight: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if name and isinstance(weight, torch.Tensor):
-            by_weight.setdefault(id(weight), []).append(name)
-    out = {}
-    for name in names:
-        weight = getattr(model.get_submodule(name), "weight", None)
-        out[name] = [n for n in by_weight.get(id(weight), []) if n != name] if isinstance(weight, torch.Tensor) else []
-    return out
+    return {name: tied_modules(model, name) for name in names}
 
 
 def install_tied(model: nn.Module, name: str, encoding: Encoding, kernel, partners: list[str]) -> list[str]:
