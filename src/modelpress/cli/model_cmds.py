@@ -24,7 +24,7 @@ from modelpress.evaluate.report import evaluate_encoder, report_table
 from modelpress.evaluate.size import folder_bytes, size_report
 from modelpress.formats.causal_lm import CausalLM
 from modelpress.formats.checkpoint import WEIGHTS, load, read_manifest, save
-from modelpress.formats.models import is_causal_lm_source, is_gguf, load_model, resolve_source
+from modelpress.formats.models import is_gguf, load_model, resolve_source
 from modelpress.nn.provenance import provenance
 from modelpress.presets import preset, preset_names
 from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, lm_layer_sensitivity,
@@ -201,11 +201,9 @@ def cmd_presets(args) -> int:
 def cmd_sensitivity(args) -> int:
     console = _console()
     recipe = resolve_recipe(args.recipe)  # fail on bad arguments before loading anything
-    source = resolve_source(args.model)
-    causal = is_causal_lm_source(source)
-    if causal and not 1 <= args.windows <= 64:
+    if not 1 <= args.windows <= 64:
         raise ConfigError(f"--windows {args.windows} is not valid: give 1 to 64 windows of {SENSITIVITY_WINDOW} tokens")
-    if not causal and args.sentences < MIN_SENTENCES:
+    if args.sentences < MIN_SENTENCES:
         raise ConfigError(f"--sentences {args.sentences} is too few: give at least {MIN_SENTENCES} "
                           "(overlap@10 needs 10 neighbours), e.g. 256")
     if args.budget is not None and not 0 < args.budget < 64:
@@ -216,7 +214,7 @@ def cmd_sensitivity(args) -> int:
         raise OutputExistsError(f"{args.write_recipe!r} already exists: choose another --write-recipe path")
     recipe_file = _output_file(args.write_recipe, "--write-recipe", [args.model])
     with _stderr_console().status(f"loading {args.model}"):
-        model = load_model(source)
+        model = _load_original(args.model)
     upgrades = default_upgrades if args.budget is not None else None
     with _progress() as progress:
         task = progress.add_task(f"measuring layers of {recipe.name}", total=None)
