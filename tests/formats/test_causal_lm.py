@@ -159,11 +159,11 @@ def test_a_tampered_tie_is_refused(folders, tmp_path):
 def test_a_pass_that_rebinds_the_output_weight_keeps_the_tie(folders):
     """GPTQ rebinds each layer's float weight while it calibrates (the embedding must keep its float values
     for the lookups meanwhile); the tie recorded when the model was built still makes one encoding of both."""
-    from modelpress.calibration import calibration_sentences
     from modelpress.passes import GPTQConfig
 
     lm = load_model(folders["llama"])
-    compress(lm, GPTQConfig(bits=4, group_size=16), calibration=calibration_sentences(8))
+    sentences = [f"Sentence {i} says something about the weather and the {i}th day of the week." for i in range(8)]
+    compress(lm, GPTQConfig(bits=4, group_size=16), calibration=sentences)
     head, table = _head_and_table(lm)
     assert isinstance(table, CompressedEmbedding) and table.encoding is head.encoding
 

