@@ -176,7 +176,8 @@ def _ort_session(path: Path, threads: int | None = None):
 def _ort_encode(encoder: SentenceEncoder, path: Path) -> Callable[[list[str]], torch.Tensor]:
     """encode() of a SentenceEncoder whose transformer is the ONNX model at `path`."""
     peer_encoder = SentenceEncoder(
-        _OrtTransformer(_ort_session(path)), copy.deepcopy(encoder.tokenizer), encoder.config, encoder.source
+        _OrtTransformer(_ort_session(path)), copy.deepcopy(encoder.tokenizer), encoder.config, encoder.support_files,
+        encoder.source,
     )
     return functools.partial(peer_encoder.encode, batch_size=BATCH_SIZE)
 
