@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -37,9 +35,6 @@ def toy(monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting on a shared machine
     monkeypatch.setattr(cli, "_load_original", lambda name: toy_encoder())
-    monkeypatch.setattr(cli, "resolve_source", lambda name: Path(name))  # "toy" names no folder
-    monkeypatch.setattr(cli, "is_causal_lm_source", lambda source: False)
-    monkeypatch.setattr(cli, "load_model", lambda source: toy_encoder())
     monkeypatch.setattr(cli, "_eval_sentences", toy_sentences)
     yield
     torch.set_num_threads(previous)
