@@ -18,56 +18,33 @@ from torch import nn
 
 from modelpress.errors import ConfigError
 from modelpress.nn.shapes import slice_linear
+from modelpress.passes.structured.blocks import Shape, child, plain_linears
 from modelpress.passes.structured.config import UnitImportance, unit_norm
 
 __all__ = ["AttentionBlock", "FFNBlock", "RECONSTRUCT_DAMP", "attention_layers", "ffn_importance", "ffn_layers",
            "head_importance", "least_squares_reader", "remove_ffn_neurons", "remove_heads"]
 
 
-class _Shape(type):
-    """A pseudo-type matched by structure, so that recipes can select blocks of any transformer class."""
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return cls.matches(obj)
-
-
-def _child(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if not isinstance(module, nn.Module):
-            return None
-    return module
-
-
-class FFNBlock(metaclass=_Shape):
+class FFNBlock(metaclass=Shape):
     """A module with ``intermediate.dense`` (up) and ``output.dense`` (down), as BERT's layers."""
 
     @staticmethod
     def matches(obj: Any) -> bool:
-        return isinstance(obj, nn.Module) and all(_child(obj, p) is not None for p in ("intermediate.dense",
+        return isinstance(obj, nn.Module) and all(child(obj, p) is not None for p in ("intermediate.dense",
                                                                                          "output.dense"))
 
 
-class AttentionBlock(metaclass=_Shape):
+class AttentionBlock(metaclass=Shape):
     """A module with ``self.query/key/value`` and ``output.dense``, as BERT's attention."""
 
     @staticmethod
     def matches(obj: Any) -> bool:
         return isinstance(obj, nn.Module) and all(
-            _child(obj, p) is not None for p in ("self.query", "self.key", "self.value", "output.dense"))
-
-
-def _plain_linears(name: str, block: nn.Module, paths: tuple[str, ...]) -> list[nn.Linear]:
-    layers = [_child(block, p) for p in paths]
-    for path, layer in zip(paths, layers):
-        if type(layer) is not nn.Linear:
-            raise ConfigError(f"cannot structurally prune {name!r}: {path} is a {type(layer).__name__}, not a plain "
-                              "Linear; prune before quantising (put the structured stage first)")
-    return layers
+            child(obj, p) is not None for p in ("self.query", "self.key", "self.value", "output.dense"))
 
 
 def ffn_layers(name: str, block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-    up, down = _plain_linears(name, block, ("intermediate.dense", "output.dense"))
+    up, down = plain_linears(name, block, ("intermediate.dense", "output.dense"))
     if down.in_features != up.out_features:
         raise ConfigError(f"cannot structurally prune {name!r}: output.dense reads {down.in_features} features but "
                           f"intermediate.dense makes {up.out_features}")
@@ -94,7 +71,7 @@ def remove_ffn_neurons(block: nn.Module, keep: torch.Tensor) -> torch.Tensor:
 
 
 def attention_layers(name: str, attn: nn.Module) -> tuple[list[nn.Linear], nn.Linear, int]:
-    q, k, v, o = _plain_linears(name, attn, ("self.query", "self.key", "self.value", "output.dense"))
+    q, k, v, o = plain_linears(name, attn, ("self.query", "self.key", "self.value", "output.dense"))
     heads, size = getattr(attn.self, "num_attention_heads", None), getattr(attn.self, "attention_head_size", None)
     if not isinstance(heads, int) or not isinstance(size, int) or heads * size != q.out_features:
         raise ConfigError(f"cannot prune heads of {name!r}: its self-attention has no consistent num_attention_heads "

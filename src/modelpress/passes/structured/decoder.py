@@ -25,6 +25,7 @@ from torch import nn
 
 from modelpress.errors import ConfigError
 from modelpress.nn.shapes import slice_linear
+from modelpress.passes.structured.blocks import Shape, child, plain_linears
 from modelpress.passes.structured.config import GQAMode, UnitImportance, keep_units, unit_norm
 
 __all__ = ["GQAMode", "GatedFFNBlock", "GroupedAttentionBlock", "gated_ffn_importance", "gated_ffn_layers",
@@ -32,53 +33,31 @@ __all__ = ["GQAMode", "GatedFFNBlock", "GroupedAttentionBlock", "gated_ffn_impor
            "sync_config"]
 
 
-def _child(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if not isinstance(module, nn.Module):
-            return None
-    return module
-
-
-class _Shape(type):
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return cls.matches(obj)
-
-
-class GatedFFNBlock(metaclass=_Shape):
+class GatedFFNBlock(metaclass=Shape):
     """A module with ``gate_proj``, ``up_proj`` and ``down_proj`` (a SwiGLU MLP: Llama, Mistral, Qwen2)."""
 
     @staticmethod
     def matches(obj: Any) -> bool:
-        return isinstance(obj, nn.Module) and all(_child(obj, p) is not None
+        return isinstance(obj, nn.Module) and all(child(obj, p) is not None
                                                   for p in ("gate_proj", "up_proj", "down_proj"))
 
 
-class GroupedAttentionBlock(metaclass=_Shape):
+class GroupedAttentionBlock(metaclass=Shape):
     """A module with ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim`` and ``num_key_value_groups``."""
 
     @staticmethod
     def matches(obj: Any) -> bool:
-        return (isinstance(obj, nn.Module) and all(_child(obj, p) is not None
+        return (isinstance(obj, nn.Module) and all(child(obj, p) is not None
                                                    for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
                 and isinstance(getattr(obj, "head_dim", None), int)
                 and isinstance(getattr(obj, "num_key_value_groups", None), int))
-
-
-def _plain(name: str, block: nn.Module, paths: tuple[str, ...]) -> list[nn.Linear]:
-    layers = [_child(block, p) for p in paths]
-    for path, layer in zip(paths, layers):
-        if type(layer) is not nn.Linear:
-            raise ConfigError(f"cannot structurally prune {name!r}: {path} is a {type(layer).__name__}, not a plain "
-                              "Linear; prune before quantising (put the structured stage first)")
-    return layers
 
 
 # ---------------------------------------------------------------------------------------------- SwiGLU neurons
 
 
 def gated_ffn_layers(name: str, block: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    gate, up, down = _plain(name, block, ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = plain_linears(name, block, ("gate_proj", "up_proj", "down_proj"))
     if not gate.out_features == up.out_features == down.in_features:
         raise ConfigError(f"cannot structurally prune {name!r}: gate_proj makes {gate.out_features} features, "
                           f"up_proj {up.out_features}, and down_proj reads {down.in_features}")
@@ -114,7 +93,7 @@ def remove_gated_neurons(block: nn.Module, keep: torch.Tensor) -> torch.Tensor:
 
 def gqa_layers(name: str, attn: nn.Module) -> tuple[list[nn.Linear], nn.Linear, int, int]:
     """([q, k, v], o, head_dim d, key/value heads), checked for a consistent grouped-query layout."""
-    q, k, v, o = _plain(name, attn, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    q, k, v, o = plain_linears(name, attn, ("q_proj", "k_proj", "v_proj", "o_proj"))
     d, g = attn.head_dim, attn.num_key_value_groups
     kv = k.out_features // d if d > 0 else 0
     if (d < 1 or g < 1 or kv < 1 or k.out_features != kv * d or v.out_features != kv * d
