@@ -57,6 +57,8 @@ def test_preset_fidelity_size_and_exact_reload(minilm, sentences, reference, tmp
 def test_embedding_tables_are_quantised_by_every_preset(minilm):
     from modelpress.nn import CompressedEmbedding
 
-    for preset in modelpress.preset_names():
+    presets = [p for p in modelpress.preset_names() if not p.startswith("llm-")]  # those calibrate on an LM's text
+    assert len(presets) >= 5
+    for preset in presets:
         model = modelpress.compress(copy.deepcopy(minilm), preset)
         assert isinstance(model.model.embeddings.word_embeddings, CompressedEmbedding), preset

@@ -46,6 +46,10 @@ def peak_growth(fn) -> tuple[int, str]:
     if pid == 0:  # the child
         os.close(read_end)
         outcome = "returned"
+        # a forked child inherits its parent's peak (ru_maxrss): reset it to the current size first, or a
+        # parent that once held a large model hides every allocation below that peak
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             fn()
