@@ -23,9 +23,10 @@ test: $(STAMP)
 	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
-# Everything but the real-model, process-killing and fuzz tests, a worker per core (about a minute).
+# Everything but the real-model, process-killing, fault-injecting and fuzz tests, a worker per core, with
+# bytecode (and pytest's rewritten asserts) cached between runs: 57 s the first time, 52 s after (quiet 2-core machine).
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
+	PYTHONDONTWRITEBYTECODE= HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -n 2 --dist worksteal
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_quant.py

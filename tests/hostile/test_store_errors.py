@@ -17,6 +17,8 @@ from modelpress.cli import main
 from modelpress.errors import FormatError, MissingChunkError, ModelpressError, NotRegularFileError, StoreError
 from modelpress.store import Store
 
+pytestmark = pytest.mark.slow  # 108 damaged-store cases, each on a fresh copy of a store: make test, not test-fast
+
 OPERATIONS = {
     "get": lambda s: s.get("m"),
     "load": lambda s: s.load("enc"),

@@ -17,6 +17,8 @@ from modelpress.fileio import inject_faults
 from modelpress.store import Store
 from modelpress.store.objects import chunk_key
 
+pytestmark = pytest.mark.slow  # a disk fault at every write of a put: make test, not test-fast
+
 
 def failing(target: str, code: int, nth: int, data: bool | None = None):
     """An injector raising OSError(code) at the nth fault point of kind `target` (only those carrying data, or
