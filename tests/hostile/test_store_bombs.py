@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 
 import pytest
 import torch
@@ -38,6 +37,15 @@ def zstd_of_zeros(size: int) -> bytes:
     return b"".join(compressor.compress(block) for _ in range(size // MB)) + compressor.flush()
 
 
+def _peak_kib() -> int:
+    """This process's peak resident set since the last reset (VmHWM of /proc/self/status), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("/proc/self/status has no VmHWM line")
+
+
 def peak_growth(fn) -> tuple[int, str]:
     """Run `fn` in a forked child: how far its peak resident memory grew (bytes), and how it ended. `fn` must not
     run torch kernels that use OpenMP threads (they do not survive a fork); the store's reads do not."""
@@ -46,16 +54,17 @@ def peak_growth(fn) -> tuple[int, str]:
     if pid == 0:  # the child
         os.close(read_end)
         outcome = "returned"
-        # a forked child inherits its parent's peak (ru_maxrss): reset it to the current size first, or a
-        # parent that once held a large model hides every allocation below that peak
+        # the peak of this address space (VmHWM), reset to the current size first: ru_maxrss may also carry a
+        # peak the parent process recorded (in a full run, one that held a large model), hiding every allocation
+        # below it
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_kib()
         try:
             fn()
         except BaseException as exc:  # reported to the parent, which asserts on it
             outcome = type(exc).__name__
-        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        grown = (_peak_kib() - before) * 1024
         os.write(write_end, json.dumps([grown, outcome]).encode())
         os._exit(0)
     os.close(write_end)
