@@ -7,6 +7,7 @@ legitimate repetition still loads. Every other version reads back and verifies a
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import pytest
@@ -75,8 +76,10 @@ def peak_growth(fn) -> tuple[int, str]:
 
 
 def test_peak_growth_sees_a_real_allocation():
-    def allocate():  # (no torch kernels in a forked child: OpenMP's threads do not survive a fork)
-        b"\x01" * (256 * MB)
+    def allocate():  # fresh pages (a malloc may reuse memory a long session freed but kept); no torch kernels
+        region = mmap.mmap(-1, 256 * MB)
+        region.write(b"\x01" * (256 * MB))
+        region.close()
 
     grown, outcome = peak_growth(allocate)
     assert outcome == "returned" and grown >= 200 * MB
