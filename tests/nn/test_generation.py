@@ -123,3 +123,32 @@ def test_lean_refuses_what_it_cannot_run():
 def test_bad_arguments_are_config_errors(args, match):
     with pytest.raises(ConfigError, match=match):
         greedy_generate(tiny_causal_lm("llama"), **args)
+
+
+def test_decode_runs_torch_on_one_thread_where_the_packed_kernel_runs_the_matmuls():
+    """A model whose Linear layers run on the packed kernel decodes with torch on one thread and the kernel
+    on torch's count (restored after); a float model, or one thread, is left alone; the tokens do not change."""
+    from modelpress import compress
+    from modelpress.nn import qmatmul
+    from modelpress.nn.generation import decode_threads, packed_share
+
+    model, ids = tiny_causal_lm("llama", tied=True), prompt()
+    assert packed_share(model) == 0.0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with decode_threads(model):
+            assert torch.get_num_threads() == 2 and qmatmul._state["threads"] is None
+        compress(model, "int8")
+        assert packed_share(model) == (1.0 if qmatmul.NATIVE_AVAILABLE else 0.0)
+        if qmatmul.NATIVE_AVAILABLE:
+            with decode_threads(model):
+                assert torch.get_num_threads() == 1 and qmatmul._state["threads"] == 2
+        assert torch.get_num_threads() == 2 and qmatmul._state["threads"] is None
+        split = greedy_generate(model, ids, 16).tokens
+        torch.set_num_threads(1)
+        with decode_threads(model):
+            assert qmatmul._state["threads"] is None
+        assert greedy_generate(model, ids, 16).tokens == split == tuple(reference_tokens(model, ids, 16))
+    finally:
+        torch.set_num_threads(before)

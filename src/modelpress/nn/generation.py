@@ -16,6 +16,13 @@ Two engines give the tokens of transformers' `generate(do_sample=False)`:
 
 `Engine.AUTO` takes LEAN where the model has that shape and TRANSFORMERS elsewhere.
 
+Threads in the decode steps: where most of a model's matmul weights run on modelpress's packed
+kernel (nn/qmatmul.py), decode steps run torch on one thread and that kernel on all of torch's
+threads. A decode step is ~200 kernel calls separated by small torch ops; with torch on two threads
+its OpenMP worker spins after each of them on the core the kernel's own worker needs, and the
+kernel waits for the scheduler (on this 2-core machine, llm-q4 at 2 threads decoded at 35.5 tok/s
+against 37.7 at 1 thread). The small ops gain nothing from a second thread at one row.
+
 Measured on the development machine (1 thread, a 30-layer 64-wide Llama whose compute is negligible,
 so the time per token is framework time; machine busy, same run): transformers' `generate` 28.7 ms,
 TRANSFORMERS 27.1 ms, LEAN 18.1 ms. `torch.compile` (inductor, dynamic shapes) of the LEAN step took
@@ -24,6 +31,7 @@ TRANSFORMERS 27.1 ms, LEAN 18.1 ms. `torch.compile` (inductor, dynamic shapes) o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -36,8 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpress.errors import ConfigError, UnsupportedError
+from modelpress.nn.kernels import Kernel
+from modelpress.nn.modules import CompressedLinear
+from modelpress.nn.qmatmul import NATIVE_AVAILABLE, kernel_threads, supports_qmatmul
 
-__all__ = ["Engine", "Generation", "LEAN_MODEL_TYPES", "greedy_generate", "lean_supported"]
+__all__ = ["Engine", "Generation", "LEAN_MODEL_TYPES", "decode_threads", "greedy_generate", "lean_supported", "packed_share"]
 
 # transformers model types whose decoder layers compute exactly what the LEAN engine computes
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -97,21 +108,62 @@ def greedy_generate(model: nn.Module, prompt: torch.Tensor | Sequence[int], new_
                                "use engine 'transformers' for this model")
     step = _LeanDecoder(model, max_len) if engine is Engine.LEAN else _TransformersDecoder(model)
     with torch.inference_mode():
-        return _greedy(step, ids, new_tokens, frozenset(stop), engine)
+        return _greedy(step, ids, new_tokens, frozenset(stop), engine, decode_threads(model))
 
 
-def _greedy(step, ids: torch.Tensor, new_tokens: int, stop: frozenset[int], engine: Engine) -> Generation:
-    """Prefill, then one decode step per token; `step(ids (1, T), start)` returns the last position's logits."""
+def _greedy(step, ids: torch.Tensor, new_tokens: int, stop: frozenset[int], engine: Engine,
+            threads: contextlib.AbstractContextManager) -> Generation:
+    """Prefill, then one decode step per token (inside `threads`); `step(ids (1, T), start)` returns the
+    last position's logits."""
     start = time.perf_counter()
     token = int(step(ids[None], 0).argmax(-1))
     prefill_s = time.perf_counter() - start
     tokens, position = [token], ids.numel()
     start = time.perf_counter()
-    while len(tokens) < new_tokens and token not in stop:
-        token = int(step(torch.tensor([[token]]), position).argmax(-1))
-        tokens.append(token)
-        position += 1
+    with threads:
+        while len(tokens) < new_tokens and token not in stop:
+            token = int(step(torch.tensor([[token]]), position).argmax(-1))
+            tokens.append(token)
+            position += 1
     return Generation(tuple(tokens), ids.numel(), prefill_s, time.perf_counter() - start, engine)
+
+
+PACKED_SHARE = 0.75  # the share of matmul weights on the packed kernel from which decode runs torch on one thread
+
+
+def decode_threads(model: nn.Module) -> contextlib.AbstractContextManager:
+    """How decode steps use the threads (module docstring): torch on one thread and the packed kernel on
+    torch's count where at least PACKED_SHARE of the matmul weights run on that kernel, else as they are."""
+    threads = torch.get_num_threads()
+    if threads < 2 or packed_share(model) < PACKED_SHARE:
+        return contextlib.nullcontext()
+    return _torch_on_one_thread(threads)
+
+
+def packed_share(model: nn.Module) -> float:
+    """The share of the model's Linear weights (by count) that modelpress's packed kernel runs."""
+    packed = total = 0
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            n = module.in_features * module.out_features
+            on_kernel = module.kernel in (Kernel.AUTO, Kernel.QMATMUL) and supports_qmatmul(module.encoding)
+            packed += n if on_kernel and NATIVE_AVAILABLE else 0
+        elif isinstance(module, nn.Linear):
+            n = module.weight.numel()
+        else:
+            continue
+        total += n
+    return packed / total if total else 0.0
+
+
+@contextlib.contextmanager
+def _torch_on_one_thread(threads: int):
+    with kernel_threads(threads):
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 # -- the model's own forward ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ points: the layout of `encodings/packing.py`); nothing is decoded ahead of time,
 model keeps its compressed size in memory. The C extension `_qmatmul` (built by setup.py where a
 compiler exists) decodes eight weights at a time in registers, exactly as `QuantizedTensor.decode`
 computes them, and multiplies them into the input rows: AVX2 + FMA where the CPU has them, else
-portable C, on `torch.get_num_threads()` threads. Without the extension, a PyTorch fallback
+portable C, on `torch.get_num_threads()` threads (or the count `kernel_threads` sets). Without the extension, a PyTorch fallback
 decodes blocks of output rows (at most `_FALLBACK_BLOCK_FLOATS` floats at a time) and multiplies
 each: the same product, slower, still without a float copy of the whole weight.
 
@@ -47,7 +47,7 @@ except ImportError:  # installed without a C compiler: the PyTorch fallback runs
     _qmatmul = None
 
 __all__ = ["NATIVE_AVAILABLE", "FUSED_MAX_ROWS", "BLAS_MIN_ROWS", "supports_qmatmul", "prepare_qmatmul", "paths",
-           "use_path"]
+           "use_path", "kernel_threads"]
 
 NATIVE_AVAILABLE = _qmatmul is not None  # whether the C kernel was built here
 FUSED, TILED = 0, 1  # the C kernel's methods
@@ -56,7 +56,8 @@ BLAS_MIN_ROWS = 16
 _TILE_FLOATS = 1 << 20  # weights decoded per BLAS block (4 MiB of float32, transient)
 _FALLBACK_BLOCK_FLOATS = 1 << 18  # the PyTorch fallback decodes at most this many weights at a time (1 MiB)
 _PATHS = ("torch", "scalar", "avx2")  # the fallback, then the C extension's paths by level
-_state = {"path": None}  # None: the best path this machine runs; tests force others through use_path
+# path None: the best path this machine runs (tests force others through use_path); threads None: torch's count
+_state: dict = {"path": None, "threads": None}
 
 Prepared = Callable[[torch.Tensor], torch.Tensor]
 
@@ -97,6 +98,24 @@ def use_path(path: str) -> Iterator[None]:
         _set_path(previous)
 
 
+@contextlib.contextmanager
+def kernel_threads(threads: int) -> Iterator[None]:
+    """Run the C kernel on `threads` threads inside the block, whatever torch's own count is.
+
+    Batch-1 decode runs best with torch on one thread and this kernel on all of them
+    (nn/generation.py): torch's OpenMP workers, left spinning after each small op, otherwise take
+    the cores this kernel's workers are waiting for.
+    """
+    if threads < 1:
+        raise ValueError(f"threads={threads}: give at least 1")
+    previous = _state["threads"]
+    _state["threads"] = threads
+    try:
+        yield
+    finally:
+        _state["threads"] = previous
+
+
 def _set_path(path: str | None) -> None:
     _state["path"] = path
     if NATIVE_AVAILABLE:  # the C extension's own switch: the level of its path, or its best
@@ -128,7 +147,7 @@ def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor, bias: torch.Tens
             return _blas_tiles(x.reshape(rows, in_f), arrays, shape, b).reshape(*x.shape[:-1], out_f)
         y = numpy.empty((*x.shape[:-1], out_f), numpy.float32)  # cheaper than torch.empty + .numpy() per call
         method = FUSED if rows <= FUSED_MAX_ROWS else TILED
-        _qmatmul.gemm(x.numpy(), y, *arrays, rows, *shape, method, torch.get_num_threads())
+        _qmatmul.gemm(x.numpy(), y, *arrays, rows, *shape, method, _state["threads"] or torch.get_num_threads())
         return torch.from_numpy(y)
 
     return run
