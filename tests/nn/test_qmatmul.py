@@ -147,10 +147,12 @@ def test_the_c_paths_agree_to_rounding():
 
 
 @native_only
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("native", NATIVE_PATHS)
 @pytest.mark.parametrize(("bits", "symmetric", "group_size"), SCHEMES, ids=SCHEME_IDS)
-def test_the_c_kernel_decodes_exactly_as_the_encoding_does(native, bits, symmetric, group_size):
-    """What the kernels multiply by is bit for bit QuantizedTensor.decode (rows 2..8 of 9 here)."""
+def test_the_c_kernel_decodes_exactly_as_the_encoding_does(native, bits, symmetric, group_size, threads):
+    """What the kernels multiply by is bit for bit QuantizedTensor.decode (rows 2..8 of 9 here), on one
+    thread or split between the pool's threads."""
     from modelpress.nn import _qmatmul
 
     in_f = 128 if isinstance(group_size, int) else 61
@@ -159,7 +161,7 @@ def test_the_c_kernel_decodes_exactly_as_the_encoding_does(native, bits, symmetr
     gs = 0 if group_size == "channel" else group_size
     zero = None if enc.zero is None else enc.zero.numpy()
     with qmatmul.use_path(native):
-        _qmatmul.decode_rows(out.numpy(), enc.codes.numpy(), enc.scale.numpy(), zero, 9, in_f, bits, gs, 2, 8)
+        _qmatmul.decode_rows(out.numpy(), enc.codes.numpy(), enc.scale.numpy(), zero, 9, in_f, bits, gs, 2, 8, threads)
     assert torch.equal(out, enc.decode()[2:8])
 
 

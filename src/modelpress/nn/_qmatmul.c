@@ -57,7 +57,7 @@
 #define MAX_THREADS 64
 #define SPIN_ROUNDS 4000 /* pause loops a waiting thread spins before it sleeps (a few microseconds) */
 
-enum { FUSED = 0, TILED = 1 };
+enum { FUSED = 0, TILED = 1, DECODE = 2 }; /* DECODE: decode_rows' job, rows of W into y (N, K) */
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1 };
 
 typedef struct {
@@ -413,6 +413,18 @@ static AVX2 void rows_avx2(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *sc
 /* Output columns [n0, n1) of the job; scratch: K floats, or NULL if none could be allocated. */
 static void run_range(const Job *j, Py_ssize_t n0, Py_ssize_t n1, float *scratch)
 {
+    if (j->method == DECODE) {
+        for (Py_ssize_t n = n0; n < n1; n++) {
+#if HAVE_AVX2_PATH
+            if (j->path == PATH_AVX2) {
+                decode_row_dispatch(j, n, j->y + n * j->K);
+                continue;
+            }
+#endif
+            decode_row_scalar(j, n, j->y + n * j->K);
+        }
+        return;
+    }
 #if HAVE_AVX2_PATH
     if (j->path == PATH_AVX2) {
         rows_avx2(j, n0, n1, scratch); /* without scratch memory TILED runs as FUSED: same sums */
@@ -493,7 +505,7 @@ static void work(unsigned long generation, int idx)
     Py_ssize_t c;
     while ((c = claim(generation, idx)) >= 0) {
         const Job *j = pool.job;
-        if (!tried && use_scratch && (j->path == PATH_SCALAR || j->method == TILED)) {
+        if (!tried && use_scratch && j->method != DECODE && (j->path == PATH_SCALAR || j->method == TILED)) {
             scratch = malloc((size_t)j->K * sizeof(float));
             tried = 1;
         }
@@ -551,7 +563,7 @@ static int grow_pool(int want)
 
 static void run_alone(const Job *j)
 {
-    int need = use_scratch && (j->path == PATH_SCALAR || j->method == TILED);
+    int need = use_scratch && j->method != DECODE && (j->path == PATH_SCALAR || j->method == TILED);
     float *scratch = need ? malloc((size_t)j->K * sizeof(float)) : NULL;
     run_range(j, 0, j->N, scratch);
     free(scratch);
@@ -735,15 +747,17 @@ out:
     return result;
 }
 
-/* decode_rows: rows [n0, n1) of W as floats into out, the values the kernels multiply by. */
+/* decode_rows: rows [n0, n1) of W as floats into out, the values the kernels multiply by, on up to
+ * `threads` threads (the pool splits the rows as it splits a gemm's output columns). */
 static PyObject *py_decode_rows(PyObject *Py_UNUSED(module), PyObject *args)
 {
     Py_buffer out = {0}, codes = {0}, scale = {0}, zero = {0}, none_x = {0}, none_b = {0};
     PyObject *zero_obj, *result = NULL;
     Job j = {0};
     Py_ssize_t n0, n1;
-    if (!PyArg_ParseTuple(args, "w*y*y*Onniinn:decode_rows", &out, &codes, &scale, &zero_obj, &j.N, &j.K, &j.bits,
-                          &j.gs, &n0, &n1)) {
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "w*y*y*Onniinn|i:decode_rows", &out, &codes, &scale, &zero_obj, &j.N, &j.K, &j.bits,
+                          &j.gs, &n0, &n1, &threads)) {
         return NULL;
     }
     int has_zero = zero_obj != Py_None;
@@ -765,18 +779,24 @@ static PyObject *py_decode_rows(PyObject *Py_UNUSED(module), PyObject *args)
         }
         goto out;
     }
-    Py_BEGIN_ALLOW_THREADS
-    float *dst = out.buf;
-    for (Py_ssize_t n = n0; n < n1; n++, dst += j.K) {
-#if HAVE_AVX2_PATH
-        if (j.path == PATH_AVX2) {
-            decode_row_dispatch(&j, n, dst);
-            continue;
-        }
-#endif
-        decode_row_scalar(&j, n, dst);
+    /* the job is rows [n0, n1) alone: its arrays start at row n0, its y is out */
+    j.codes += n0 * j.row_bytes;
+    j.scale += n0 * j.G;
+    if (j.zero) {
+        j.zero += n0 * j.G;
     }
-    Py_END_ALLOW_THREADS
+    j.N = n1 - n0;
+    j.y = out.buf;
+    j.method = DECODE;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (threads > j.N) {
+        threads = j.N > 0 ? (int)j.N : 1;
+    }
+    if (j.N > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        run_job(&j, threads);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_None;
     Py_INCREF(result);
 out:
@@ -821,9 +841,9 @@ PyDoc_STRVAR(gemm_doc,
 "or 1 tiled. Every buffer must be C-contiguous and exactly the declared size.");
 
 PyDoc_STRVAR(decode_rows_doc,
-"decode_rows(out, codes, scale, zero, N, K, bits, group_size, n0, n1) -> None\n\n"
+"decode_rows(out, codes, scale, zero, N, K, bits, group_size, n0, n1, threads=1) -> None\n\n"
 "Rows [n0, n1) of the weight, decoded into out ((n1 - n0, K) float32, C-contiguous), exactly as\n"
-"QuantizedTensor.decode computes them.");
+"QuantizedTensor.decode computes them, on up to `threads` threads.");
 
 PyDoc_STRVAR(simd_doc,
 "_simd(level=-1) -> int\n\n"

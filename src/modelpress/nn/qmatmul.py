@@ -17,8 +17,9 @@ number of input rows r:
 - r < BLAS_MIN_ROWS: its tiled method: each weight row is unpacked once into a float row in L1
   (~7 ops per chunk), then each row of x costs a load and an FMA per chunk, 3 rows at a time;
   cheaper than fused from 3 rows on.
-- r >= BLAS_MIN_ROWS (prefill): blocks of `_TILE_FLOATS` weights are decoded by the C kernel into
-  one reused float buffer (4 MiB, transient) and multiplied by PyTorch's BLAS, which reaches far
+- r >= BLAS_MIN_ROWS (prefill): blocks of `_TILE_FLOATS` weights are decoded by the C kernel (on
+  its threads) into one reused float buffer (4 MiB, transient) and multiplied by PyTorch's BLAS (a
+  weight of one block, as every encoder weight is, in a single product straight into y), which reaches far
   more of the CPU's peak on many rows than a hand-written loop; decoding is then ~1/r of the work.
   No float copy of a weight over 1M values exists at any time. Measured against decode-once dense
   (2 threads, quiet AVX-512 machine, 2026-12-07): 1.2-1.5x its time at 1024 rows, 1.2-2.1x at 64
@@ -154,16 +155,22 @@ def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor, bias: torch.Tens
 
 
 def _blas_tiles(x: torch.Tensor, arrays: tuple, shape: tuple, bias: torch.Tensor | None) -> torch.Tensor:
-    """Many rows: decode a block of weight rows at a time (C), multiply it with BLAS (x (M, K))."""
+    """Many rows: decode a block of weight rows at a time (C, on the kernel's threads), multiply it with
+    BLAS (x (M, K)). A weight of one block (every weight up to 1M values) is one product straight into
+    y; larger ones are multiplied block by block into y^T, whose blocks are contiguous."""
     codes, scale, zero, _ = arrays
     out_f, in_f, bits, gs = shape
+    threads = _state["threads"] or torch.get_num_threads()
     step = max(1, _TILE_FLOATS // in_f)
     block = torch.empty(min(step, out_f), in_f)  # (T, K), reused
+    if step >= out_f:
+        _qmatmul.decode_rows(block.numpy(), codes, scale, zero, out_f, in_f, bits, gs, 0, out_f, threads)
+        return x @ block.t() if bias is None else torch.addmm(bias, x, block.t())
     y_t = torch.empty(out_f, x.shape[0])  # (N, M): each block's rows are contiguous here
     for n0 in range(0, out_f, step):
         n1 = min(n0 + step, out_f)
         w = block[: n1 - n0]
-        _qmatmul.decode_rows(w.numpy(), codes, scale, zero, out_f, in_f, bits, gs, n0, n1)
+        _qmatmul.decode_rows(w.numpy(), codes, scale, zero, out_f, in_f, bits, gs, n0, n1, threads)
         torch.mm(w, x.t(), out=y_t[n0:n1])
     y = y_t.t().contiguous()  # (M, N)
     return y if bias is None else y.add_(bias)
