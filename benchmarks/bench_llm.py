@@ -22,8 +22,8 @@ memory (evaluate/memory.py) for torch rows. Decode speed: `--new-tokens` greedy 
 first chat prompt, the fastest of `--runs` runs after a warm-up; transformers fp32 through its own
 `generate`, modelpress rows through modelpress.nn.generation (engine `auto`; the fp32 model is also
 run through it, to show what the generation loop alone gains), llama.cpp through llama-cpp-python's
-`eval` one token at a time (what its own generate does). `file MB`: the checkpoint modelpress saves
-(weights.safetensors), or the GGUF file.
+`eval` one token at a time (what its own generate does). `file MB`: the whole checkpoint folder modelpress saves
+(weights, manifest, config and tokenizer files: a GGUF holds its tokenizer too), or the GGUF file.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def prepare_base(folder: Path, windows: int, window: int) -> dict:
         del model.config.quantization_config
     model.config.to_json_file(folder / "fp32" / "config.json")
     safetensors.torch.save_model(model, str(folder / "fp32" / "model.safetensors"))
+    tokenizer.save_pretrained(folder / "tokenizer")  # what a modelpress checkpoint of a causal LM carries
     ids = torch.tensor(tokenizer.encode(reference_text("heldout"), add_special_tokens=False))
     dev = torch.tensor(tokenizer.encode(reference_text("dev"), add_special_tokens=False))
     text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], tokenize=False,
@@ -153,7 +154,7 @@ def worker_torch(name: str, folder: Path, args) -> dict:
 
 
 def _saved_bytes(model, folder: Path, name: str) -> int | None:
-    """The weights file of a saved modelpress checkpoint (None where this build cannot save the model)."""
+    """Bytes of a saved modelpress checkpoint with the tokenizer files it carries (None where it cannot be saved)."""
     from modelpress import save
     from modelpress.errors import ModelpressError
 
@@ -165,7 +166,8 @@ def _saved_bytes(model, folder: Path, name: str) -> int | None:
     except (ModelpressError, AttributeError, TypeError) as e:
         print(f"save {name}: {e}", file=sys.stderr)
         return None
-    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    folder_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())  # weights and manifest
+    return folder_bytes + sum(p.stat().st_size for p in (folder / "tokenizer").iterdir())  # and the tokenizer
 
 
 def _transformers_decode(model, prompt: list[int], n: int, runs: int) -> float:
