@@ -162,3 +162,24 @@ def test_credentials_are_never_written_into_the_store(tmp_path, s3_url):
     for path in (tmp_path / "a").rglob("*"):
         if path.is_file():
             assert b"testing" not in path.read_bytes(), path  # the dummy key, secret and token are all "testing"
+
+
+def test_versions_by_id_prefix_and_the_marker(tmp_path, small_chunks):
+    url = str(tmp_path / "remote")
+    with Store.init(tmp_path / "a") as store:
+        v1 = store.put({"w": torch.randn(64, 64)}, "m")
+        v2 = store.put({"w": torch.randn(64, 64)}, "m")
+        with pytest.raises(modelpress.errors.StoreError, match="no modelpress remote"):
+            pull(store, Remote(url))
+        push(store, Remote(url), f"m@{v1[:10]}")  # an old version: on the remote, but no ref names it
+        assert Remote(url).refs() == {}
+        push(store, Remote(url), "m")
+        remote = Remote(url)
+        assert remote.resolve("m") == v2 and remote.resolve("m", v1[:8]) == v1
+        with Store.init(tmp_path / "b") as other:
+            report = pull(other, remote, f"m@{v1[:8]}")
+            assert report.record_bytes > 0 and report.refs == []
+            assert_same_tensors(other.get("m", v1), store.get("m", v1))
+    (tmp_path / "remote" / "REMOTE").write_text('{"format": "something else", "version": 1}')
+    with pytest.raises(modelpress.errors.FormatError, match="not a modelpress remote"):
+        Store.open(url)

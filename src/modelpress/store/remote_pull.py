@@ -151,6 +151,7 @@ def pull(store: Store, remote: Remote, spec: str | None = None) -> TransferRepor
     report = TransferReport()
     targets = _targets(remote, spec)
     records = [remote.record(vid) for vid in targets]
+    report.record_bytes = sum(record.size for record in records)
     for record in records:
         for model, _ in targets[record.id]:
             if record.version.info.model != model:

@@ -58,6 +58,7 @@ def version_key(vid: str) -> str:
 class RemoteVersion:
     version: Version
     chunks: dict[str, tuple[ChunkRow, str]]  # every chunk the version needs (bases included): (row, file hash)
+    size: int = 0  # bytes of the record as read
 
     @property
     def id(self) -> str:
@@ -125,7 +126,7 @@ def decode_record(data: bytes, vid: str, url: str) -> RemoteVersion:
             raise FormatError(f"{where} uses chunk {cid[:12]} but does not describe it; the remote is damaged")
         if chunks[cid][0].base is not None:
             needed.append(chunks[cid][0].base)
-    return RemoteVersion(version, chunks)
+    return RemoteVersion(version, chunks, len(data))
 
 
 def encode_ref(vid: str) -> bytes:

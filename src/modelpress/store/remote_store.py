@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from modelpress.errors import ModelpressError
 from modelpress.store.catalog import Catalog
 from modelpress.store.reader import ChunkReader
 from modelpress.store.reading import Reading
@@ -35,6 +36,9 @@ class _CountingReader(ChunkReader):
         super().__init__(backend, rows)
         self.fetched = 0
         self._count = threading.Lock()
+
+    def check(self, row, out, strong: bool = False) -> None:
+        super().check(row, out, strong=True)  # a remote is an untrusted source: BLAKE3, never only XXH3
 
     def _whole(self, row):
         data, payload = super()._whole(row)
@@ -96,7 +100,7 @@ class RemoteStore(Reading):
         while vid and len(out) < 10_000:
             try:
                 record = self.remote.record(vid)
-            except Exception:  # an ancestor that was never pushed ends the history
+            except ModelpressError:  # an ancestor that was never pushed ends the history
                 break
             out.append(record.version.info)
             vid = record.version.info.parent
