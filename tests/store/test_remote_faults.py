@@ -61,6 +61,7 @@ def test_interrupted_push_is_invisible_and_resumes_without_resending(tmp_path, s
     assert verify_remote(Remote(s3_url)).ok
 
 
+@pytest.mark.slow  # a process killed midway (make test runs it; test-fast does not)
 def test_killed_push_process_resumes_without_resending(tmp_path, s3_url, small_chunks):
     with Store.init(tmp_path / "a") as store:
         vid = store.put(_state(1, rows=256), "m")
@@ -116,6 +117,7 @@ def test_a_ref_moved_meanwhile_is_a_fetch_first_error_and_no_version_is_lost(tmp
         assert Remote(s3_url).resolve("m") == child
 
 
+@pytest.mark.slow  # two processes racing
 def test_two_processes_pushing_the_same_model_at_once(tmp_path, s3_url, small_chunks):
     for i in range(2):
         with Store.init(tmp_path / f"s{i}") as store:
