@@ -263,3 +263,14 @@ def test_concurrent_uploads_do_not_block_a_reader(tmp_path, s3_url, small_chunks
         push(store, Remote(s3_url), "m")
         reader.join()
         assert not errors
+
+
+def test_hostile_record_claiming_a_huge_chunk_is_refused_before_reading(tmp_path, s3_url, small_chunks):
+    store, vid = _pushed(tmp_path, s3_url)
+    store.close()
+    backend = Remote(s3_url).backend
+    record = json.loads(backend.get(version_key(vid), 1 << 24))
+    cid = sorted(record["chunks"])[0]
+    record["chunks"][cid][3] = 1 << 40  # stored_size: chunk rows are outside the root hash, so only checks stop it
+    backend.put(version_key(vid), [json.dumps(record, sort_keys=True, separators=(",", ":")).encode()])
+    _hostile_pull(tmp_path, s3_url, "impossible|stored size|more than")

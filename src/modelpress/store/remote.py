@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, TypeVar
 
 from modelpress.errors import FormatError, StoreError, VersionNotFoundError
-from modelpress.store.backend import ObjectStore
+from modelpress import fileio
+from modelpress.store.backend import LocalFolder, ObjectStore
 from modelpress.store.objects import ID_PATTERN
 from modelpress.store.remote_backend import open_backend
 from modelpress.store.remote_records import (
@@ -85,6 +86,8 @@ class Remote:
 
     def ensure(self) -> None:
         """Make the URL a remote (write its marker) unless it is one; refuse one with another marker."""
+        if isinstance(self.backend, LocalFolder) and not self.backend.root.is_dir():
+            fileio.make_dirs(self.backend.root)
         if not self.backend.put_if_absent(MARKER_KEY, [marker_bytes()]):
             self.check()
 

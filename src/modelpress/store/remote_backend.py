@@ -39,8 +39,7 @@ def open_backend(url: str) -> ObjectStore:
         root = Path(url[len("file://"):] if url.startswith("file://") else url)
         if root.is_symlink() or (root.exists() and not root.is_dir()):
             raise StoreError(f"remote {url!r} is not a folder: give a folder (or an s3:// URL)")
-        root.mkdir(parents=True, exist_ok=True)
-        return LocalFolder(root)
+        return LocalFolder(root)  # (created by the first push: Remote.ensure)
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as exc:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from modelpress import limits
 from modelpress.errors import ModelpressError, StoreError
 from modelpress.store.backend import ObjectStore
-from modelpress.store.objects import ChunkHeader, chunk_key
+from modelpress.store.objects import MAX_CHUNK_RAW, ChunkHeader, chunk_key, stored_bound
 from modelpress.store.reader import ChunkReader
 from modelpress.store.remote import Remote, TransferReport
 from modelpress.store.remote_config import add_remote
@@ -105,6 +106,10 @@ def _fetch_version(store: Store, remote: Remote, record: RemoteVersion, written:
     def fetch(cid: str) -> None:
         row, digest = record.chunks[cid]
         size = record.chunk_bytes(cid)
+        if row.raw_size > MAX_CHUNK_RAW or row.stored_size > stored_bound(row.raw_size):
+            raise StoreError(f"chunk {cid[:12]}'s record on {remote.url} gives impossible sizes; the remote is "
+                             "damaged: run `modelpress store remote verify`")
+        limits.check_allocation(size, f"chunk {cid[:12]}")
         key = chunk_key(cid)
         try:
             data = bytes(remote.backend.get(key, size))
