@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,30 @@ def test_versions_by_id_prefix_and_the_marker(tmp_path, small_chunks):
     (tmp_path / "remote" / "REMOTE").write_text('{"format": "something else", "version": 1}')
     with pytest.raises(modelpress.errors.FormatError, match="not a modelpress remote"):
         Store.open(url)
+
+
+@pytest.mark.parametrize("kind", ["folder", "s3", "memory"])
+def test_compare_and_swap_lets_exactly_one_of_many_writers_win(tmp_path, kind, request):
+    url = {"folder": str(tmp_path / "r"), "memory": f"memory://cas-{tmp_path.name}/r"}.get(kind)
+    if kind == "s3":
+        url = request.getfixturevalue("s3_url")
+    remote = Remote(url)
+    remote.ensure()
+    backend = remote.backend
+    assert backend.put_if_match("refs/m/latest", b'{"version": "0"}', None)
+    assert not backend.put_if_match("refs/m/latest", b'{"version": "1"}', None)  # there already
+    _, tag = backend.get_tagged("refs/m/latest", 4096)
+    wins, start = [], threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        start.wait()
+        if backend.put_if_match("refs/m/latest", json.dumps({"version": str(i)}).encode(), tag):
+            wins.append(i)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert json.loads(backend.get("refs/m/latest", 4096)) == {"version": str(wins[0])}
