@@ -158,6 +158,11 @@ def test_cli_remote_push_pull_clone_get_verify_gc(tmp_path, s3_url, small_chunks
     assert "removed 0 chunks" in capsys.readouterr().out
     assert main(["store", "remote", "ls", a]) == 0
     assert s3_url in capsys.readouterr().out
+    assert main(["store", "ls", s3_url]) == 0 and main(["store", "log", s3_url, "toy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("toy  1 version(s)") and out.count("\n") == 2
+    folder = str(tmp_path / "folder-remote")  # a folder path is a remote too (names hold no '/')
+    assert main(["store", "push", a, folder]) == 0 and main(["store", "remote", "verify", folder]) == 0
 
 
 def test_credentials_are_never_written_into_the_store(tmp_path, s3_url):

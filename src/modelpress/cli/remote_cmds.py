@@ -71,7 +71,7 @@ def cmd_remote_rm(args) -> int:
 
 
 def _remote(args) -> Remote:
-    if is_url(args.remote):
+    if is_url(args.remote) or "/" in args.remote:  # a URL or a folder (remote names hold no '/')
         return Remote(remote_url(None, args.remote))
     if not args.store:
         raise StoreError(f"{args.remote!r} is not a URL: give a URL, or --store STORE to name one of its remotes")

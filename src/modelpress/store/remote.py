@@ -135,7 +135,7 @@ class Remote:
             elif len(found) > 1:
                 raise VersionNotFoundError(f"version prefix {ref!r} is ambiguous on {self.url}: give more digits")
         raise VersionNotFoundError(f"model {model!r} has no ref or version {ref!r} on {self.url}: see "
-                                   f"`modelpress store remote ls {self.url}`")
+                                   f"`modelpress store ls {self.url}`")
 
     def record(self, vid: str) -> RemoteVersion:
         """A version record, checked (root hash, chunk rows); a ref naming a missing one is a clear error."""

@@ -70,8 +70,9 @@ def remove_remote(root: Path, name: str) -> None:
 
 
 def remote_url(root: Path | None, name_or_url: str) -> str:
-    """The URL of a configured remote name, or the argument itself when it is a URL."""
-    if is_url(name_or_url):
+    """The URL of a configured remote name, or the argument itself when it is a URL or a folder's path (a name
+    holds no '/')."""
+    if is_url(name_or_url) or "/" in name_or_url:
         _check_url(name_or_url)
         return name_or_url
     found = remotes(root) if root is not None else {}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from modelpress.errors import ModelpressError
+from modelpress.errors import ModelpressError, VersionNotFoundError
 from modelpress.store.catalog import Catalog
 from modelpress.store.reader import ChunkReader
 from modelpress.store.reading import Reading
@@ -88,11 +88,20 @@ class RemoteStore(Reading):
         return super()._materialise(records, threads or max(self.threads, os.cpu_count() or 1))
 
     def models(self) -> list[tuple[str, int]]:
-        """(model, number of refs) on the remote."""
-        counts: dict[str, int] = {}
-        for model, _ in self.remote.refs():
-            counts[model] = counts.get(model, 0) + 1
-        return sorted(counts.items())
+        """(model, number of versions its refs name) on the remote."""
+        named: dict[str, set[str]] = {}
+        for (model, _), vid in self.remote.refs().items():
+            named.setdefault(model, set()).add(vid)
+        return sorted((model, len(vids)) for model, vids in named.items())
+
+    def stored_bytes(self, model: str, ref: str = "latest", exclusive_of: str | None = None) -> int:
+        """As a store's; a parent that was never pushed counts as nothing shared."""
+        if exclusive_of is not None:
+            try:
+                self.resolve(model, exclusive_of)
+            except VersionNotFoundError:
+                exclusive_of = None
+        return super().stored_bytes(model, ref, exclusive_of)
 
     def log(self, model: str) -> list[VersionInfo]:
         """The version a model's `latest` names and its ancestors the remote holds, newest first."""
