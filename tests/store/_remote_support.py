@@ -62,15 +62,23 @@ def s3_url(s3_endpoint):
 
 
 class Counting(ObjectStore):
-    """Wraps a backend: records every chunk key put, and raises after `fail_after` chunk uploads (if set)."""
+    """Wraps a backend: records every chunk key put (and read), and raises after `fail_after` chunk uploads
+    (`fail_gets_after` chunk reads), if set."""
 
-    def __init__(self, inner: ObjectStore, fail_after: int | None = None, delay: float = 0.0):
-        self.inner, self.fail_after, self.delay = inner, fail_after, delay
+    def __init__(self, inner: ObjectStore, fail_after: int | None = None, delay: float = 0.0,
+                 fail_gets_after: int | None = None):
+        self.inner, self.fail_after, self.delay, self.fail_gets_after = inner, fail_after, delay, fail_gets_after
         self.can_map = False
         self.puts: list[str] = []
+        self.gets: list[str] = []  # chunk keys read
         self._lock = threading.Lock()
 
     def get(self, key, limit):
+        if key.startswith("chunks/"):
+            with self._lock:
+                if self.fail_gets_after is not None and len(self.gets) >= self.fail_gets_after:
+                    raise ConnectionError("injected: the network went away")
+                self.gets.append(key)
         return self.inner.get(key, limit)
 
     def get_range(self, key, start, length):

@@ -274,3 +274,21 @@ def test_hostile_record_claiming_a_huge_chunk_is_refused_before_reading(tmp_path
     record["chunks"][cid][3] = 1 << 40  # stored_size: chunk rows are outside the root hash, so only checks stop it
     backend.put(version_key(vid), [json.dumps(record, sort_keys=True, separators=(",", ":")).encode()])
     _hostile_pull(tmp_path, s3_url, "impossible|stored size|more than")
+
+
+def test_interrupted_pull_resumes_without_fetching_again_and_commits_nothing_half(tmp_path, s3_url, small_chunks):
+    store, vid = _pushed(tmp_path, s3_url)
+    with store:
+        want = store.get("m")
+    with Store.init(tmp_path / "b") as local:
+        remote, first = counting_remote(s3_url, fail_gets_after=4)
+        remote.threads = 1
+        with pytest.raises(ConnectionError):
+            pull(local, remote, "m")
+        assert local.models() == []  # nothing committed: no half version
+        remote, second = counting_remote(s3_url)
+        report = pull(local, remote, "m")
+        assert not (set(first.gets) & set(second.gets))  # what arrived (checked, on disk) is adopted, not fetched
+        assert report.chunks_skipped == len(first.gets) and report.chunks_sent == len(second.gets)
+        got = local.get("m")
+        assert all(torch.equal(got[k], want[k]) for k in want) and local.verify().ok
