@@ -115,6 +115,10 @@ def test_a_ref_moved_meanwhile_is_a_fetch_first_error_and_no_version_is_lost(tmp
         child = a.put(_state(4), "m", parent=vb)
         push(a, Remote(s3_url), "m")  # ... and a child of B's version goes through
         assert Remote(s3_url).resolve("m") == child
+        with pytest.raises(StoreError, match=FETCH_FIRST):
+            push(b, Remote(s3_url), "m")  # B is behind now
+        push(b, Remote(s3_url), "m", force=True)  # unless it insists
+        assert Remote(s3_url).resolve("m") == vb
 
 
 @pytest.mark.slow  # two processes racing
