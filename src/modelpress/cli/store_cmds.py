@@ -12,16 +12,18 @@ from rich.table import Table
 from modelpress import fileio
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
+from modelpress.cli.remote_cmds import add_remote_commands
 from modelpress.errors import ModelpressError, StoreError
 from modelpress.formats.checkpoint import save
 from modelpress.formats.models import load_model
 from modelpress.store import GC_GRACE, Store
+from modelpress.store.remote_backend import is_url
 
 __all__ = ["add_store_commands"]
 
 
 def _open(path: str):
-    return Store(path)
+    return Store.open(path) if is_url(path) else Store(path)  # a URL: read straight from a remote
 
 
 def cmd_init(args) -> int:
@@ -155,6 +157,7 @@ def add_store_commands(sub) -> None:
         return p
 
     command("init", cmd_init, "create a store")
+    add_remote_commands(cmds)
     p = command("put", cmd_put, "put a model folder or checkpoint in as a new version")
     p.add_argument("source", help="a modelpress checkpoint folder, a Hugging Face folder (sentence encoder or causal "
                                    "LM), a .gguf file, or a bundled name (minilm, smollm2)")

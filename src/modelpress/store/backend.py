@@ -9,6 +9,11 @@ wrapper stores. Capability flags say what a backend can do beyond the minimum:
   `aligned` payloads); without it the loader reads whole objects with `get`.
 - `atomic_conditional_write`: `put_if_absent` is atomic (two writers can never both win).
 
+Remotes (remote_backend.py) also use `get_tagged` / `put_if_match`, a compare-and-swap on one small
+object (a ref): the write lands only if the object still has the tag (S3's ETag; here a BLAKE3 of
+the bytes) that was read, or is still absent. LocalFolder does it under an exclusive flock of
+`root/lock` with an atomic rename, so a folder (or a shared mount with working locks) is a remote too.
+
 `LocalFolder` does every file operation through `modelpress.fileio` (regular files only, bounded
 reads, atomic fsynced writes, fault points for tests).
 """
@@ -17,16 +22,19 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator, Sequence
 
+import blake3
+
 from modelpress import fileio
 from modelpress.errors import ModelpressError, StorageIOError, StoreError
 
-__all__ = ["Entry", "ObjectStore", "LocalFolder"]
+__all__ = ["Entry", "ObjectStore", "LocalFolder", "content_tag"]
 
 Parts = Sequence[bytes | memoryview]
 
@@ -77,6 +85,20 @@ class ObjectStore(ABC):
         """A read-only file descriptor of the object and its size (only where `can_map`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot map objects")
 
+    def get_tagged(self, key: str, limit: int) -> tuple[bytes, str]:
+        """The whole object (at most `limit` bytes) and its tag, for `put_if_match`; FileNotFoundError if none."""
+        data = bytes(self.get(key, limit))
+        return data, content_tag(data)
+
+    def put_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Replace the object if it still has `tag` (None: only if there is none); False (nothing written) if not."""
+        raise NotImplementedError(f"{type(self).__name__} has no compare-and-swap")
+
+
+def content_tag(data: bytes) -> str:
+    """The tag of an object where the store has no ETag of its own: the BLAKE3 of its bytes."""
+    return blake3.blake3(data, max_threads=1).hexdigest()
+
 
 class LocalFolder(ObjectStore):
     """Objects as files under `root` (key `a/b/c` is the file root/a/b/c); writes go through `root/tmp`."""
@@ -88,6 +110,7 @@ class LocalFolder(ObjectStore):
         self.root = Path(root)
         self.tmp = self.root / temporaries
         self._prefix = os.fspath(self.root) + "/"
+        self._cas = threading.Lock()  # flock is per open file: threads of one process serialise here first
 
     def _path(self, key: str) -> str:
         """The file of a key (plain string work: a load forms one per chunk)."""
@@ -134,6 +157,17 @@ class LocalFolder(ObjectStore):
 
     def put(self, key: str, parts: Parts) -> None:
         self._write(key, parts, replace=True)
+
+    def put_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        with self._cas, fileio.locked(self.root / "lock", exclusive=True, what="the remote's lock file"):
+            try:
+                current = content_tag(bytes(self.get(key, max(len(data), 1 << 20))))
+            except FileNotFoundError:
+                current = None
+            if current != tag:
+                return False
+            self._write(key, [data], replace=True)
+            return True
 
     def list(self, prefix: str) -> Iterator[Entry]:
         """Regular files and symbolic links (never followed) under root/prefix; folders that are links are skipped."""

@@ -29,6 +29,7 @@ from modelpress.store.catalog import Catalog
 from modelpress.store.maintenance import Maintenance
 from modelpress.store.reader import ChunkReader
 from modelpress.store.reading import Reading
+from modelpress.store.remote_store import RemoteStore
 from modelpress.store.rows import VersionInfo
 from modelpress.store.writing import Writing
 
@@ -40,8 +41,21 @@ STORE_VERSION = 1
 _FOLDERS = ("chunks", "tmp")  # (an old store's `cache/` is no longer used; gc removes it)
 
 
+class _Open:
+    """`Store.open(URL)` on the class: a remote opened for reading (remote_store.py), e.g.
+    `Store.open("s3://bucket/models").get("minilm-int4")`; `store.open(model, ref)` on a store: lazy access
+    to a version's tensors (reading.py)."""
+
+    def __get__(self, obj, owner):
+        if obj is None:
+            return RemoteStore
+        return Reading.open.__get__(obj, owner)
+
+
 class Store(Writing, Reading, Maintenance):
     """A model-aware store in a local folder."""
+
+    open = _Open()
 
     def __init__(self, path: str | Path):
         self.root = Path(path)

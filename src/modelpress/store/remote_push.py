@@ -1,0 +1,147 @@
+"""`push`: a local version onto a remote, sending only the chunks the remote lacks.
+
+Order, so that a half-finished push is invisible and a killed one resumes:
+1. one listing of the remote's chunks (sizes included): a chunk there at its exact size is skipped;
+2. the missing chunks, each read from the local store and checked against its recorded file hash
+   (local damage is never spread), uploaded `threads` at a time; every upload is one atomic PUT (S3)
+   or an atomic link (a folder), so a chunk is there whole or not at all;
+3. the version record (named by the version's root hash, so writing it twice is harmless), then a
+   second listing to be sure every chunk is still there (remote gc may have removed an unreferenced one);
+4. last, each ref, by compare-and-swap: it moves only from what was read, and only forward (from
+   an ancestor of the pushed version). A ref that another writer moved elsewhere meanwhile is a
+   clear "fetch first" error; the versions of both writers stay on the remote.
+
+A push killed at any point leaves chunks (and perhaps a record) that no ref names: readers never see
+them, the next push skips them, and remote gc removes them after its grace period if nothing does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from modelpress.errors import CorruptChunkError, ModelpressError, StoreError
+from modelpress.store.objects import chunk_key, file_hash
+from modelpress.store.remote import Remote, TransferReport
+from modelpress.store.remote_records import RemoteVersion, encode_record, encode_ref, split_ref, version_key
+from modelpress.store.rows import ChunkRow
+
+__all__ = ["push", "local_ancestors", "FETCH_FIRST"]
+
+FETCH_FIRST = "fetch first"
+_CAS_TRIES = 8
+
+
+def local_ancestors(store, vid: str, limit: int = 100_000) -> set[str]:
+    """`vid` and every ancestor of it the local catalogue holds (the parent chain, as far as it is local)."""
+    seen: set[str] = set()
+    current: str | None = vid
+    while current and current not in seen and len(seen) < limit:
+        seen.add(current)
+        row = store.catalog.one("SELECT parent FROM versions WHERE id=?", (current,))
+        current = row[0] if row else None
+    return seen
+
+
+def _targets(store, spec: str | None) -> list[tuple[str, str, list[str]]]:
+    """(model, version id, ref names to move) for each version to push."""
+    if spec:
+        model, ref = split_ref(spec)
+        models = [(model, store.resolve(model, ref))]
+    else:
+        models = [(name, store.resolve(name, "latest")) for name, _ in store.models()]
+    out = []
+    for model, vid in models:
+        names = [r[0] for r in store.catalog.rows("SELECT name FROM refs WHERE model=? AND version=? ORDER BY name",
+                                                  (model, vid))]
+        out.append((model, vid, names))
+    return out
+
+
+def _local_record(store, vid: str) -> RemoteVersion:
+    version = store.catalog.version(vid).check()
+    ids = sorted(store._chunks_of(version))
+    rows = store.catalog.chunks(ids)
+    chunks: dict[str, tuple[ChunkRow, str]] = {}
+    for cid in ids:
+        digest = store.catalog.file_hash(cid)
+        if digest is None:
+            raise CorruptChunkError(f"chunk {cid[:12]} has no file hash in the local catalogue: run "
+                                    "`modelpress store verify`")
+        chunks[cid] = (rows[cid], digest)
+    return RemoteVersion(version, chunks)
+
+
+def _upload(store, remote: Remote, record: RemoteVersion, ids: list[str], report: TransferReport) -> None:
+    lock = threading.Lock()
+
+    def send(cid: str) -> None:
+        row, digest = record.chunks[cid]
+        size = record.chunk_bytes(cid)
+        data = store.backend.get(chunk_key(cid), size)
+        if len(data) != size or file_hash(data) != digest:
+            raise CorruptChunkError(f"local chunk {cid[:12]} does not match its recorded hash; nothing of it was "
+                                    "sent: run `modelpress store verify`")
+        remote.backend.put(chunk_key(cid), [data])
+        with lock:
+            report.chunks_sent += 1
+            report.bytes_sent += size
+
+    remote.parallel(send, ids)
+
+
+def _missing(record: RemoteVersion, present: dict[str, int]) -> list[str]:
+    return [cid for cid in record.chunks if present.get(cid) != record.chunk_bytes(cid)]
+
+
+def _move_ref(store, remote: Remote, model: str, ref: str, vid: str, force: bool, report: TransferReport) -> None:
+    ancestors = local_ancestors(store, vid)
+    for _ in range(_CAS_TRIES):
+        current, tag = remote.tagged_ref(model, ref)
+        if current == vid:
+            return
+        if current is not None and current not in ancestors and not force:
+            raise StoreError(f"{FETCH_FIRST}: {model}@{ref} on {remote.url} is at {current[:12]}, which "
+                             f"{vid[:12]} does not descend from (another writer pushed meanwhile); your version is "
+                             f"on the remote but no ref names it: pull (`modelpress store pull REMOTE {model}`), "
+                             "put your change on top, and push again")
+        if remote.cas_ref(model, ref, vid, tag):
+            report.refs.append(f"{model}@{ref} -> {vid[:12]}")
+            report.record_bytes += len(encode_ref(vid))
+            return
+    raise StoreError(f"{FETCH_FIRST}: {model}@{ref} on {remote.url} kept changing while this push tried to move it; "
+                     "push again")
+
+
+def push(store, remote: Remote, spec: str | None = None, force: bool = False) -> TransferReport:
+    """Push `spec` (MODEL or MODEL@VERSION; every model's latest if None) with the local refs that name it."""
+    report = TransferReport()
+    targets = _targets(store, spec)
+    remote.ensure()
+    records = [(model, _local_record(store, vid), refs) for model, vid, refs in targets]
+    present = remote.chunk_sizes()
+    for model, record, refs in records:
+        missing = _missing(record, present)
+        for cid in record.chunks:
+            if cid not in missing:
+                report.chunks_skipped += 1
+                report.bytes_skipped += record.chunk_bytes(cid)
+        _upload(store, remote, record, missing, report)
+        present.update((cid, record.chunk_bytes(cid)) for cid in missing)
+        data = encode_record(record.version, record.chunks)
+        if remote.backend.put_if_absent(version_key(record.id), [data]):
+            report.record_bytes += len(data)
+        else:
+            try:
+                remote.record(record.id)  # already there (an earlier push): sent nothing
+            except ModelpressError:  # a damaged record under our name: ours (which hashes to the name) replaces it
+                remote.backend.put(version_key(record.id), [data])
+                report.record_bytes += len(data)
+        report.versions.append(f"{model}@{record.id[:12]}")
+    present = remote.chunk_sizes()  # gc may have removed an unreferenced chunk we skipped: resend it
+    for model, record, refs in records:
+        again = _missing(record, present)
+        _upload(store, remote, record, again, report)
+    for model, record, refs in records:
+        for ref in refs:
+            _move_ref(store, remote, model, ref, record.id, force, report)
+    return report
