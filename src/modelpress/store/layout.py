@@ -28,6 +28,7 @@ CHUNK_BYTES = 1 << 20  # 1 MiB of raw bytes: enough to compress well, small enou
 ALIGNED_CHUNK_BYTES = 8 << 20
 ALIGN = 64  # every tensor in a load arena starts on a 64-byte boundary (cache line, AVX-512)
 PAGE = 4096  # `aligned` chunks: payload offset and size (but the last's) multiples of the x86-64 / common ARM page
+MIN_BLOCK = 1024  # the smallest row block a writer may be asked for (`put(chunk_bytes=...)`)
 MAX_STEP = 4 * CHUNK_BYTES  # rows whose lcm with PAGE exceeds this are cut by rows alone (loaded by copying)
 
 DTYPES: dict[str, torch.dtype] = {

@@ -44,6 +44,7 @@ class Writing:
         tags: tuple[str, ...] = (),
         codecs: dict[str, str] | None = None,
         progress: Callable[[int], None] | None = None,
+        chunk_bytes: dict[str, int] | None = None,
     ) -> str:
         """Store a model (or state dict) as a new version of `model`; returns the version id.
 
@@ -53,12 +54,15 @@ class Writing:
         those tensors. 'aligned' is the layout for tensors whose load time matters more than their
         size: raw bytes on page boundaries in their chunk files, which `get`/`load` map straight
         from the page cache (no copy, no decode; never stored as deltas). A chunk the store already
-        holds keeps the encoding it was first stored with.
+        holds keeps the encoding it was first stored with. `chunk_bytes` maps tensor-name patterns to
+        the raw size of their row blocks (default 1 MiB): small blocks for a table read by lookups (a
+        lookup reads only the blocks of its rows), e.g. {"*embed_tokens.weight": 16384}.
         """
         check_name(model, "model")
         for tag in tags:
             check_name(tag, "tag")
         overrides = _codec_overrides(codecs)
+        blocks = _block_overrides(chunk_bytes)
         manifest, tensors, files = _describe_source(source)
         with self._lock(exclusive=False):
             parent_id = self._parent(model, parent)
@@ -68,7 +72,7 @@ class Writing:
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 for name, tensor in tensors.items():
                     records.append(self._put_tensor(name, tensor, _override(name, overrides), parent_tensors.get(name),
-                                                    written, pool))
+                                                    written, pool, _override(name, blocks)))
                     if progress:
                         progress(1)
             stored_files = {str(rel): self._put_file(str(rel), data, written) for rel, data in files.items()}
@@ -104,13 +108,15 @@ class Writing:
             raise
 
     def _put_tensor(self, name: str, tensor: torch.Tensor, codec: type[Codec] | None, parent: TensorRecord | None,
-                    written: _Written, pool: ThreadPoolExecutor) -> TensorRecord:
+                    written: _Written, pool: ThreadPoolExecutor, block: int | None = None) -> TensorRecord:
         dtype = layout.dtype_name(tensor.dtype)
         shape = tuple(tensor.shape)
         raw = layout.tensor_bytes(tensor)
         width = tensor.element_size()
         mapped = codec is not None and codec.page_aligned
         aligned = {"target": layout.ALIGNED_CHUNK_BYTES, "multiple": layout.PAGE} if mapped else {}
+        if block is not None and not mapped:
+            aligned = {"target": block}
         spans = layout.split_rows(len(raw), shape, width, **aligned)
         if codec is None:
             codec = type(choose(raw[: spans[0][1]] if spans else raw, width, dtype in layout.FLOAT_NAMES))
@@ -214,7 +220,17 @@ def _codec_overrides(codecs: dict[str, str] | None) -> list[tuple[str, type[Code
     return out
 
 
-def _override(name: str, overrides: list[tuple[str, type[Codec]]]) -> type[Codec] | None:
+def _block_overrides(chunk_bytes: dict[str, int] | None) -> list[tuple[str, int]]:
+    out = []
+    for pattern, size in (chunk_bytes or {}).items():
+        if type(size) is not int or not layout.MIN_BLOCK <= size <= layout.MAX_STEP:
+            raise StoreError(f"row-block size {size!r} for {pattern!r}: give bytes from {layout.MIN_BLOCK} to "
+                             f"{layout.MAX_STEP}")
+        out.append((pattern, size))
+    return out
+
+
+def _override(name: str, overrides: list):
     for pattern, codec in overrides:
         if fnmatch.fnmatchcase(name, pattern):
             return codec
