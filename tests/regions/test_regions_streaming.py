@@ -139,3 +139,21 @@ def test_a_damaged_streamed_chunk_is_refused(tmp_path):
     with open_streamed(store, "tiny", memory=budget, piece_bytes=8192) as run, pytest.raises(IntegrityError):
         run.generate(PROMPT, 4)
     store.close()
+
+
+def test_cli_plan_generate_and_encode(lm_store, encoder_store, capsys):
+    from modelpress.cli import main
+
+    budget = str(int(weights_bytes(lm_store) * 0.5))  # (the CLI streams weights whole: 4 MiB pieces)
+    assert main(["plan", "tiny", "--store", str(lm_store.root), "--memory", budget, "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "streamed" in out and "model.model.embed_tokens.weight" in out and "GFLOP/s" in out
+    assert main(["generate", "tiny", "--store", str(lm_store.root), "--memory", budget, "Hello", "--max-new-tokens",
+                 "5"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", "tiny", "--store", str(lm_store.root), "Hello", "--max-new-tokens", "5"]) == 0
+    full = capsys.readouterr().out
+    assert streamed.splitlines()[0] == full.splitlines()[0] and "weight memory" in streamed
+    assert main(["encode", "enc", "--store", str(encoder_store.root), "--memory", "40000", "hello world"]) == 0
+    assert "1 embeddings" in capsys.readouterr().out
+    assert main(["generate", "tiny", "--store", str(lm_store.root), "--memory", "100", "Hello"]) != 0

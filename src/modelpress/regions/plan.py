@@ -161,8 +161,8 @@ def place(records: list[TensorRecord], rows: dict[str, ChunkRow], uses: dict[str
     gather_min = sum(2 * max(row.raw_size for row in cr) for r, cr, u in candidates if "embedding" in u)
     room = budget - base - ring_min - gather_min
     if room < 0:
-        raise ConfigError(f"a memory budget of {budget / 1e6:.1f} MB cannot run this model: its resident tensors, "
-                          f"streaming ring and gather buffers need at least {(budget - room) / 1e6:.1f} MB")
+        raise ConfigError(f"a memory budget of {budget} bytes cannot run this model: its resident tensors, streaming "
+                          f"ring and gather buffers need at least {budget - room} bytes; give more --memory")
     order = sorted(range(len(candidates)), key=lambda i: "linear" not in candidates[i][2])  # stable: model order
     keep = set()
     for i in order:
