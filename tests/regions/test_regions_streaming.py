@@ -52,9 +52,10 @@ def test_streamed_generation_gives_the_tokens_of_the_full_model(lm_store, engine
     assert got == expected
 
 
-def test_the_ring_prefetches_along_the_learned_order(lm_store):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_the_ring_prefetches_along_the_learned_order(lm_store, readers):
     budget = int(weights_bytes(lm_store) * 0.1)
-    with open_streamed(lm_store, "tiny", memory=budget, piece_bytes=8192) as run:
+    with open_streamed(lm_store, "tiny", memory=budget, piece_bytes=8192, readers=readers) as run:
         tokens = run.generate(PROMPT, 6).tokens
         assert run.ring._cycle is not None and len(run.ring._cycle) == len(run.plan.units)
         assert run.ring.relearned == 0

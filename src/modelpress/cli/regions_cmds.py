@@ -60,7 +60,7 @@ def cmd_plan(args) -> int:
 def _run_full_or_streamed(store: Store, args):
     if args.memory is None:
         return None
-    return open_streamed(store, args.model, args.memory, args.ref)
+    return open_streamed(store, args.model, args.memory, args.ref, readers=args.readers)
 
 
 def cmd_generate(args) -> int:
@@ -134,8 +134,10 @@ def add_regions_commands(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--memory", help="stream weights from the store within this budget (e.g. 135MB)")
+    p.add_argument("--readers", type=int, default=1, help="threads reading streamed weights ahead (default 1)")
     p.add_argument("--json", help="also write tokens and figures as JSON to this file")
     p = command("encode", cmd_encode, "embed sentences with a stored sentence encoder, optionally under a budget")
     p.add_argument("sentences", nargs="+")
     p.add_argument("--memory", help="stream weights from the store within this budget (e.g. 16MB)")
+    p.add_argument("--readers", type=int, default=1, help="threads reading streamed weights ahead (default 1)")
     p.add_argument("--json", help="also write the embeddings as JSON to this file")

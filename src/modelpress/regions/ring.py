@@ -62,7 +62,8 @@ class _Entry:
 class Ring:
     """`capacity` bytes through which `units` are streamed (see the module docstring)."""
 
-    def __init__(self, reader: ChunkReader, units: list[Unit], capacity: int, prefetch: bool = True):
+    def __init__(self, reader: ChunkReader, units: list[Unit], capacity: int, prefetch: bool = True,
+                 readers: int = 1):
         largest = max((layout.aligned(u.nbytes) for u in units), default=0)
         if units and capacity < largest:
             raise ConfigError(f"a streaming ring of {capacity} bytes cannot hold a unit of {largest}: give more memory")
@@ -73,7 +74,9 @@ class Ring:
         self._cond = threading.Condition()
         self._order: list[int] = []
         self._cycle: tuple[int, ...] | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self.readers = max(1, readers)  # threads landing units at once (each its own unit, placed in order)
+        self._position = 0
         self._stop = False
         self._held: int | None = None
         self._scratch = Scratch()
@@ -115,9 +118,9 @@ class Ring:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
 
     # -- learning the order ----------------------------------------------------------------------
 
@@ -125,14 +128,16 @@ class Ring:
         """Load `index` here and now; the second time the first unit is asked for, the cycle is known."""
         if self.prefetch and self._order and index == self._order[0]:
             with self._cond:
-                self._cycle, self._stop = tuple(self._order), False
-                self._thread = threading.Thread(target=self._fill, daemon=True, name="modelpress-ring")
-                self._thread.start()
+                self._cycle, self._stop, self._position = tuple(self._order), False, 0
+                self._threads = [threading.Thread(target=self._fill, daemon=True, name=f"modelpress-ring-{i}")
+                                 for i in range(self.readers)]
+                for thread in self._threads:
+                    thread.start()
             return self._wait_front(index)
         self._order.append(index)
         entry = _Entry(index, 0)
         self._entries.append(entry)
-        self._land(entry)
+        self._land(entry, self._scratch)
         if entry.error is not None:
             self._entries.clear()
             raise entry.error
@@ -150,10 +155,10 @@ class Ring:
     def _relearn_locked(self) -> None:
         self._stop = True
         self._cond.notify_all()
-        thread, self._thread = self._thread, None
+        threads, self._threads = self._threads, []
         self._cond.release()
         try:
-            if thread is not None:
+            for thread in threads:
                 thread.join()
         finally:
             self._cond.acquire()
@@ -177,34 +182,38 @@ class Ring:
         return head if head + size <= tail else None
 
     def _fill(self) -> None:
-        position = 0
-        cycle = self._cycle
+        """A reader thread: place the cycle's next unit as soon as it fits (in order, under the lock), then land
+        it outside the lock, so that several readers land consecutive units at once."""
+        cycle, scratch = self._cycle, Scratch()
         while True:
-            index = cycle[position % len(cycle)]
-            size = layout.aligned(self.units[index].nbytes)
             with self._cond:
-                while not self._stop and (offset := self._place(size)) is None:
+                while not self._stop:
+                    index = cycle[self._position % len(cycle)]
+                    offset = self._place(layout.aligned(self.units[index].nbytes))
+                    if offset is not None:
+                        break
                     self._cond.wait()
                 if self._stop:
                     return
+                self._position += 1
                 entry = _Entry(index, offset)
                 self._entries.append(entry)
-            self._land(entry)
+            self._land(entry, scratch)
             with self._cond:
                 self._cond.notify_all()
             if entry.error is not None:
                 return
-            position += 1
 
-    def _land(self, entry: _Entry) -> None:
+    def _land(self, entry: _Entry, scratch: Scratch) -> None:
         unit = self.units[entry.unit]
         position = entry.offset
         try:
             for row in unit.chunks:
-                self.reader.land(row, self._view[position:position + row.raw_size], self._scratch)
+                self.reader.land(row, self._view[position:position + row.raw_size], scratch)
                 position += row.raw_size
-                self.bytes_landed += row.raw_size
-                self.stored_read += row.stored_size
+            with self._cond:
+                self.bytes_landed += unit.nbytes
+                self.stored_read += unit.stored
             entry.ready = True
         except BaseException as exc:  # handed to the computation, which raises it
             entry.error = exc

@@ -108,8 +108,11 @@ class StreamedModel:
 
 
 def open_streamed(store: Store, name: str, memory: int | str, ref: str = "latest", *, prefetch: bool = True,
-                  piece_bytes: int = PIECE_BYTES, threads: int | None = None) -> StreamedModel:
-    """The stored model `name@ref` ready to run with at most `memory` bytes of weights (see the module docstring)."""
+                  piece_bytes: int = PIECE_BYTES, threads: int | None = None, readers: int = 1) -> StreamedModel:
+    """The stored model `name@ref` ready to run with at most `memory` bytes of weights (see the module docstring).
+
+    `readers` threads land streamed units at once (the computation runs on torch's threads); `threads`
+    load the resident tensors."""
     version, where, manifest, files, rows = _version_parts(store, name, ref)
     skeleton = _skeleton(manifest, files)
     tied = manifest.get("tied", {})
@@ -121,7 +124,7 @@ def open_streamed(store: Store, name: str, memory: int | str, ref: str = "latest
         if p.region in (Region.STREAMED, Region.GATHERED):
             tensors[p.tensor] = torch.zeros((), dtype=layout.torch_dtype(p.dtype)).expand(p.shape)
     model = rebuild(manifest, tensors, files, where, skeleton)
-    ring = Ring(store.reader, list(plan.units), plan.ring_bytes, prefetch)
+    ring = Ring(store.reader, list(plan.units), plan.ring_bytes, prefetch, readers)
     tables = _replace_modules(model, plan, tied, ring, store, {n: [rows[c] for c in r.chunks] for n, r in records.items()})
     return StreamedModel(model, plan, ring, tables)
 

@@ -115,8 +115,8 @@ class Writing:
         width = tensor.element_size()
         mapped = codec is not None and codec.page_aligned
         aligned = {"target": layout.ALIGNED_CHUNK_BYTES, "multiple": layout.PAGE} if mapped else {}
-        if block is not None and not mapped:
-            aligned = {"target": block}
+        if block is not None:  # row blocks of the size asked for (still page multiples where mapped)
+            aligned = {**aligned, "target": block}
         spans = layout.split_rows(len(raw), shape, width, **aligned)
         if codec is None:
             codec = type(choose(raw[: spans[0][1]] if spans else raw, width, dtype in layout.FLOAT_NAMES))
