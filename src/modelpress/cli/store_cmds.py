@@ -15,7 +15,7 @@ from modelpress.cli.console import progress as _progress
 from modelpress.errors import ModelpressError, StoreError
 from modelpress.formats.checkpoint import save
 from modelpress.formats.models import load_model
-from modelpress.store import GC_GRACE, Store
+from modelpress.store import GC_GRACE, Store, layout
 
 __all__ = ["add_store_commands"]
 
@@ -51,10 +51,15 @@ def cmd_get(args) -> int:
 
             vid = store.resolve(args.name, args.ref)
             table = Table(title=f"{args.name}@{vid[:12]}")
-            for col in ("tensor", "dtype", "shape", "chunks"):
+            for col in ("tensor", "dtype", "shape", "chunks", "layout"):
                 table.add_column(col)
-            for t in store.catalog.tensors(vid):
-                table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(len(t.chunks)))
+            tensors = store.catalog.tensors(vid)
+            rows = store.catalog.chunks([c for t in tensors for c in t.chunks])
+            for t in tensors:
+                chunk_rows = [rows[c] for c in t.chunks]
+                how = layout.describe(t.dtype, t.shape, [r.raw_size for r in chunk_rows],
+                                      [r.codec.name for r in chunk_rows])
+                table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(len(t.chunks)), how)
             _console().print(table)
             return 0
         # refuse an --out that is, holds or lies in the store (or is not ours to replace) before any work

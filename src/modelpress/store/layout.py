@@ -85,3 +85,15 @@ def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int =
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
+
+
+def describe(dtype: str, shape: tuple[int, ...], raw_sizes: list[int], codecs: list[str]) -> str:
+    """How a tensor is laid out in its chunks, in words: its row blocks (rows and bytes each) and codecs."""
+    if not raw_sizes:
+        return "empty"
+    names = ",".join(sorted(set(codecs)))
+    unit = element_size(dtype) * (math.prod(shape[1:]) if len(shape) >= 2 else 1)
+    first = raw_sizes[0]
+    if len(shape) < 2 or unit == 0 or any(size % unit for size in raw_sizes):
+        return f"{len(raw_sizes)} block(s) of {first} bytes (cut between elements), {names}"
+    return f"{len(raw_sizes)} row block(s) of {first // unit} rows ({first} bytes), {names}"
