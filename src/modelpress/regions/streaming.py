@@ -21,13 +21,13 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import nn
 
-from modelpress.errors import StoreError
+from modelpress.errors import StoreError, UnsupportedError
 from modelpress.formats.causal_lm import CausalLM, causal_lm_from_files
 from modelpress.formats.checkpoint import rebuild, validate_manifest
 from modelpress.formats.hf import SentenceEncoder, sentence_encoder_from_files
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES
 from modelpress.nn.generation import Engine, Generation, greedy_generate
-from modelpress.store import layout, loader
+from modelpress.store import layout, loader, planes
 from modelpress.store.store import Store
 
 from modelpress.regions.modules import GatherEmbedding, StreamedLinear
@@ -114,6 +114,9 @@ def open_streamed(store: Store, name: str, memory: int | str, ref: str = "latest
     `readers` threads land streamed units at once (the computation runs on torch's threads); `threads`
     load the resident tensors."""
     version, where, manifest, files, rows = _version_parts(store, name, ref)
+    if any(planes.base_name(t.name) is not None for t in version.tensors):
+        raise UnsupportedError(f"{name}@{ref} is stored by precision planes, which streaming does not read yet: "
+                               "stream a version put without planes=")
     skeleton = _skeleton(manifest, files)
     tied = manifest.get("tied", {})
     plan = place(list(version.tensors), rows, tensor_uses(skeleton, tied), parse_memory(memory), piece_bytes)

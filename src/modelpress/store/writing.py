@@ -24,6 +24,7 @@ from modelpress.errors import ModelpressError, StoreError, VersionNotFoundError
 from modelpress.formats.checkpoint import describe
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES
 from modelpress.store import layout
+from modelpress.store import planes as planes_
 from modelpress.store.objects import HEAD_LIMIT, MAX_DELTA_DEPTH, ChunkHeader, chunk_id, chunk_key, file_hash, stored_bound
 from modelpress.store.rows import ChunkRow, TensorRecord, Version, VersionInfo, version_id
 
@@ -45,6 +46,7 @@ class Writing:
         codecs: dict[str, str] | None = None,
         progress: Callable[[int], None] | None = None,
         chunk_bytes: dict[str, int] | None = None,
+        planes: list[str] | None = None,
     ) -> str:
         """Store a model (or state dict) as a new version of `model`; returns the version id.
 
@@ -56,7 +58,9 @@ class Writing:
         from the page cache (no copy, no decode; never stored as deltas). A chunk the store already
         holds keeps the encoding it was first stored with. `chunk_bytes` maps tensor-name patterns to
         the raw size of their row blocks (default 1 MiB): small blocks for a table read by lookups (a
-        lookup reads only the blocks of its rows), e.g. {"*embed_tokens.weight": 16384}.
+        lookup reads only the blocks of its rows), e.g. {"*embed_tokens.weight": 16384}. `planes`: patterns of
+        float32 tensors stored as a bfloat16 plane and a low 16-bit plane (store/planes.py), so that
+        `load(precision="bf16")` reads only the high planes and `refine` the rest.
         """
         check_name(model, "model")
         for tag in tags:
@@ -70,7 +74,7 @@ class Writing:
             written: _Written = {}
             records = []
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                for name, tensor in tensors.items():
+                for name, tensor in _by_planes(tensors, planes):
                     records.append(self._put_tensor(name, tensor, _override(name, overrides), parent_tensors.get(name),
                                                     written, pool, _override(name, blocks)))
                     if progress:
@@ -218,6 +222,20 @@ def _codec_overrides(codecs: dict[str, str] | None) -> list[tuple[str, type[Code
             raise StoreError(f"codec {name!r} for {pattern!r} is not a storage codec: use {', '.join(allowed)}")
         out.append((pattern, codec_class(name)))
     return out
+
+
+def _by_planes(tensors: dict[str, torch.Tensor], patterns: list[str] | None):
+    """(name, tensor) to store: float32 tensors matching `patterns` as their two planes (store/planes.py)."""
+    for name, tensor in tensors.items():
+        if patterns and tensor.dtype == torch.float32 and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            hi, lo = planes_.split(tensor)
+            high, low = planes_.plane_names(name)
+            yield high, hi
+            yield low, lo
+        else:
+            if planes_.base_name(name) is not None:
+                raise StoreError(f"tensor name {name!r} ends like a precision plane; rename it")
+            yield name, tensor
 
 
 def _block_overrides(chunk_bytes: dict[str, int] | None) -> list[tuple[str, int]]:
