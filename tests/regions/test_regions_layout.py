@@ -74,3 +74,21 @@ def test_store_get_shows_each_tensors_layout(table_store, capsys):
 ])
 def test_describe_layout(shape, sizes, expected):
     assert layout.describe("float32", shape, sizes, ["raw"] * len(sizes)) == expected
+
+
+def test_store_put_takes_row_block_sizes_and_planes(tmp_path):
+    from hostile._tiny_source import write_tiny_source
+    from modelpress.cli import main
+    from modelpress.store import planes
+
+    source = write_tiny_source(tmp_path / "src")
+    assert main(["store", "init", str(tmp_path / "store")]) == 0
+    assert main(["store", "put", str(tmp_path / "store"), str(source), "enc", "--planes", "*word_embeddings*",
+                 "--chunk-bytes", "*word_embeddings.weight*=1024"]) == 0
+    with Store(tmp_path / "store") as store:
+        records = {t.name: t for t in store.version("enc").tensors}
+        name = next(n for n in records if n.endswith("word_embeddings.weight" + planes.HI))
+        assert planes.base_name(name) + planes.LO in records
+        rows = store.catalog.chunks(records[name].chunks)
+        assert {row.raw_size for row in rows.values()} == {1024}
+    assert main(["store", "put", str(tmp_path / "store"), str(source), "enc", "--chunk-bytes", "oops"]) != 0

@@ -36,11 +36,19 @@ def cmd_put(args) -> int:
     if bad:
         raise ModelpressError(f"--codec {bad[0]!r} is not PATTERN=CODEC: write e.g. --codec '*embeddings*=raw'")
     codecs = dict(item.split("=", 1) for item in args.codec or ())
+    blocks = {}
+    for item in args.chunk_bytes or ():
+        pattern, _, size = item.rpartition("=")
+        if not pattern or not size.isdigit():
+            raise ModelpressError(f"--chunk-bytes {item!r} is not PATTERN=BYTES: write e.g. "
+                                  "--chunk-bytes '*embed_tokens.weight=16384'")
+        blocks[pattern] = int(size)
     with _open(args.store) as store, _progress() as progress:
         parent = None if args.no_parent else args.parent
         task = progress.add_task(f"storing {args.name}", total=len(model.state_dict()))
         vid = store.put(model, args.name, parent=parent, message=args.message or "", tags=tuple(args.tag or ()),
-                        codecs=codecs, progress=lambda k: progress.advance(task, k))
+                        codecs=codecs, progress=lambda k: progress.advance(task, k), chunk_bytes=blocks,
+                        planes=args.planes)
         _console().print(f"{args.name}@{vid[:12]}: {store.stored_bytes(args.name, vid) / 1e6:.1f} MB in chunks")
     return 0
 
@@ -172,6 +180,12 @@ def add_store_commands(sub) -> None:
                    help="force a codec (raw, aligned, zstd, planes, fans) for tensors matching PATTERN; 'aligned' "
                         "stores raw bytes on page boundaries, which load by mapping (fastest load), e.g. "
                         "'*embeddings*=aligned'")
+    p.add_argument("--chunk-bytes", action="append", metavar="PATTERN=BYTES",
+                   help="row-block size for tensors matching PATTERN (default 1 MiB), e.g. small blocks for an "
+                        "embedding table read by lookups: '*embed_tokens.weight=16384'")
+    p.add_argument("--planes", action="append", metavar="PATTERN",
+                   help="store float32 tensors matching PATTERN as a bfloat16 plane and a low plane, so that a load "
+                        "at bf16 precision reads about half the bytes (Store.load(precision='bf16'), then refine)")
     p = command("get", cmd_get, "list a version's tensors, or write it out as a checkpoint with --out")
     p.add_argument("name")
     p.add_argument("ref", nargs="?", default="latest")
