@@ -205,7 +205,7 @@ def main() -> None:
         lines.append(f"SmolLM2-135M, {args.threads} threads, budget {budget / 1e6:.1f} MB "
                      f"({args.fraction:g} of {sizes['smol-fp32'] / 1e6:.1f} MB fp32), {args.new_tokens} new tokens")
         lines.append("")
-        lines.append("| row | decode tok/s | peak MB | read MB/run | same tokens |")
+        lines.append("| row | decode tok/s | peak MB | read MB (all runs) | same tokens |")
         lines.append("|---|---|---|---|---|")
         for name, r in rows:
             if "error" in r:
