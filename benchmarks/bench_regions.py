@@ -21,7 +21,7 @@ warmed, i.e. what loading and running the model adds):
 
 Decode tok/s: `--new-tokens` greedy tokens after a fixed prompt, the fastest of `--runs` runs after a
 warm-up; every row's tokens are compared with the full fp32 load's (`same tokens`). `read MB` is what
-streaming read from the store per run. Run it on a quiet machine: decode speeds on a shared one measure
+streaming read from the store over all runs (warm-up included). Run it on a quiet machine: decode speeds on a shared one measure
 the neighbours.
 """
 
