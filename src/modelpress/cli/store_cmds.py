@@ -16,7 +16,7 @@ from modelpress.cli.remote_cmds import add_remote_commands
 from modelpress.errors import ModelpressError, StoreError
 from modelpress.formats.checkpoint import save
 from modelpress.formats.models import load_model
-from modelpress.store import GC_GRACE, Store
+from modelpress.store import GC_GRACE, Store, layout
 from modelpress.store.remote_backend import is_url
 
 __all__ = ["add_store_commands"]
@@ -38,11 +38,19 @@ def cmd_put(args) -> int:
     if bad:
         raise ModelpressError(f"--codec {bad[0]!r} is not PATTERN=CODEC: write e.g. --codec '*embeddings*=raw'")
     codecs = dict(item.split("=", 1) for item in args.codec or ())
+    blocks = {}
+    for item in args.chunk_bytes or ():
+        pattern, _, size = item.rpartition("=")
+        if not pattern or not size.isdigit():
+            raise ModelpressError(f"--chunk-bytes {item!r} is not PATTERN=BYTES: write e.g. "
+                                  "--chunk-bytes '*embed_tokens.weight=16384'")
+        blocks[pattern] = int(size)
     with _open(args.store) as store, _progress() as progress:
         parent = None if args.no_parent else args.parent
         task = progress.add_task(f"storing {args.name}", total=len(model.state_dict()))
         vid = store.put(model, args.name, parent=parent, message=args.message or "", tags=tuple(args.tag or ()),
-                        codecs=codecs, progress=lambda k: progress.advance(task, k))
+                        codecs=codecs, progress=lambda k: progress.advance(task, k), chunk_bytes=blocks,
+                        planes=args.planes)
         _console().print(f"{args.name}@{vid[:12]}: {store.stored_bytes(args.name, vid) / 1e6:.1f} MB in chunks")
     return 0
 
@@ -53,10 +61,15 @@ def cmd_get(args) -> int:
 
             vid = store.resolve(args.name, args.ref)
             table = Table(title=f"{args.name}@{vid[:12]}")
-            for col in ("tensor", "dtype", "shape", "chunks"):
+            for col in ("tensor", "dtype", "shape", "chunks", "layout"):
                 table.add_column(col)
-            for t in store.catalog.tensors(vid):
-                table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(len(t.chunks)))
+            tensors = store.catalog.tensors(vid)
+            rows = store.catalog.chunks([c for t in tensors for c in t.chunks])
+            for t in tensors:
+                chunk_rows = [rows[c] for c in t.chunks]
+                how = layout.describe(t.dtype, t.shape, [r.raw_size for r in chunk_rows],
+                                      [r.codec.name for r in chunk_rows])
+                table.add_row(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(len(t.chunks)), how)
             _console().print(table)
             return 0
         # refuse an --out that is, holds or lies in the store (or is not ours to replace) before any work
@@ -170,6 +183,12 @@ def add_store_commands(sub) -> None:
                    help="force a codec (raw, aligned, zstd, planes, fans) for tensors matching PATTERN; 'aligned' "
                         "stores raw bytes on page boundaries, which load by mapping (fastest load), e.g. "
                         "'*embeddings*=aligned'")
+    p.add_argument("--chunk-bytes", action="append", metavar="PATTERN=BYTES",
+                   help="row-block size for tensors matching PATTERN (default 1 MiB), e.g. small blocks for an "
+                        "embedding table read by lookups: '*embed_tokens.weight=16384'")
+    p.add_argument("--planes", action="append", metavar="PATTERN",
+                   help="store float32 tensors matching PATTERN as a bfloat16 plane and a low plane, so that a load "
+                        "at bf16 precision reads about half the bytes (Store.load(precision='bf16'), then refine)")
     p = command("get", cmd_get, "list a version's tensors, or write it out as a checkpoint with --out")
     p.add_argument("name")
     p.add_argument("ref", nargs="?", default="latest")

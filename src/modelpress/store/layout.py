@@ -28,6 +28,7 @@ CHUNK_BYTES = 1 << 20  # 1 MiB of raw bytes: enough to compress well, small enou
 ALIGNED_CHUNK_BYTES = 8 << 20
 ALIGN = 64  # every tensor in a load arena starts on a 64-byte boundary (cache line, AVX-512)
 PAGE = 4096  # `aligned` chunks: payload offset and size (but the last's) multiples of the x86-64 / common ARM page
+MIN_BLOCK = 1024  # the smallest row block a writer may be asked for (`put(chunk_bytes=...)`)
 MAX_STEP = 4 * CHUNK_BYTES  # rows whose lcm with PAGE exceeds this are cut by rows alone (loaded by copying)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -84,3 +85,15 @@ def split_rows(nbytes: int, shape: tuple[int, ...], itemsize: int, target: int =
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
+
+
+def describe(dtype: str, shape: tuple[int, ...], raw_sizes: list[int], codecs: list[str]) -> str:
+    """How a tensor is laid out in its chunks, in words: its row blocks (rows and bytes each) and codecs."""
+    if not raw_sizes:
+        return "empty"
+    names = ",".join(sorted(set(codecs)))
+    unit = element_size(dtype) * (math.prod(shape[1:]) if len(shape) >= 2 else 1)
+    first = raw_sizes[0]
+    if len(shape) < 2 or unit == 0 or any(size % unit for size in raw_sizes):
+        return f"{len(raw_sizes)} block(s) of {first} bytes (cut between elements), {names}"
+    return f"{len(raw_sizes)} row block(s) of {first // unit} rows ({first} bytes), {names}"

@@ -15,10 +15,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from modelpress.errors import LimitExceededError, ModelpressError, StoreError, VersionNotFoundError
+from modelpress.errors import ConfigError, LimitExceededError, ModelpressError, StoreError, VersionNotFoundError
 from modelpress.formats.checkpoint import rebuild, validate_manifest
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES
-from modelpress.store import loader
+from modelpress.store import loader, planes
 from modelpress.store.rows import TensorRecord, Version
 
 __all__ = ["Reading", "LazyVersion"]
@@ -32,19 +32,39 @@ class Reading:
         return self.catalog.version(self.resolve(model, ref)).check()
 
     def get(self, model: str, ref: str = "latest", names: list[str] | None = None,
-            threads: int | None = None) -> dict[str, torch.Tensor]:
+            threads: int | None = None, precision: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors of a version (all, or those matching `names` patterns) as views of one arena.
 
         Chunks are read, decoded and hashed by `threads` threads (default: one per CPU); tensors of
         the aligned layout are mapped copy-on-write from their chunk files instead of copied (see
-        loader.py)."""
+        loader.py). Tensors stored by planes (planes.py) come back whole, or with `precision="bf16"`
+        from their high planes alone (only those chunks are read)."""
         version = self.version(model, ref)
-        records = [t for t in version.tensors if not names or any(fnmatch.fnmatchcase(t.name, p) for p in names)]
+        records = [t for t in version.tensors
+                   if not names or any(fnmatch.fnmatchcase(planes.base_name(t.name) or t.name, p) for p in names)]
         if names and not records:
             raise VersionNotFoundError(f"no tensor of {model}@{ref} matches {names}: see `modelpress store get --list`")
-        return self._materialise(records, threads)
+        return self._materialise(_at_precision(records, precision), threads)
+
+    def refine(self, model_: nn.Module, model: str, ref: str = "latest", threads: int | None = None) -> int:
+        """Bring a model loaded with `precision="bf16"` to the exact stored values, in place, reading only the low
+        planes (planes.py); returns how many tensors were refined."""
+        lows = [t for t in self.version(model, ref).tensors if t.name.endswith(planes.LO)]
+        state = model_.state_dict(keep_vars=True)
+        for record in lows:
+            target = state.get(planes.base_name(record.name))
+            if target is None or target.dtype != torch.float32 or tuple(target.shape) != record.shape:
+                raise StoreError(f"the model has no float32 tensor {planes.base_name(record.name)!r} of shape "
+                                 f"{list(record.shape)}: refine the model that load(precision=...) gave")
+        loaded = self._land(lows, threads)
+        for record in lows:
+            planes.refine_into(state[planes.base_name(record.name)].data, loaded[record.name])
+        return len(lows)
 
     def _materialise(self, records: list[TensorRecord], threads: int | None) -> dict[str, torch.Tensor]:
+        return _joined(self._land(records, threads))
+
+    def _land(self, records: list[TensorRecord], threads: int | None) -> dict[str, torch.Tensor]:
         rows = self.catalog.chunks([cid for record in records for cid in record.chunks])
         plan = loader.plan(records, rows, self.backend.can_map)
         try:
@@ -58,8 +78,10 @@ class Reading:
     def manifest(self, model: str, ref: str = "latest") -> dict[str, Any]:
         return self.version(model, ref).manifest
 
-    def load(self, model: str, ref: str = "latest", skeleton: nn.Module | None = None) -> nn.Module:
-        """The runnable model of a version (compressed modules rebuilt from their encodings)."""
+    def load(self, model: str, ref: str = "latest", skeleton: nn.Module | None = None,
+             precision: str | None = None) -> nn.Module:
+        """The runnable model of a version (compressed modules rebuilt from their encodings); with
+        `precision="bf16"`, tensors stored by planes are read at bfloat16 precision only (`refine` reads the rest)."""
         version = self.version(model, ref)
         vid = version.info.id
         if version.manifest.get("format") == "modelpress.state_dict":
@@ -69,7 +91,8 @@ class Reading:
         rows = self.catalog.chunks(version.files.values())
         files = {rel: bytes(self.reader.read(rows[cid], limit=MAX_SUPPORT_FILE_BYTES))
                  for rel, cid in version.files.items()}
-        return rebuild(manifest, self._materialise(list(version.tensors), None), files, where, skeleton)
+        tensors = self._materialise(_at_precision(list(version.tensors), precision), None)
+        return rebuild(manifest, tensors, files, where, skeleton)
 
     @contextmanager
     def open(self, model: str, ref: str = "latest") -> Iterator["LazyVersion"]:
@@ -100,13 +123,37 @@ class Reading:
             elif x.chunks == y.chunks:
                 rows.append({"tensor": name, "status": "same"})
             else:
-                va = self._materialise([x], None)[name].double()
-                vb = self._materialise([y], None)[name].double()
+                va = self._land([x], None)[name].double()
+                vb = self._land([y], None)[name].double()
                 delta = vb - va
                 rel = float(delta.norm() / va.norm().clamp_min(1e-30)) if va.is_floating_point() else float("nan")
                 rows.append({"tensor": name, "status": "changed", "max_abs": float(delta.abs().max()), "rel_l2": rel,
                              "changed_chunks": sum(p != q for p, q in zip(x.chunks, y.chunks))})
         return rows
+
+
+PRECISIONS = (None, "bf16")
+
+
+def _at_precision(records: list[TensorRecord], precision: str | None) -> list[TensorRecord]:
+    """The records a load at `precision` reads: all, or ("bf16") all but the low planes."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: use 'bf16' or None (exact)")
+    return records if precision is None else [r for r in records if not r.name.endswith(planes.LO)]
+
+
+def _joined(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors stored by planes put back together under their own names: both planes joined bit for bit, a high
+    plane alone widened to float32 (exact); every other tensor as it is."""
+    out = {}
+    for name, tensor in tensors.items():
+        base = planes.base_name(name)
+        if base is None:
+            out[name] = tensor
+        elif name.endswith(planes.HI):
+            low = tensors.get(base + planes.LO)
+            out[base] = tensor.to(torch.float32) if low is None else planes.join(tensor, low)
+    return out
 
 
 class LazyVersion:
@@ -128,5 +175,5 @@ class LazyVersion:
         if name not in self._cache:
             if name not in self._records:
                 raise VersionNotFoundError(f"no tensor named {name!r} in this version")
-            self._cache[name] = self._store._materialise([self._records[name]], None)[name]
+            self._cache[name] = self._store._land([self._records[name]], None)[name]  # (a plane as it is stored)
         return self._cache[name]

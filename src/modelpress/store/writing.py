@@ -24,6 +24,7 @@ from modelpress.errors import ModelpressError, StoreError, VersionNotFoundError
 from modelpress.formats.checkpoint import describe
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES
 from modelpress.store import layout
+from modelpress.store import planes as planes_
 from modelpress.store.objects import HEAD_LIMIT, MAX_DELTA_DEPTH, ChunkHeader, chunk_id, chunk_key, file_hash, stored_bound
 from modelpress.store.rows import ChunkRow, TensorRecord, Version, VersionInfo, version_id
 
@@ -44,6 +45,8 @@ class Writing:
         tags: tuple[str, ...] = (),
         codecs: dict[str, str] | None = None,
         progress: Callable[[int], None] | None = None,
+        chunk_bytes: dict[str, int] | None = None,
+        planes: list[str] | None = None,
     ) -> str:
         """Store a model (or state dict) as a new version of `model`; returns the version id.
 
@@ -53,12 +56,17 @@ class Writing:
         those tensors. 'aligned' is the layout for tensors whose load time matters more than their
         size: raw bytes on page boundaries in their chunk files, which `get`/`load` map straight
         from the page cache (no copy, no decode; never stored as deltas). A chunk the store already
-        holds keeps the encoding it was first stored with.
+        holds keeps the encoding it was first stored with. `chunk_bytes` maps tensor-name patterns to
+        the raw size of their row blocks (default 1 MiB): small blocks for a table read by lookups (a
+        lookup reads only the blocks of its rows), e.g. {"*embed_tokens.weight": 16384}. `planes`: patterns of
+        float32 tensors stored as a bfloat16 plane and a low 16-bit plane (store/planes.py), so that
+        `load(precision="bf16")` reads only the high planes and `refine` the rest.
         """
         check_name(model, "model")
         for tag in tags:
             check_name(tag, "tag")
         overrides = _codec_overrides(codecs)
+        blocks = _block_overrides(chunk_bytes)
         manifest, tensors, files = _describe_source(source)
         with self._lock(exclusive=False):
             parent_id = self._parent(model, parent)
@@ -66,9 +74,9 @@ class Writing:
             written: _Written = {}
             records = []
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                for name, tensor in tensors.items():
+                for name, tensor in _by_planes(tensors, planes):
                     records.append(self._put_tensor(name, tensor, _override(name, overrides), parent_tensors.get(name),
-                                                    written, pool))
+                                                    written, pool, _override(name, blocks)))
                     if progress:
                         progress(1)
             stored_files = {str(rel): self._put_file(str(rel), data, written) for rel, data in files.items()}
@@ -104,13 +112,15 @@ class Writing:
             raise
 
     def _put_tensor(self, name: str, tensor: torch.Tensor, codec: type[Codec] | None, parent: TensorRecord | None,
-                    written: _Written, pool: ThreadPoolExecutor) -> TensorRecord:
+                    written: _Written, pool: ThreadPoolExecutor, block: int | None = None) -> TensorRecord:
         dtype = layout.dtype_name(tensor.dtype)
         shape = tuple(tensor.shape)
         raw = layout.tensor_bytes(tensor)
         width = tensor.element_size()
         mapped = codec is not None and codec.page_aligned
         aligned = {"target": layout.ALIGNED_CHUNK_BYTES, "multiple": layout.PAGE} if mapped else {}
+        if block is not None:  # row blocks of the size asked for (still page multiples where mapped)
+            aligned = {**aligned, "target": block}
         spans = layout.split_rows(len(raw), shape, width, **aligned)
         if codec is None:
             codec = type(choose(raw[: spans[0][1]] if spans else raw, width, dtype in layout.FLOAT_NAMES))
@@ -214,7 +224,31 @@ def _codec_overrides(codecs: dict[str, str] | None) -> list[tuple[str, type[Code
     return out
 
 
-def _override(name: str, overrides: list[tuple[str, type[Codec]]]) -> type[Codec] | None:
+def _by_planes(tensors: dict[str, torch.Tensor], patterns: list[str] | None):
+    """(name, tensor) to store: float32 tensors matching `patterns` as their two planes (store/planes.py)."""
+    for name, tensor in tensors.items():
+        if patterns and tensor.dtype == torch.float32 and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            hi, lo = planes_.split(tensor)
+            high, low = planes_.plane_names(name)
+            yield high, hi
+            yield low, lo
+        else:
+            if planes_.base_name(name) is not None:
+                raise StoreError(f"tensor name {name!r} ends like a precision plane; rename it")
+            yield name, tensor
+
+
+def _block_overrides(chunk_bytes: dict[str, int] | None) -> list[tuple[str, int]]:
+    out = []
+    for pattern, size in (chunk_bytes or {}).items():
+        if type(size) is not int or not layout.MIN_BLOCK <= size <= layout.MAX_STEP:
+            raise StoreError(f"row-block size {size!r} for {pattern!r}: give bytes from {layout.MIN_BLOCK} to "
+                             f"{layout.MAX_STEP}")
+        out.append((pattern, size))
+    return out
+
+
+def _override(name: str, overrides: list):
     for pattern, codec in overrides:
         if fnmatch.fnmatchcase(name, pattern):
             return codec

@@ -1,0 +1,156 @@
+"""Running a stored model under a memory budget: `open_streamed(store, name, memory=...)`.
+
+    with open_streamed(store, "smollm2", memory="135MB") as run:
+        out = run.generate(run.tokenizer.encode("The capital of France is"), new_tokens=32)
+        run.weight_bytes()          # resident tensors + ring + gather buffers, never above the budget
+
+The version's skeleton is built on the meta device from its support files, the placement plan (plan.py)
+is made from its catalogue rows, and only the resident tensors are loaded (one arena, as `Store.load`
+does). Streamed Linear layers become `StreamedLinear` (weights through the ring, prefetched by its reader
+thread along the order learned on the first pass), gathered tables `GatherEmbedding`. Every chunk is
+checked against its hash as it lands. Greedy generation runs the lean engine of nn/generation.py (or
+transformers' forward) over the model as it is: streaming changes where weights come from, not what
+is computed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+
+import torch
+from torch import nn
+
+from modelpress.errors import StoreError, UnsupportedError
+from modelpress.formats.causal_lm import CausalLM, causal_lm_from_files
+from modelpress.formats.checkpoint import rebuild, validate_manifest
+from modelpress.formats.hf import SentenceEncoder, sentence_encoder_from_files
+from modelpress.limits import MAX_SUPPORT_FILE_BYTES
+from modelpress.nn.generation import Engine, Generation, greedy_generate
+from modelpress.store import layout, loader, planes
+from modelpress.store.store import Store
+
+from modelpress.regions.modules import GatherEmbedding, StreamedLinear
+from modelpress.regions.plan import PIECE_BYTES, PlacementPlan, Region, parse_memory, place, tensor_uses
+from modelpress.regions.ring import Ring
+
+__all__ = ["StreamedModel", "open_streamed", "plan_version"]
+
+
+def _skeleton(manifest: dict, files: dict[str, bytes]) -> nn.Module:
+    kind = manifest["architecture"].get("kind")
+    if kind == "causal-lm":
+        return causal_lm_from_files(files)
+    if kind == "sentence-transformers":
+        return sentence_encoder_from_files(files)
+    raise StoreError(f"streaming runs causal LMs and sentence encoders; this version holds a {kind!r} model")
+
+
+def _version_parts(store: Store, name: str, ref: str):
+    version = store.version(name, ref)
+    if version.manifest.get("format") == "modelpress.state_dict":
+        raise StoreError(f"{name}@{ref} holds a plain state dict, not a model: nothing to run")
+    where = store.root / "versions" / version.info.id
+    manifest = validate_manifest(version.manifest, where)
+    files_rows = store.catalog.chunks(version.files.values())
+    files = {rel: bytes(store.reader.read(files_rows[cid], limit=MAX_SUPPORT_FILE_BYTES))
+             for rel, cid in version.files.items()}
+    rows = store.catalog.chunks([c for t in version.tensors for c in t.chunks])
+    return version, where, manifest, files, rows
+
+
+def plan_version(store: Store, name: str, memory: int | str, ref: str = "latest",
+                 piece_bytes: int = PIECE_BYTES) -> PlacementPlan:
+    """The placement plan of a stored model under `memory` (see plan.py), without loading any weight."""
+    version, _, manifest, files, rows = _version_parts(store, name, ref)
+    uses = tensor_uses(_skeleton(manifest, files), manifest.get("tied", {}))
+    return place(list(version.tensors), rows, uses, parse_memory(memory), piece_bytes)
+
+
+class StreamedModel:
+    """A stored model running under a memory budget (see the module docstring); close() stops its reader."""
+
+    def __init__(self, model: nn.Module, plan: PlacementPlan, ring: Ring, tables: list[GatherEmbedding]):
+        self.model, self.plan, self.ring, self.tables = model, plan, ring, tables
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight memory held: resident tensors, the ring and the gather buffers (all preallocated)."""
+        resident = self.plan.resident()
+        return resident + self.ring.capacity + sum(t.buffer.numel() * 2 for t in self.tables)
+
+    def bytes_read(self) -> int:
+        """Stored bytes read so far by the ring and the gathers (each chunk hash-checked as it landed)."""
+        return self.ring.stored_read + sum(t.stored_read for t in self.tables)
+
+    def generate(self, prompt: torch.Tensor | Sequence[int], new_tokens: int, *, stop: Collection[int] = (),
+                 engine: Engine | str = Engine.AUTO) -> Generation:
+        if not isinstance(self.model, CausalLM):
+            raise StoreError("generate() runs causal LMs; this is a sentence encoder: use encode()")
+        return greedy_generate(self.model.model, prompt, new_tokens, stop=stop, engine=engine)
+
+    def encode(self, sentences: list[str], batch_size: int = 32) -> torch.Tensor:
+        if not isinstance(self.model, SentenceEncoder):
+            raise StoreError("encode() runs sentence encoders; this is a causal LM: use generate()")
+        return self.model.encode(sentences, batch_size=batch_size)
+
+    def close(self) -> None:
+        self.ring.close()
+
+    def __enter__(self) -> "StreamedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_streamed(store: Store, name: str, memory: int | str, ref: str = "latest", *, prefetch: bool = True,
+                  piece_bytes: int = PIECE_BYTES, threads: int | None = None, readers: int = 1) -> StreamedModel:
+    """The stored model `name@ref` ready to run with at most `memory` bytes of weights (see the module docstring).
+
+    `readers` threads land streamed units at once (the computation runs on torch's threads); `threads`
+    load the resident tensors."""
+    version, where, manifest, files, rows = _version_parts(store, name, ref)
+    if any(planes.base_name(t.name) is not None for t in version.tensors):
+        raise UnsupportedError(f"{name}@{ref} is stored by precision planes, which streaming does not read yet: "
+                               "stream a version put without planes=")
+    skeleton = _skeleton(manifest, files)
+    tied = manifest.get("tied", {})
+    plan = place(list(version.tensors), rows, tensor_uses(skeleton, tied), parse_memory(memory), piece_bytes)
+    records = {t.name: t for t in version.tensors}
+    resident = [records[p.tensor] for p in plan.placements if p.region in (Region.COMPUTE, Region.STORAGE)]
+    tensors = loader.run(store.reader, loader.plan(resident, rows, store.backend.can_map), threads or os.cpu_count() or 1)
+    for p in plan.placements:  # placeholders of no memory: the modules that use them are replaced below
+        if p.region in (Region.STREAMED, Region.GATHERED):
+            tensors[p.tensor] = torch.zeros((), dtype=layout.torch_dtype(p.dtype)).expand(p.shape)
+    model = rebuild(manifest, tensors, files, where, skeleton)
+    ring = Ring(store.reader, list(plan.units), plan.ring_bytes, prefetch, readers)
+    tables = _replace_modules(model, plan, tied, ring, store, {n: [rows[c] for c in r.chunks] for n, r in records.items()})
+    return StreamedModel(model, plan, ring, tables)
+
+
+def _replace_modules(model: nn.Module, plan: PlacementPlan, tied: dict[str, str], ring: Ring, store: Store,
+                     chunks: dict) -> list[GatherEmbedding]:
+    """Streamed Linear layers become StreamedLinear, streamed or gathered tables GatherEmbedding (one per
+    stored table, shared by the names tied to it)."""
+    tables: dict[str, GatherEmbedding] = {}
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight"
+        stored = tied.get(key, key)
+        try:
+            p = plan.placement(stored)
+        except KeyError:
+            continue
+        if p.region is Region.STREAMED and type(module) is nn.Linear:
+            bias = module.bias
+            model.set_submodule(name, StreamedLinear(ring, list(p.units), module.in_features, module.out_features,
+                                                     None if bias is None else bias.data))
+        elif p.region in (Region.STREAMED, Region.GATHERED) and type(module) is nn.Embedding:
+            if stored not in tables:
+                tables[stored] = GatherEmbedding(store.reader, p.dtype, p.shape, chunks[stored], module.padding_idx)
+            model.set_submodule(name, tables[stored])
+    return list(tables.values())
+
