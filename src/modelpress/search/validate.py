@@ -86,10 +86,13 @@ class Validator:
             if self.causal:
                 ids = self.inputs[:, 1:]
                 nll = -got[:, :-1].gather(-1, ids.unsqueeze(-1)).mean(dtype=torch.float64)
-                figures.update(kl=next_token_kl(self.reference, got), perplexity=math.exp(float(nll)))
+                figures.update(kl=next_token_kl(self.reference, got), perplexity=math.exp(float(nll)),
+                               per_input=[next_token_kl(self.reference[i], got[i]) for i in range(len(got))])
             else:
                 f = fidelity(self.reference, got, n_queries=min(MAX_QUERIES, len(got)))
-                figures.update(mean_cosine=f.mean_cosine, p1_cosine=f.p1_cosine, overlap_at_10=f.overlap_at_10)
+                figures.update(mean_cosine=f.mean_cosine, p1_cosine=f.p1_cosine, overlap_at_10=f.overlap_at_10,
+                               per_input=[round(float(c), 7) for c in
+                                          torch.nn.functional.cosine_similarity(self.reference, got, dim=-1)])
         return figures
 
     def float_figures(self) -> dict[str, Any]:
