@@ -10,6 +10,7 @@ import torch
 from rich.table import Table
 
 from modelpress import fileio
+from modelpress.calibration import calibration_sentences
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
 from modelpress.data.corpus import corpus_splits
@@ -49,6 +50,8 @@ def add_search_commands(sub) -> None:
     p.add_argument("--windows", type=int, default=2, help="dev windows of 512 tokens of a causal LM (default 2)")
     p.add_argument("--include", action="append", help="search only layers matching this pattern (repeatable)")
     p.add_argument("--ignore", action="append", help="leave layers matching this pattern as they are (repeatable)")
+    p.add_argument("--calibration", type=int, metavar="N",
+                   help="calibrate data-aware options (the gptq space) on N corpus sentences, e.g. 128")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", metavar="OUT.html", help="also write the HTML report of the run")
     p.set_defaults(fn=cmd_search)
@@ -100,6 +103,7 @@ def cmd_search(args) -> int:
     else:
         inputs, sensitivity = _sentences(args.sentences, args.sensitivity_sentences)
     factory = _factory(args.model)
+    calibration = calibration_sentences(args.calibration) if args.calibration else None
     with _progress() as progress:
         tasks: dict[str, int] = {}
 
@@ -111,8 +115,9 @@ def cmd_search(args) -> int:
 
         result = joint_search(
             model, args.model, inputs, options, budget, args.out,
-            lambda: make_executor(args.executor, factory, inputs, causal, jobs=args.jobs, model=model),
-            causal=causal, candidates=args.candidates, seed=args.seed, include=args.include or ["*"],
+            lambda: make_executor(args.executor, factory, inputs, causal, calibration, jobs=args.jobs,
+                                  model=model),
+            causal=causal, calibration=calibration, candidates=args.candidates, seed=args.seed, include=args.include or ["*"],
             ignore=args.ignore or [], progress=show, sensitivity_inputs=sensitivity)
     _print_front(console, result.data)
     if result.chosen is None:

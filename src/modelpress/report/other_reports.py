@@ -22,9 +22,10 @@ def _kind(encoding: str) -> str:
     return encoding.split()[0] if encoding else "?"
 
 
-def model_report_html(path: str | Path) -> str:
-    """Report of a compressed checkpoint folder (`modelpress compress --out`)."""
-    model = load(path)
+def model_report_html(path: str | Path, skeleton: Any = None) -> str:
+    """Report of a compressed checkpoint folder (`modelpress compress --out`); `skeleton` is the float model
+    for checkpoints of plain modules (as `load` takes it)."""
+    model = load(path, model=skeleton)
     sizes = size_report(model)
     layers = [{"name": s.name, "encoding": s.encoding, "shape": list(s.shape), "params": s.params, "bytes": s.bytes,
                "bits_per_weight": s.bits_per_weight} for s in sizes.layers]

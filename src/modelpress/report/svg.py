@@ -94,10 +94,9 @@ def scatter(plot_id: str, title: str, points: Sequence[dict], x: str, y: str, xl
 
 
 def _color(v: float, lo: float, hi: float) -> str:
-    """White (lo) to dark red (hi)."""
+    """Pale yellow (lo) to dark red (hi)."""
     t = 0.0 if hi <= lo else max(0.0, min(1.0, (v - lo) / (hi - lo)))
-    r, g, b = 255, int(255 - 200 * t), int(255 - 230 * t)
-    return f"rgb({int(r - 90 * t)},{g},{b})"
+    return f"rgb({int(255 - 90 * t)},{int(245 - 200 * t)},{int(200 - 175 * t)})"
 
 
 def heatmap(plot_id: str, title: str, rows: Sequence[str], cols: Sequence[str],
@@ -109,7 +108,7 @@ def heatmap(plot_id: str, title: str, rows: Sequence[str], cols: Sequence[str],
     logs = {k: math.log10(max(v, 1e-9)) for k, v in values.items()}
     lo, hi = (min(logs.values()), max(logs.values())) if logs else (0.0, 1.0)
     body = [f'<text x="{left}" y="36" class="tick">{escape(note)} colour: log10 damage, '
-            f'{_fmt(10 ** lo)} (white) to {_fmt(10 ** hi)} (red)</text>']
+            f'{_fmt(10 ** lo)} (pale) to {_fmt(10 ** hi)} (dark red)</text>']
     for j, c in enumerate(cols):
         cx = left + j * cell_w + cell_w / 2
         body.append(f'<text x="{cx:.0f}" y="{top - 6}" transform="rotate(-60 {cx:.0f} {top - 6})" '

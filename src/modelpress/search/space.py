@@ -87,7 +87,12 @@ def _rank(percent: int, bits: int) -> Option:
                      {"budget": percent / 100, "bits": bits, "group_size": "channel", "skip_if_larger": False})
 
 
-SPACE_NAMES = ("bits", "small", "joint")
+def _gptq(bits: int, group: int) -> Option:
+    return Option.of(f"gptq{bits} g{group}", "gptq",
+                     {"bits": bits, "symmetric": False, "group_size": group, "search": "mse"})
+
+
+SPACE_NAMES = ("bits", "small", "joint", "gptq")
 
 
 def default_space(name: str = "joint") -> list[Option]:
@@ -96,7 +101,9 @@ def default_space(name: str = "joint") -> list[Option]:
     - `bits`: 2/3/4 bits in groups of 32, 64 and 128 (asymmetric, MSE ranges) and 8 bits per channel;
     - `small`: 2/3/4 bits in groups of 64, 4 bits in groups of 32, 8 bits per channel (quick searches);
     - `joint`: `bits` plus 50% unstructured and 2:4 sparsity (kept values at 4 bits) and low rank keeping
-      50% and 75% of the parameters (factors at 4 bits), for the Linear layers.
+      50% and 75% of the parameters (factors at 4 bits), for the Linear layers;
+    - `gptq`: `bits` plus GPTQ at 3 and 4 bits in groups of 128, 64 and 32 for the Linear layers, and 2:4
+      sparsity (calibration needed: --calibration N).
     """
     if name == "small":
         return [_rtn(2, 64), _rtn(3, 64), _rtn(4, 64), _rtn(4, 32), _rtn(8, "channel")]
@@ -105,6 +112,8 @@ def default_space(name: str = "joint") -> list[Option]:
         return bits
     if name == "joint":
         return bits + [_sparse("50", 4), _sparse("2:4", 4), _rank(50, 4), _rank(75, 4)]
+    if name == "gptq":  # data-aware: needs calibration
+        return bits + [_gptq(b, g) for b in (3, 4) for g in (128, 64, 32)] + [_sparse("2:4", 4)]
     raise ConfigError(f"unknown search space {name!r}: use one of {list(SPACE_NAMES)}")
 
 
