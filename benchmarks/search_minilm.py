@@ -1,6 +1,6 @@
 """The joint search on MiniLM at 1/8 of fp32's bytes, against the best hand-made recipe of results_combined.md.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/search_minilm.py RUN_DIR [--space gptq] [--candidates 12]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/search_minilm.py RUN_DIR [--space gptq-small] [--candidates 12]
 
 1. `modelpress search minilm --budget-mb <fp32 bytes / 8> --metric cos --out RUN_DIR` (resumes a killed run);
 2. the chosen recipe compressed again from RUN_DIR/chosen.yaml, saved, and scored as bench_combined.py scores
@@ -44,7 +44,8 @@ def encode(model, sentences, batch=64):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
-    ap.add_argument("--space", default="gptq")
+    ap.add_argument("--space", default="gptq-small")
+    ap.add_argument("--sensitivity-sentences", type=int, default=96)
     ap.add_argument("--candidates", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=128)
@@ -53,7 +54,7 @@ def main() -> int:
     budget = fp32_bytes(model) // 8
     start = time.time()
     argv = ["search", "minilm", "--budget-mb", f"{budget / 1e6:.6f}", "--metric", "cos", "--out", args.run,
-            "--space", args.space, "--candidates", str(args.candidates), "--jobs", str(args.jobs),
+            "--space", args.space, "--sensitivity-sentences", str(args.sensitivity_sentences), "--candidates", str(args.candidates), "--jobs", str(args.jobs),
             "--report", str(Path(args.run) / "report.html")]
     if args.calibration:
         argv += ["--calibration", str(args.calibration)]

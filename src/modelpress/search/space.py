@@ -32,12 +32,13 @@ class Option:
     label: str
     pass_name: str
     config: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs: hashable, and stable in JSON
+    types: tuple[str, ...] = ()  # only modules of these class names (default: every type the pass handles)
 
     @classmethod
-    def of(cls, label: str, pass_name: str, config: Mapping[str, Any]) -> "Option":
+    def of(cls, label: str, pass_name: str, config: Mapping[str, Any], types: Iterable[str] = ()) -> "Option":
         spec = pass_for(pass_name)
         config_from_dict(spec.config_type, dict(config), f"search option {label!r}")  # refused here if invalid
-        return cls(label, spec.name, tuple(sorted(config.items())))
+        return cls(label, spec.name, tuple(sorted(config.items())), tuple(types))
 
     @property
     def config_dict(self) -> dict[str, Any]:
@@ -50,16 +51,19 @@ class Option:
         return Stage(spec.name, config, Selector(include=tuple(exact_pattern(n) for n in names)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "pass": self.pass_name, "config": self.config_dict}
+        out = {"label": self.label, "pass": self.pass_name, "config": self.config_dict}
+        return {**out, "types": list(self.types)} if self.types else out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Option":
-        return cls.of(str(data["label"]), str(data["pass"]), dict(data["config"]))
+        return cls.of(str(data["label"]), str(data["pass"]), dict(data["config"]), data.get("types", ()))
 
 
 def applies(option: Option, module: nn.Module) -> bool:
     """Whether the option's pass rewrites modules of this type, and its groups divide the rows."""
     if not isinstance(module, pass_for(option.pass_name).module_types):
+        return False
+    if option.types and type(module).__name__ not in option.types:
         return False
     group = option.config_dict.get("group_size")
     weight = getattr(module, "weight", None)
@@ -69,9 +73,9 @@ def applies(option: Option, module: nn.Module) -> bool:
     return True
 
 
-def _rtn(bits: int, group: int | str) -> Option:
-    label = f"int{bits} " + ("ch" if group == "channel" else f"g{group}")
-    return Option.of(label, "rtn", {"bits": bits, "symmetric": False, "group_size": group, "search": "mse"})
+def _rtn(bits: int, group: int | str, types: tuple[str, ...] = ()) -> Option:
+    label = ("emb " if types == ("Embedding",) else "") + f"int{bits} " + ("ch" if group == "channel" else f"g{group}")
+    return Option.of(label, "rtn", {"bits": bits, "symmetric": False, "group_size": group, "search": "mse"}, types)
 
 
 def _sparse(pattern: str, bits: int) -> Option:
@@ -92,7 +96,7 @@ def _gptq(bits: int, group: int) -> Option:
                      {"bits": bits, "symmetric": False, "group_size": group, "search": "mse"})
 
 
-SPACE_NAMES = ("bits", "small", "joint", "gptq")
+SPACE_NAMES = ("bits", "small", "joint", "gptq", "gptq-small")
 
 
 def default_space(name: str = "joint") -> list[Option]:
@@ -103,7 +107,9 @@ def default_space(name: str = "joint") -> list[Option]:
     - `joint`: `bits` plus 50% unstructured and 2:4 sparsity (kept values at 4 bits) and low rank keeping
       50% and 75% of the parameters (factors at 4 bits), for the Linear layers;
     - `gptq`: `bits` plus GPTQ at 3 and 4 bits in groups of 128, 64 and 32 for the Linear layers, and 2:4
-      sparsity (calibration needed: --calibration N).
+      sparsity (calibration needed: --calibration N);
+    - `gptq-small`: GPTQ 4 bits in groups of 128, 64, 32 and 3 bits in groups of 64 for the Linear layers,
+      8 bits per channel, and RTN at 2, 3 and 4 bits for the embedding tables (calibration needed).
     """
     if name == "small":
         return [_rtn(2, 64), _rtn(3, 64), _rtn(4, 64), _rtn(4, 32), _rtn(8, "channel")]
@@ -114,6 +120,10 @@ def default_space(name: str = "joint") -> list[Option]:
         return bits + [_sparse("50", 4), _sparse("2:4", 4), _rank(50, 4), _rank(75, 4)]
     if name == "gptq":  # data-aware: needs calibration
         return bits + [_gptq(b, g) for b in (3, 4) for g in (128, 64, 32)] + [_sparse("2:4", 4)]
+    if name == "gptq-small":
+        emb = ("Embedding",)
+        return ([_gptq(4, 128), _gptq(4, 64), _gptq(4, 32), _gptq(3, 64), _rtn(8, "channel")]
+                + [_rtn(2, 64, emb), _rtn(3, 128, emb), _rtn(3, 64, emb), _rtn(3, 32, emb), _rtn(4, 64, emb)])
     raise ConfigError(f"unknown search space {name!r}: use one of {list(SPACE_NAMES)}")
 
 
