@@ -164,3 +164,19 @@ def test_budgets_are_checked():
     with pytest.raises(ConfigError, match="below what the model keeps unsearched"):
         Budget(total_bytes=100).layer_bytes(200, 10)
     assert Budget(bits_per_weight=4).layer_bytes(0, 10) == 5
+
+
+def test_table_cells_match_a_plain_single_layer_computation(result):
+    """Each cell's damage is 1 - mean cosine of the model with that layer alone compressed, one forward per
+    sentence; its bytes are the layer's encoding's."""
+    _, res = result
+    model, sentences = toy_encoder(), toy_sentences(32, seed=1)  # the sentences the table was measured on
+    reference = encode(model, sentences)
+    for label in ("int3 g32", "2:4+int4", "rank50%+int4"):
+        option = next(o for o in SPACE if o.label == label)
+        for name in (SENSITIVE, "blocks.0.down"):
+            alone = compress(copy.deepcopy(model), Recipe((option.stage([name]),)))
+            cell = res.data["table"][label][name]
+            plain = fidelity(reference, encode(alone, sentences), n_queries=10).mean_cosine
+            assert cell["damage"] == pytest.approx(1.0 - plain, abs=1e-5)
+            assert cell["bytes"] == alone.get_submodule(name).encoding.nbytes

@@ -6,9 +6,9 @@ For each option the model is compressed once (a copy, every searched layer the o
 `replay.Runner` (blocks before the layer replay their recorded outputs): a sentence encoder by
 1 - mean cosine of its embeddings against the float model's, a causal LM by the mean next-token KL.
 Bytes are the encoding's own (`Encoding.nbytes`: codes, scales, zeros, indices, factors). Latency is
-the compressed module itself, with the kernel it chose, timed on one fixed input per layer shape
-(the median of a few runs after a warm-up that lets it choose): a cost model that adds up, measured
-once per (shape, option), not a promise about the whole model.
+the compressed module itself, with the kernel it chose, timed on one fixed input (the median of a few
+runs after a warm-up that lets it choose), once per (layer shape, encoding): a cost model that adds
+up, not a promise about the whole model.
 
 Options are measured one at a time (one compressed copy alive at once), and `on_option` is called with
 each option's cells as soon as they are known, so a run folder can keep them and a resumed search
@@ -131,14 +131,18 @@ def _score(runner: Runner, causal: bool, got: torch.Tensor) -> tuple[float, floa
     return 1.0 - cos, cos, None
 
 
-def _cell(runner: Runner, causal: bool, info: LayerInfo, module: nn.Module) -> Cell:
+def _cell(runner: Runner, causal: bool, info: LayerInfo, module: nn.Module,
+          timings: dict[tuple, float]) -> Cell:
     enc = getattr(module, "encoding", None)
     if enc is None:
         w = module.weight
         encoding, nbytes = str(w.dtype).replace("torch.", ""), w.numel() * w.element_size()
     else:
         encoding, nbytes = enc.describe(), int(enc.nbytes)
-    latency = time_module(module, info)
+    key = (info.kind, info.shape, type(module).__name__, encoding)  # timed once per shape and encoding
+    if key not in timings:
+        timings[key] = time_module(module, info)
+    latency = timings[key]
     damage, cos, kl = _score(runner, causal, runner.encode_with(info.name, module))
     return Cell(encoding, nbytes, damage, latency, cos, kl)
 
@@ -159,10 +163,13 @@ def measure_table(model: nn.Module, layers: Sequence[LayerInfo], options: Sequen
     taken as measured."""
     done = dict(done or {})
     modules = {info.name: model.get_submodule(info.name) for info in layers}
-    floats = {}
+    floats, timings = {}, {}
     for info in layers:
         module = modules[info.name]
-        floats[info.name] = Cell("float32", info.float_bytes, 0.0, time_module(module, info),
+        key = (info.kind, info.shape, type(module).__name__, "float")
+        if key not in timings:
+            timings[key] = time_module(module, info)
+        floats[info.name] = Cell("float32", info.float_bytes, 0.0, timings[key],
                                  None if causal else 1.0, 0.0 if causal else None)
     cells: dict[str, dict[str, Cell]] = {}
     for option in options:
@@ -171,7 +178,7 @@ def measure_table(model: nn.Module, layers: Sequence[LayerInfo], options: Sequen
             cells[option.label] = done[option.label]
         elif names:
             variant = _compressed(model, option, names, calibration)
-            cells[option.label] = {info.name: _cell(runner, causal, info, variant.get_submodule(info.name))
+            cells[option.label] = {info.name: _cell(runner, causal, info, variant.get_submodule(info.name), timings)
                                    for info in layers if info.name in names}
             del variant
             if on_option:
