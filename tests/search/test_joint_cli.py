@@ -10,12 +10,17 @@ import pytest
 import torch
 
 import modelpress.cli.search_cmds as cli
+import modelpress.search.validate as validate_mod
 from modelpress.cli import EXIT_USER_ERROR, main
 from modelpress.compress import compress
 from modelpress.evaluate.size import size_report
+from modelpress.formats.checkpoint import load
+from modelpress.formats.models import load_model
+from modelpress.search.lm_sensitivity import next_token_kl
 from modelpress.recipe import Recipe
 from modelpress.search.validate import Validator
 from modelpress.store import Store
+from _tiny_lm import write_tiny_lm
 from _toy_encoder import toy_encoder, toy_sentences
 
 
@@ -78,3 +83,32 @@ def test_store_report_command(tmp_path, capsys):
     out = tmp_path / "s.html"
     assert main(["store", "report", str(tmp_path / "store"), "--out", str(out)]) == 0
     assert "plot-added" in out.read_text()
+
+
+def test_compress_with_the_chosen_yaml_reproduces_an_lm_search_exactly(tmp_path, capsys):
+    """The real commands on a tiny Llama folder: `search --metric ppl`, then `compress --recipe chosen.yaml`;
+    the saved checkpoint has the search's bytes and, on the search's validation windows, its KL and perplexity
+    to the bit."""
+    folder = write_tiny_lm("llama", tmp_path / "llama")
+    run, out = tmp_path / "run", tmp_path / "ckpt"
+    previous = torch.get_num_threads()
+    try:
+        assert main(["search", str(folder), "--metric", "ppl", "--bits-per-weight", "5", "--windows", "2",
+                     "--window", "48", "--space", "small", "--executor", "inline", "--candidates", "4",
+                     "--out", str(run)]) == 0
+        assert main(["compress", str(folder), "--recipe", str(run / "chosen.yaml"), "--out", str(out)]) == 0
+        capsys.readouterr()
+        data = json.loads((run / "search.json").read_text())
+        chosen = next(p for p in data["candidates"] if p["id"] == data["chosen"])
+        original = load_model(folder)
+        windows = cli.dev_windows(original, 2, 48)[1:]  # the validation half
+        validator = Validator(original, windows, causal=True)
+        got = validator.validate(Recipe.from_file(run / "chosen.yaml"))
+        loaded = load(out)
+        assert size_report(loaded).bytes == chosen["bytes"] == got["bytes"]
+        with validate_mod._Threads(1):
+            outputs = validator._outputs(loaded)
+        assert next_token_kl(validator.reference, outputs) == chosen["kl"] == got["kl"]
+        assert got["perplexity"] == chosen["perplexity"]
+    finally:
+        torch.set_num_threads(previous)

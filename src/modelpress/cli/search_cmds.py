@@ -25,7 +25,7 @@ from modelpress.search.runfolder import RunFolder
 from modelpress.search.space import SPACE_NAMES, default_space
 from modelpress.search.validate import EXECUTORS, make_executor
 
-__all__ = ["add_search_commands", "cmd_report", "cmd_search"]
+__all__ = ["add_search_commands", "cmd_report", "cmd_search", "dev_windows"]
 
 REPORTED_SENTENCES = 2000  # `compress --eval` scores the first 2000 corpus sentences: the search never sees them
 WINDOW = 512
@@ -47,7 +47,9 @@ def add_search_commands(sub) -> None:
     p.add_argument("--sentences", type=int, default=256, help="sentences candidates are validated on (default 256)")
     p.add_argument("--sensitivity-sentences", type=int, default=128,
                    help="sentences each layer's options are measured on (default 128)")
-    p.add_argument("--windows", type=int, default=2, help="dev windows of 512 tokens of a causal LM (default 2)")
+    p.add_argument("--windows", type=int, default=2,
+                   help="dev-text windows of a causal LM: the first half measure layers, the rest validate (default 2)")
+    p.add_argument("--window", type=int, default=WINDOW, help="tokens per window (default 512)")
     p.add_argument("--include", action="append", help="search only layers matching this pattern (repeatable)")
     p.add_argument("--ignore", action="append", help="leave layers matching this pattern as they are (repeatable)")
     p.add_argument("--calibration", type=int, metavar="N",
@@ -77,9 +79,10 @@ def _sentences(validate: int, sensitivity: int) -> tuple[list[str], list[str]]:
     return list(splits.evaluation[REPORTED_SENTENCES:]), list(splits.calibration)
 
 
-def _dev_windows(model: CausalLM, n: int) -> torch.Tensor:
+def dev_windows(model: CausalLM, n: int, window: int = WINDOW) -> torch.Tensor:
+    """`n` windows of `window` tokens of the dev text (never the heldout text `compress --eval` reports on)."""
     ids = torch.tensor(model.tokenizer.encode(reference_text("dev"), add_special_tokens=False), dtype=torch.long)
-    return token_windows(ids, window=WINDOW, max_tokens=n * WINDOW)
+    return token_windows(ids, window=window, max_tokens=n * window)
 
 
 def cmd_search(args) -> int:
@@ -97,7 +100,7 @@ def cmd_search(args) -> int:
     if causal:
         if args.windows < 2:
             raise ConfigError("--windows must be 2 or more: one to measure layers on, one to validate on")
-        windows = _dev_windows(model, args.windows)
+        windows = dev_windows(model, args.windows, args.window)
         half = max(1, len(windows) // 2)
         inputs, sensitivity = windows[half:], windows[:half]
     else:
