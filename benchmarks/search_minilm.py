@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--space", default="gptq-small")
     ap.add_argument("--sensitivity-sentences", type=int, default=96)
     ap.add_argument("--candidates", type=int, default=12)
+    ap.add_argument("--options", help="only these labels of the space, comma-separated")
+    ap.add_argument("--sentences", type=int, default=256, help="validation sentences")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--calibration", type=int, default=128)
     args = ap.parse_args()
@@ -58,6 +60,9 @@ def main() -> int:
             "--report", str(Path(args.run) / "report.html")]
     if args.calibration:
         argv += ["--calibration", str(args.calibration)]
+    if args.options:
+        argv += ["--options", args.options]
+    argv += ["--sentences", str(args.sentences)]
     code = cli_main(argv)
     if code:
         return code

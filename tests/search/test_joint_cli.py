@@ -73,6 +73,9 @@ def test_search_errors_are_one_line(toy, tmp_path, capsys):
     assert main(["search", "toy", "--budget-mb", "0.001", "--out", str(tmp_path / "b"), "--executor", "inline"]) == \
         EXIT_USER_ERROR
     _one_line_error(capsys.readouterr().err, "budget")
+    assert main(["search", "toy", "--budget-mb", "1", "--out", str(tmp_path / "c"), "--space", "small",
+                 "--options", "int4 g64,int5 g7"]) == EXIT_USER_ERROR
+    _one_line_error(capsys.readouterr().err, "'int5 g7' is not in the small space")
     assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.html")]) == EXIT_USER_ERROR
     _one_line_error(capsys.readouterr().err, "neither a search run folder nor a checkpoint")
 

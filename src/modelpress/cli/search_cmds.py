@@ -41,6 +41,8 @@ def add_search_commands(sub) -> None:
                    help="cos: embedding cosine of a sentence encoder; ppl: next-token KL / perplexity of a causal LM")
     p.add_argument("--out", required=True, help="the run folder (an unfinished run there is resumed)")
     p.add_argument("--space", choices=SPACE_NAMES, default="joint", help="the per-layer options (default joint)")
+    p.add_argument("--options", metavar="LABEL,...",
+                   help="search only these options of the space, by label (e.g. 'int3 g64,int4 g64,int8 ch')")
     p.add_argument("--candidates", type=int, default=12, help="allocations validated end to end (default 12)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes validating candidates (default 2)")
     p.add_argument("--executor", choices=EXECUTORS, default="process", help="process (default), inline or ray")
@@ -88,6 +90,13 @@ def dev_windows(model: CausalLM, n: int, window: int = WINDOW) -> torch.Tensor:
 def cmd_search(args) -> int:
     console = _console()
     options = default_space(args.space)
+    if args.options:
+        wanted = [w.strip() for w in args.options.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in {o.label for o in options}]
+        if unknown:
+            raise ConfigError(f"--options {unknown[0]!r} is not in the {args.space} space: use labels of "
+                              f"{[o.label for o in options]}")
+        options = [o for o in options if o.label in wanted]
     budget = Budget(total_bytes=None if args.budget_mb is None else int(args.budget_mb * 1e6),
                     bits_per_weight=args.bits_per_weight)
     if args.budget_mb is not None and args.budget_mb <= 0:
