@@ -139,8 +139,9 @@ def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequen
         least = fixed + sum(min(c.bytes for _, c in ch) for ch in choices)
         raise ConfigError(f"no allocation fits the budget: the smallest options make the model {least:,} bytes; "
                           "raise the budget or add smaller options to the space")
-    estimated = knap.estimated_front(points=max(64, 4 * candidates))
-    picked = _spread(estimated, candidates - 1) + [knap.best_within(limit)]
+    at_budget = knap.best_within(limit)
+    estimated = [a for a in knap.estimated_front(points=max(64, 4 * candidates)) if a.choice != at_budget.choice]
+    picked = _spread(estimated, candidates - 1) + [at_budget]  # the budget's own allocation is always validated
     recipes: dict[str, tuple[Recipe, Any]] = {}
     for alloc in picked:
         choice = {layers[i].name: by_label[choices[i][k][0]] for i, k in enumerate(alloc.choice)
