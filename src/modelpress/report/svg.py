@@ -103,7 +103,7 @@ def heatmap(plot_id: str, title: str, rows: Sequence[str], cols: Sequence[str],
             values: dict[tuple[str, str], float], note: str = "") -> str:
     """One rect per known (row, col) value, coloured by log10 of the value; unknown cells stay blank."""
     cell_w, cell_h, left, top = max(12, min(40, 560 // max(len(cols), 1))), 12, 230, 110
-    width = left + cell_w * len(cols) + 20
+    width = max(W, left + cell_w * len(cols) + 20)
     height = top + cell_h * len(rows) + 30
     logs = {k: math.log10(max(v, 1e-9)) for k, v in values.items()}
     lo, hi = (min(logs.values()), max(logs.values())) if logs else (0.0, 1.0)
