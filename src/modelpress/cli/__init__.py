@@ -13,6 +13,7 @@ import sys
 
 from modelpress.cli.model_cmds import cmd_compress, cmd_eval, cmd_inspect, cmd_presets, cmd_sensitivity
 from modelpress.cli.regions_cmds import add_regions_commands
+from modelpress.cli.search_cmds import add_search_commands
 from modelpress.cli.store_cmds import add_store_commands
 from modelpress.errors import ModelpressError
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_commands(sub)
     add_regions_commands(sub)
+    add_search_commands(sub)
     return parser
 
 

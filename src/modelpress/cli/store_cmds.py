@@ -13,6 +13,7 @@ from modelpress import fileio
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
 from modelpress.cli.remote_cmds import add_remote_commands
+from modelpress.cli.search_cmds import cmd_store_report
 from modelpress.errors import ModelpressError, StoreError
 from modelpress.formats.checkpoint import save
 from modelpress.formats.models import load_model
@@ -206,6 +207,8 @@ def add_store_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("ref")
     p.add_argument("tag")
+    p = command("report", cmd_store_report, "an HTML report: versions, lineage, bytes added per version, dedup")
+    p.add_argument("--out", required=True, help="the HTML file to write")
     command("verify", cmd_verify, "recheck the catalogue, every version's root hash and every chunk's hash")
     p = command("gc", cmd_gc, "remove unreferenced chunks and temporaries")
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",

@@ -1,0 +1,216 @@
+"""The joint search: per-layer options measured alone, an exact allocation under a budget, candidates
+validated end to end, the Pareto front and the chosen recipe, all kept in a run folder.
+
+1. `table.measure_table`: every option of the space on every searchable layer, alone in the float
+   model (damage, exact bytes, latency of the kernel it chose); keeping a layer in float is an option.
+2. `allocate.Knapsack`: the least summed damage within every byte budget up to the limit (a multiple-
+   choice knapsack by dynamic programming). Single-layer damages do not add up exactly, so:
+3. the allocations at `candidates` budgets spread over the estimated front (the budget's own among
+   them) are written as recipes and validated end to end by an executor (worker processes by default);
+4. the front is the validated candidates no other one beats in bytes, fidelity and latency together; the
+   chosen recipe is the best-fidelity candidate whose bytes as stored fit the budget.
+
+The budget is the whole model's bytes as stored (`size_report`: encodings at their size, every other
+tensor as held), or bits per weight of the searched layers. Latency is the cost model's: the sum of the
+chosen options' timed layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelpress.errors import ConfigError
+from modelpress.evaluate.size import size_report
+from modelpress.recipe import Recipe
+from modelpress.search.allocate import Knapsack
+from modelpress.search.runfolder import RunFolder
+from modelpress.search.space import Option, allocation_recipe
+from modelpress.search.table import OptionTable, make_runner, measure_table, searchable_layers
+
+__all__ = ["Budget", "SearchResult", "joint_search", "pareto_front"]
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The whole model's bytes as stored, or bits per weight of the searched layers: exactly one."""
+
+    total_bytes: int | None = None
+    bits_per_weight: float | None = None
+
+    def layer_bytes(self, fixed_bytes: int, params: int) -> int:
+        if (self.total_bytes is None) == (self.bits_per_weight is None):
+            raise ConfigError("give exactly one budget: --budget-mb or --bits-per-weight")
+        if self.bits_per_weight is not None:
+            if not 0 < self.bits_per_weight < 64:
+                raise ConfigError(f"{self.bits_per_weight} bits per weight is not a budget: give a number in (0, 64)")
+            return math.floor(self.bits_per_weight * params / 8)
+        room = self.total_bytes - fixed_bytes
+        if room <= 0:
+            raise ConfigError(f"the budget of {self.total_bytes:,} bytes is below what the model keeps unsearched "
+                              f"({fixed_bytes:,} bytes): raise the budget")
+        return room
+
+
+@dataclass
+class SearchResult:
+    data: dict[str, Any]  # what search.json holds
+    chosen: Recipe | None
+    evaluations: int = 0  # candidates validated by this call (not taken from the run folder)
+    measured_options: int = 0  # options measured by this call
+    table: OptionTable | None = field(default=None, repr=False)
+
+
+def pareto_front(points: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[int]:
+    """Indices of the points no other point matches or beats in every key (all minimised) and beats in one."""
+    out = []
+    for i, p in enumerate(points):
+        dominated = any(all(q[k] <= p[k] for k in keys) and any(q[k] < p[k] for k in keys)
+                        for j, q in enumerate(points) if j != i)
+        if not dominated:
+            out.append(i)
+    return out
+
+
+def _spec(model_name: str, causal: bool, inputs: Any, options: Sequence[Option], budget: Budget, seed: int,
+          candidates: int, include: Sequence[str], ignore: Sequence[str]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    if causal:
+        digest.update(inputs.numpy().tobytes())
+    else:
+        for s in inputs:
+            digest.update(s.encode() + b"\0")
+    return {"model": model_name, "metric": "ppl" if causal else "cos", "inputs_sha256": digest.hexdigest(),
+            "n_inputs": len(inputs), "space": [o.to_dict() for o in options], "budget_bytes": budget.total_bytes,
+            "budget_bits_per_weight": budget.bits_per_weight, "seed": seed, "candidates": candidates,
+            "include": list(include), "ignore": list(ignore)}
+
+
+def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequence[Option], budget: Budget,
+                 run_dir: str, executor_factory: Callable[[], Any], causal: bool = False,
+                 calibration: Any = None, candidates: int = 12, seed: int = 0, include: Sequence[str] = ("*",),
+                 ignore: Sequence[str] = (), progress: Progress | None = None,
+                 sensitivity_inputs: Any = None) -> SearchResult:
+    """Search `model` (see the module docstring); `inputs` are the held-out sentences or token windows the
+    candidates are validated on, `sensitivity_inputs` those the per-layer table is measured on (default:
+    the same). `executor_factory()` gives the executor (`validate.make_executor`)."""
+    if candidates < 2:
+        raise ConfigError(f"--candidates {candidates} is too few: validate at least 2 (e.g. 12)")
+    torch.manual_seed(seed)
+    folder = RunFolder(run_dir)
+    folder.start(_spec(model_name, causal, inputs, options, budget, seed, candidates, include, ignore))
+    model.eval()
+    layers = searchable_layers(model, options, include, ignore)
+    params = sum(i.params for i in layers)
+    fixed = size_report(model).bytes - sum(i.float_bytes for i in layers)
+    limit = budget.layer_bytes(fixed, params)
+
+    done = folder.load_options([o.label for o in options])
+    measured = [0]
+
+    def on_option(label, cells):
+        folder.save_option(label, cells)
+        measured[0] += 1
+
+    step = [0]
+
+    def advance(label):
+        step[0] += 1
+        if progress:
+            progress(f"measuring {label}", step[0], len(options))
+
+    runner = make_runner(model, inputs if sensitivity_inputs is None else sensitivity_inputs, causal)
+    table = measure_table(model, layers, options, runner, causal, calibration, done, on_option, advance)
+    del runner
+
+    by_label = {o.label: o for o in options}
+    choices = [table.choices(i.name) for i in layers]
+    knap = Knapsack([[c.bytes for _, c in ch] for ch in choices], [[c.damage for _, c in ch] for ch in choices],
+                    limit)
+    if knap.best_within(limit) is None:
+        least = fixed + sum(min(c.bytes for _, c in ch) for ch in choices)
+        raise ConfigError(f"no allocation fits the budget: the smallest options make the model {least:,} bytes; "
+                          "raise the budget or add smaller options to the space")
+    at_budget = knap.best_within(limit)
+    estimated = [a for a in knap.estimated_front(points=max(64, 4 * candidates)) if a.choice != at_budget.choice]
+    picked = _spread(estimated, candidates - 1) + [at_budget]  # the budget's own allocation is always validated
+    recipes: dict[str, tuple[Recipe, Any]] = {}
+    for alloc in picked:
+        choice = {layers[i].name: by_label[choices[i][k][0]] for i, k in enumerate(alloc.choice)
+                  if choices[i][k][0] != "float"}
+        if not choice:
+            continue
+        recipe = allocation_recipe(choice, name=f"{model_name}-searched")
+        cid = folder.save_candidate(recipe)
+        recipes[cid] = (recipe, alloc)
+
+    todo = [(cid, r.to_dict()) for cid, (r, _) in recipes.items() if folder.figures(cid) is None]
+    count = [0]
+
+    def on_result(cid, figures):
+        folder.save_figures(cid, figures)
+        count[0] += 1
+        if progress:
+            progress("validating candidates", count[0], len(todo))
+
+    if todo:
+        executor = executor_factory()
+        try:
+            executor.run(todo, on_result)
+        finally:
+            executor.close()
+    data = _result(folder, table, layers, choices, recipes, fixed, limit, budget, causal)
+    chosen = folder.candidate_recipe(data["chosen"]) if data["chosen"] else None
+    folder.save_result(data, chosen)
+    return SearchResult(data, chosen, count[0], measured[0], table)
+
+
+def _spread(front: list, n: int) -> list:
+    """`n` allocations spread evenly (by index) over the estimated front, the smallest and largest among them."""
+    if len(front) <= n:
+        return list(front)
+    return [front[i] for i in np.unique(np.linspace(0, len(front) - 1, n).round().astype(int))]
+
+
+def _result(folder: RunFolder, table: OptionTable, layers, choices, recipes, fixed: int, limit: int,
+            budget: Budget, causal: bool) -> dict[str, Any]:
+    quality = "kl" if causal else "loss"
+    points = []
+    for cid, (recipe, alloc) in recipes.items():
+        figures = folder.figures(cid)
+        picks = {layers[i].name: choices[i][k][0] for i, k in enumerate(alloc.choice)}
+        latency = sum(choices[i][k][1].latency_s for i, k in enumerate(alloc.choice))
+        point = {"id": cid, "predicted_bytes": fixed + alloc.bytes, "estimated_damage": alloc.damage,
+                 "latency_s": latency, "choice": picks, **figures}
+        point["loss"] = point["kl"] if causal else 1.0 - point["mean_cosine"]
+        points.append(point)
+    points.sort(key=lambda p: (p["bytes"], p["loss"], p["id"]))
+    for i in pareto_front(points, ("bytes", quality if causal else "loss", "latency_s")):
+        points[i]["front"] = True
+    for i in pareto_front(points, ("bytes", "loss")):
+        points[i]["front_size_fidelity"] = True
+    limit_total = fixed + limit
+    fitting = [p for p in points if p["bytes"] <= limit_total]
+    chosen = min(fitting, key=lambda p: (p["loss"], p["bytes"], p["id"]))["id"] if fitting else None
+    return {
+        "metric": "ppl" if causal else "cos",
+        "budget_bytes": limit_total,
+        "budget_bits_per_weight": budget.bits_per_weight,
+        "fixed_bytes": fixed,
+        "layers": [{"name": i.name, "kind": i.kind, "shape": list(i.shape), "params": i.params,
+                    "float_bytes": i.float_bytes} for i in layers],
+        "options": [o.to_dict() for o in table.options],
+        "table": {label: {k: c.to_dict() for k, c in cells.items()} for label, cells in table.cells.items()},
+        "float_cells": {k: c.to_dict() for k, c in table.float_cells.items()},
+        "candidates": points,
+        "chosen": chosen,
+        "run": folder.run_info(),
+    }
