@@ -23,7 +23,7 @@ import torch
 from modelpress import fileio
 from modelpress.errors import FormatError
 
-__all__ = ["llama_config", "llama_state"]
+__all__ = ["gguf_name", "hf_name", "llama_config", "llama_state", "permute_rows", "unpermute_rows"]
 
 # llama.* metadata -> config field (transformers' GGUF_CONFIG_MAPPING for llama); anything else under
 # llama.* sends the file to transformers' reader.
@@ -57,7 +57,7 @@ def llama_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, 
         return None
     if any(k.startswith("llama.") and k not in _CONFIG for k in metadata):
         return None  # rope scaling, experts, ...: not a plain Llama
-    if any(_hf_name(t) is None for t in tensor_names):
+    if any(hf_name(t) is None for t in tensor_names):
         return None
     fields: dict[str, Any] = {_CONFIG[k]: v for k, v in metadata.items() if k in _CONFIG}
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fields.values()):
@@ -71,7 +71,8 @@ def llama_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, 
     return fields
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str) -> str | None:
+    """transformers' name of a llama.cpp tensor name (None for a name this reader does not know)."""
     if gguf_name in _GLOBAL:
         return _GLOBAL[gguf_name]
     parts = gguf_name.split(".")
@@ -80,10 +81,36 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(hf: str) -> str | None:
+    """llama.cpp's name of a transformers Llama tensor name (None for one llama.cpp's llama graph has no place for)."""
+    for theirs, ours in _GLOBAL.items():
+        if ours == hf:
+            return theirs
+    parts = hf.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[-1] == "weight":
+        inner = ".".join(parts[3:-1])
+        for theirs, ours in _BLOCK.items():
+            if ours == inner:
+                return f"blk.{int(parts[2])}.{theirs}.weight"
+    return None
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order: within each head, rows (pairs interleaved) -> (first halves, second halves)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)  # (n_head*2*dim, C)
+
+
+def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
+    """(rows,) index: row i of the Hugging Face q/k weight is row [i] of llama.cpp's (the inverse of permute_rows)."""
+    return _unpermute(np.arange(rows), n_head)
+
+
+def permute_rows(rows: int, n_head: int) -> np.ndarray:
+    """(rows,) index: row i of llama.cpp's q/k weight is row [i] of the Hugging Face one (convert_hf_to_gguf's
+    permute: within each head, (first halves, second halves) -> pairs interleaved)."""
+    dim = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, 2, dim).swapaxes(1, 2).reshape(rows)
 
 
 def llama_state(path: Path, tensors, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -106,7 +133,7 @@ def llama_state(path: Path, tensors, config: dict[str, Any]) -> dict[str, torch.
                 w = _unpermute(w, heads)
             elif ".attn_k." in t.name and isinstance(kv_heads, int):
                 w = _unpermute(w, kv_heads)
-            state[_hf_name(t.name)] = torch.from_numpy(w)
+            state[hf_name(t.name)] = torch.from_numpy(w)
     finally:
         os.close(fd)
     return state
