@@ -147,7 +147,9 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, *, types: Mapping[str,
         raise OutputExistsError(f"{str(out)!r} already exists: choose another path or add --overwrite")
     config, theta = _config(model.model)
     meta = _architecture(config, theta)
-    meta.update(tokenizer_metadata(model.support_files, config.vocab_size, tokenizer_pre))
+    carried = getattr(config, "gguf_tokenizer_pre", None)  # the name the GGUF file it came from gave
+    meta.update(tokenizer_metadata(model.support_files, config.vocab_size,
+                                   tokenizer_pre or (carried if isinstance(carried, str) else None)))
     orders = {"attn_q": permute_rows(config.num_attention_heads * meta["llama.rope.dimension_count"],
                                      config.num_attention_heads),
               "attn_k": permute_rows(meta["llama.attention.head_count_kv"] * meta["llama.rope.dimension_count"],

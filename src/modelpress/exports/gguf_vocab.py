@@ -7,7 +7,8 @@ tokens, 4 user defined for other added tokens, 5 unused for ids past the tokeniz
 model's embedding still has), bos/eos/unk/padding ids, whether a BOS token is added, and the chat template.
 
 `tokenizer.ggml.pre` names the pre-tokenizer llama.cpp must run (its splitting regex). It is read off
-tokenizer.json's pre_tokenizer: byte-level alone is "gpt2"; individual digits split first, then
+tokenizer.json's pre_tokenizer (unless the model was read from a GGUF file, whose name is carried in its
+config as `gguf_tokenizer_pre`): byte-level alone is "gpt-2"; individual digits split first, then
 byte-level, is "smollm" (llama.cpp's \\p{N} + GPT-2 regex, as for StarCoder and SmolLM). Another
 pre-tokenizer is refused unless the caller names llama.cpp's pre-tokenizer for it.
 """
@@ -32,7 +33,7 @@ def _pre_name(pre: Any) -> str | None:
         return None
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kind == "Sequence" and isinstance(pre.get("pretokenizers"), list):
         steps = pre["pretokenizers"]
         if len(steps) == 2 and all(isinstance(s, dict) for s in steps) and steps[0].get("type") == "Digits" \

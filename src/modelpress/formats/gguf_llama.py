@@ -66,6 +66,9 @@ def llama_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, 
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": float(fields.pop("rope_theta"))}
     if isinstance(name, str):
         fields["_model_name_or_path"] = name
+    pre = metadata.get("tokenizer.ggml.pre")
+    if isinstance(pre, str) and pre.isascii() and pre.isprintable() and len(pre) <= 64:
+        fields["gguf_tokenizer_pre"] = pre  # llama.cpp's pre-tokenizer: transformers' tokenizer does not keep it
     fields["tie_word_embeddings"] = "output.weight" not in tensor_names
     fields.update(model_type="llama", architectures=["LlamaForCausalLM"], dtype="float32")
     return fields
