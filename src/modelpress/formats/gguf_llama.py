@@ -22,6 +22,7 @@ import torch
 
 from modelpress import fileio
 from modelpress.errors import FormatError
+from modelpress.formats.gguf_import import block_encoding, reorder_rows
 
 __all__ = ["gguf_name", "hf_name", "llama_config", "llama_state", "permute_rows", "unpermute_rows"]
 
@@ -116,26 +117,33 @@ def permute_rows(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, 2, dim).swapaxes(1, 2).reshape(rows)
 
 
-def llama_state(path: Path, tensors, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor of the file (`gguf.check_gguf`'s table) dequantised to float32, under transformers' names."""
+def llama_state(path: Path, tensors, config: dict[str, Any], keep_blocks: bool = False) -> dict[str, Any]:
+    """Every tensor of the file (`gguf.check_gguf`'s table) under transformers' names: dequantised to float32, or
+    with `keep_blocks` a QuantizedTensor where its blocks are a modelpress grid (`formats/gguf_import.py`)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     fd, _ = fileio.open_regular_sized(path, "GGUF file")
-    state = {}
+    state: dict[str, Any] = {}
     try:
         for t in tensors:
             raw = bytearray(t.nbytes)  # writable: an F32 tensor is a view of it
             if os.preadv(fd, [raw], t.offset) != t.nbytes:
                 raise FormatError(f"{path}: tensor {t.name!r} ends past the end of the file; use an intact .gguf file")
             rows = t.numel // t.shape[0]
-            w = dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1), GGMLQuantizationType(t.ggml_type))
+            blocks = np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
+            heads_here = heads if ".attn_q." in t.name else kv_heads if ".attn_k." in t.name else None
+            enc = block_encoding(blocks, t.ggml_type, (rows, t.shape[0]), f"{path}: tensor {t.name!r}") \
+                if keep_blocks and len(t.shape) == 2 else None
+            if enc is not None:
+                state[hf_name(t.name)] = enc if not isinstance(heads_here, int) else \
+                    reorder_rows(enc, unpermute_rows(rows, heads_here))
+                continue
+            w = dequantize(blocks, GGMLQuantizationType(t.ggml_type))
             w = np.ascontiguousarray(w.reshape(tuple(reversed(t.shape))), dtype=np.float32)  # GGUF dims: fastest first
-            if ".attn_q." in t.name and isinstance(heads, int):
-                w = _unpermute(w, heads)
-            elif ".attn_k." in t.name and isinstance(kv_heads, int):
-                w = _unpermute(w, kv_heads)
+            if isinstance(heads_here, int):
+                w = _unpermute(w, heads_here)
             state[hf_name(t.name)] = torch.from_numpy(w)
     finally:
         os.close(fd)
