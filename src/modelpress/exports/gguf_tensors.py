@@ -107,14 +107,16 @@ def export_tensor(name: str, enc: Encoding | torch.Tensor, want: int | None, flo
     if order is not None:
         decoded = decoded[order]
     grid = exact_type(enc)
-    kind = want if want is not None else grid if grid is not None else default_type(enc, float_type)
+    kind = want if want is not None and decoded.ndim == 2 else grid if grid is not None else \
+        default_type(enc, float_type)  # 1-D weights (norms) are F32 whatever is asked: llama.cpp reads them so
     if kind in (F32, F16):
         data = decoded.astype(np.float32 if kind == F32 else np.float16)
         change = float(np.abs(data.astype(np.float32) - decoded).max(initial=0.0))
         return data, kind, TensorExport(name, NAMES[kind], "float", change, _describe(enc))
     if decoded.ndim != 2 or decoded.shape[1] % BLOCK[kind]:
         raise ConfigError(f"tensor {name} {tuple(decoded.shape)} cannot be {NAMES[kind]}: its rows are not whole "
-                          f"blocks of {BLOCK[kind]}; ask for Q8_0 or F16 for it")
+                          f"blocks of {BLOCK[kind]}; ask for a type whose blocks divide them (Q8_0, Q4_0, Q4_1: 32) "
+                          "or F16 for it")
     rows = decoded.shape[0]
     if kind == grid:
         data, how = _exact(enc, kind, order)
