@@ -33,7 +33,7 @@ __all__ = ["GGUFExport", "export_gguf"]
 
 _BLOCK_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                   "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-_FILE_TYPES = {F32: 0, F16: 1, 2: 2, 3: 3, 8: 7, 14: 18}  # ggml type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*)
+_FILE_TYPES = {F32: 0, F16: 1, 2: 2, 3: 3, 6: 8, 7: 9, 8: 7, 14: 18}  # ggml type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*)
 
 
 @dataclass(frozen=True)

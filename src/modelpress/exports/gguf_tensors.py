@@ -27,13 +27,13 @@ import torch
 from modelpress.encodings.base import Encoding
 from modelpress.encodings.quantized import QuantizedTensor
 from modelpress.errors import ConfigError
-from modelpress.formats.gguf_blocks import BLOCK, BYTES, Q4_0, Q4_1, Q6_K, Q8_0, dequantise, pack_q4_0, pack_q4_1, pack_q8_0, \
+from modelpress.formats.gguf_blocks import BLOCK, BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K, Q8_0, dequantise, pack_q4_0, pack_q4_1, pack_q8_0, \
     quantise
 
 __all__ = ["F16", "F32", "TYPES", "TensorExport", "exact_type", "export_tensor"]
 
 F32, F16 = 0, 1  # ggml type ids of the float types
-TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q6_K": Q6_K}
+TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q6_K": Q6_K}
 NAMES = {v: k for k, v in TYPES.items()}
 
 
