@@ -2,7 +2,8 @@
 modelpress's own of the same model, on the same tokens, with llama.cpp's own quantiser's files beside.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_gguf.py [--windows 8] [--threads 2]
-        [--presets llm-q4,llm-int8] [--mixed 'token_embd.weight=Q4_0'] [--llama Q4_0] [--decode] [--out FILE.md]
+        [--presets llm-q4,llm-int8] [--mixed 'token_embd.weight=Q5_0' ...] [--f32-check] [--llama Q4_0] [--decode]
+        [--out FILE.md]
 
 Needs the `llm` extra and the `bench-llm` extra (llama-cpp-python). Token preparation is bench_llm.py's
 (`prepare_base`: the `heldout` text tokenised once, `--windows` windows of 512 tokens, no BOS; the chat
@@ -15,6 +16,9 @@ GGUF export (the two must agree where the export is exact), the file size, how t
 (exact / requantised) and llama.cpp's greedy chat answer to "What is the capital of France?" through the
 file's own chat template. `--mixed` adds a row per preset: the same model exported with the given
 per-tensor types (llama.cpp names; e.g. the tied embedding/output table requantised to a smaller type).
+`--f32-check` adds one with every weight decoded to F32: where llama.cpp's perplexity of the quantised
+file differs from modelpress's, this row tells the file (it matches modelpress) from llama.cpp's
+arithmetic (its quantised dot products round the activations to 8 bits per block of 32).
 Decode speeds (`--decode`) are figures only on a quiet machine.
 """
 
@@ -88,12 +92,17 @@ def run(folder: Path, args) -> list[dict]:
         print(result.summary(), file=sys.stderr)
         rows.append(llama_row(f"modelpress {preset} -> GGUF", result.path, tokens, args,
                               {"ppl": ours, "tensors": how(result)}))
-        if args.mixed:
-            types = dict(item.split("=", 1) for item in args.mixed.split(","))
-            mixed = export(lm, "gguf", folder / f"mp-{preset}-mixed.gguf", types=types)
+        for i, spec in enumerate(args.mixed or ()):
+            types = dict(item.split("=", 1) for item in spec.split(","))
+            mixed = export(lm, "gguf", folder / f"mp-{preset}-{i}.gguf", types=types)
             print(mixed.summary(), file=sys.stderr)
-            rows.append(llama_row(f"modelpress {preset} -> GGUF, {args.mixed}", mixed.path, tokens, args,
+            rows.append(llama_row(f"modelpress {preset} -> GGUF, {spec}", mixed.path, tokens, args,
                                   {"ppl": ours, "tensors": how(mixed)}))
+        if args.f32_check:  # the model's own decoded weights, all F32: llama.cpp's float compute of the same model
+            f32_file = export(lm, "gguf", folder / f"mp-{preset}-f32.gguf", types={"*": "F32"})
+            rows.append(llama_row(f"modelpress {preset} -> GGUF, all weights decoded to F32", f32_file.path, tokens,
+                                  args, {"ppl": ours, "tensors": how(f32_file)}))
+            f32_file.path.unlink()
         del lm
     return rows
 
@@ -118,8 +127,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--presets", default="llm-q4,llm-int8")
-    parser.add_argument("--mixed", default="", help="per-tensor GGUF types for an extra export of each preset, "
-                                                    "e.g. 'token_embd.weight=Q4_0'")
+    parser.add_argument("--mixed", action="append", help="per-tensor GGUF types for an extra export of each preset, "
+                                                         "e.g. 'token_embd.weight=Q5_0' (repeatable)")
+    parser.add_argument("--f32-check", action="store_true", help="also export each preset's decoded weights as F32: "
+                                                                 "llama.cpp's float compute of the very same model")
     parser.add_argument("--llama", default="Q4_0", help="llama.cpp's own types of the base, beside ('' for none)")
     parser.add_argument("--decode", action="store_true", help="also measure llama.cpp decode speed (quiet machine)")
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -217,6 +217,21 @@ def test_what_a_gguf_cannot_hold_is_refused(folders, tmp_path):
     assert not list(tmp_path.glob(".*.part"))
 
 
+def test_exact_refuses_what_would_change_naming_the_recipe_that_fits(folders, tmp_path, capsys):
+    lm = _compressed(folders, preset("llm-int8"))
+    with pytest.raises(ConfigError, match="int8 sym per-channel.*llm-q4"):
+        export(lm, "gguf", tmp_path / "m.gguf", exact=True)
+    with pytest.raises(ConfigError, match="F32"):
+        export(load_model(folders["llama"]), "gguf", tmp_path / "m.gguf", exact=True)
+    assert not (tmp_path / "m.gguf").exists()
+    export(load_model(folders["llama"]), "gguf", tmp_path / "m.gguf", exact=True, float_type="F32")
+    save(_compressed(folders, RTNConfig(bits=4, group_size=32)), tmp_path / "ck")
+    assert main(["export", str(tmp_path / "ck"), "--format", "gguf", "--out", str(tmp_path / "q.gguf"), "--exact"]) == 0
+    save(lm, tmp_path / "ck8")
+    assert main(["export", str(tmp_path / "ck8"), "--format", "gguf", "--out", str(tmp_path / "r.gguf"), "--exact"]) == 2
+    assert "no GGUF block type holds" in capsys.readouterr().err
+
+
 def test_a_damaged_block_scale_is_our_error(folders, tmp_path):
     export(_compressed(folders, RTNConfig(bits=8, group_size=32)), "gguf", tmp_path / "m.gguf")
     info = check_gguf(tmp_path / "m.gguf")

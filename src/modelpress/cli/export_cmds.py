@@ -16,9 +16,9 @@ def cmd_export(args) -> int:
     options = {"overwrite": args.overwrite}
     if args.format == "gguf":
         options.update(types=dict(item.split("=", 1) for item in args.type or ()), float_type=args.float_type,
-                       tokenizer_pre=args.tokenizer_pre)
-    elif args.type or args.tokenizer_pre:
-        raise ConfigError(f"--type and --tokenizer-pre are GGUF options; drop them for --format {args.format}")
+                       tokenizer_pre=args.tokenizer_pre, exact=args.exact)
+    elif args.type or args.tokenizer_pre or args.exact:
+        raise ConfigError(f"--type, --tokenizer-pre and --exact are GGUF options; drop them for --format {args.format}")
     result = export_model(args.model, args.format, args.out, **options)
     _console().print(result.summary())
     return 0
@@ -37,4 +37,6 @@ def add_export_commands(sub) -> None:
     p.add_argument("--float-type", default="F16", choices=("F16", "F32"), help="gguf: what float matrices become")
     p.add_argument("--tokenizer-pre", help="gguf: llama.cpp's pre-tokenizer name, where it cannot be read off the "
                                            "tokenizer (llama-bpe, qwen2, ...)")
+    p.add_argument("--exact", action="store_true", help="gguf: refuse any weight the file would not hold as it is "
+                                                        "(no requantising, no narrowing)")
     p.set_defaults(fn=cmd_export)

@@ -132,11 +132,13 @@ def _wanted(name: str, types: Mapping[str, str]) -> int | None:
 
 
 def export_gguf(model: nn.Module, out: str | os.PathLike, *, types: Mapping[str, str] | None = None,
-                float_type: str = "F16", tokenizer_pre: str | None = None, overwrite: bool = False) -> GGUFExport:
+                float_type: str = "F16", tokenizer_pre: str | None = None, exact: bool = False,
+                overwrite: bool = False) -> GGUFExport:
     """Write `model` (a CausalLM of the Llama architecture) to the GGUF file `out`.
 
     `types` maps llama.cpp tensor-name patterns to a type ("blk.*.ffn_down.weight": "Q6_K"), requantising where
-    that is not the tensor's own grid; `float_type` is what float 2-D weights become (F16 or F32)."""
+    that is not the tensor's own grid; `float_type` is what float 2-D weights become (F16 or F32). `exact`
+    refuses any weight the file would not hold as it is (requantised, offset rounded, float narrowed)."""
     if not isinstance(model, CausalLM):
         raise UnsupportedError(f"GGUF export holds causal LMs; this is a {type(model).__name__}: export it with "
                                "--format onnx or hf")
@@ -159,6 +161,8 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, *, types: Mapping[str,
         part = name.split(".")[-2]
         data, kind, record = export_tensor(name, weight, _wanted(name, types or {}), TYPES[float_type],
                                            orders.get(part))
+        if exact and record.max_abs_change:
+            raise ConfigError(_not_exact(record))
         tensors.append((name, data, kind))
         records.append(record)
     sizes: dict[int, int] = {}
@@ -170,6 +174,15 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, *, types: Mapping[str,
     meta["general.name"] = str(name)
     _write(out, meta, tensors)
     return GGUFExport(out, out.stat().st_size, tuple(records))
+
+
+def _not_exact(record: TensorExport) -> str:
+    if record.how == "float":
+        return (f"{record.name} is {record.source}, which {record.ggml_type} does not hold exactly: export with "
+                "float_type F32 (--float-type F32)")
+    return (f"{record.name} holds {record.source}, which no GGUF block type holds as it is ({record.how} to "
+            f"{record.ggml_type}, max abs change {record.max_abs_change:.3g}); compress it on a block grid (the llm-q4 "
+            "preset: symmetric 4-bit groups of 32 = Q4_0; symmetric 8-bit groups of 32 = Q8_0) or export without exact")
 
 
 def _write(out: Path, meta: dict[str, Any], tensors: list[tuple[str, np.ndarray, int]]) -> None:
