@@ -187,11 +187,6 @@ def _transformers_decode(model, prompt: list[int], n: int, runs: int) -> float:
 
 
 def worker_llama(kind: str, folder: Path, args) -> dict:
-    import llama_cpp
-    import numpy as np
-
-    from modelpress.evaluate.memory import rss_bytes
-
     tokens = json.loads((folder / "tokens.json").read_text())
     f32 = folder / "llama-F32.gguf"
     if not f32.exists():
@@ -199,9 +194,19 @@ def worker_llama(kind: str, folder: Path, args) -> dict:
     path = f32 if kind == "F32" else folder / f"llama-{kind}.gguf"
     if not path.exists():
         _quantize(str(f32), path, f"MOSTLY_{kind}")
-    windows = tokens["windows"]
+    ppl, count = llama_perplexity(path, tokens["windows"], args.threads)
+    row = {"row": f"llama.cpp {kind}", "ppl": ppl, "tokens": count, "file_bytes": path.stat().st_size}
+    row.update(llama_decode(path, tokens["prompt"], args.new_tokens, args.runs, args.threads))
+    return row
+
+
+def llama_perplexity(path: Path, windows: list[list[int]], threads: int) -> tuple[float, int]:
+    """llama.cpp's perplexity of a GGUF file on token windows (the ids fed as they are), and the tokens scored."""
+    import llama_cpp
+    import numpy as np
+
     llm = llama_cpp.Llama(str(path), n_ctx=len(windows[0]), n_batch=len(windows[0]), logits_all=True,
-                          n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     nll, count = 0.0, 0
     for w in windows:
         llm.reset()
@@ -211,12 +216,21 @@ def worker_llama(kind: str, folder: Path, args) -> dict:
         logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
         nll += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum())
         count += len(w) - 1
-    row = {"row": f"llama.cpp {kind}", "ppl": math.exp(nll / count), "tokens": count, "file_bytes": path.stat().st_size}
     del llm
-    # decode: an instance that keeps only the last position's logits, as llama.cpp's own generation does
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, logits_all=False, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
-    prompt, n, vocab = tokens["prompt"], args.new_tokens, llm.n_vocab()
+    return math.exp(nll / count), count
+
+
+def llama_decode(path: Path, prompt: list[int], n: int, runs: int, threads: int) -> dict:
+    """llama.cpp's greedy decode speed after `prompt` (tokens/s, fastest of `runs`) and the resident set."""
+    import llama_cpp
+    import numpy as np
+
+    from modelpress.evaluate.memory import rss_bytes
+
+    # an instance that keeps only the last position's logits, as llama.cpp's own generation does
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, logits_all=False, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
 
     def next_token() -> int:
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
@@ -232,8 +246,8 @@ def worker_llama(kind: str, folder: Path, args) -> dict:
         return time.perf_counter() - start
 
     decode_seconds()  # warm-up
-    row["rss_bytes"] = rss_bytes()  # the decoding instance alone (the scoring one kept every position's logits)
-    row["decode_tok_s"] = (n - 1) / min(decode_seconds() for _ in range(args.runs))
+    row = {"rss_bytes": rss_bytes()}  # the decoding instance alone (the scoring one kept every position's logits)
+    row["decode_tok_s"] = (n - 1) / min(decode_seconds() for _ in range(runs))
     return row
 
 

@@ -9,13 +9,14 @@
     same = modelpress.load("out/minilm-gptq")      # a SentenceEncoder (encode) or a CausalLM (generate)
 
 This module only re-exports: the one verb (`compress`), the configs it takes, recipes and
-presets, checkpoints, the store, and the error base class.
+presets, checkpoints, exports (`export(model, "gguf", "model.gguf")`), the store, and the error base class.
 """
 
 from modelpress._version import __version__
 from modelpress.calibration import calibration_sentences
 from modelpress.compress import compress
 from modelpress.errors import ModelpressError
+from modelpress.exports import export_model as export
 from modelpress.formats.causal_lm import CausalLM
 from modelpress.formats.checkpoint import load, save
 from modelpress.formats.hf import SentenceEncoder, load_sentence_encoder
@@ -40,6 +41,6 @@ __all__ = [
     "KMeansConfig", "LowRankConfig", "SimplifyConfig",  # weight sharing, factorisation, graph simplification
     "Recipe", "Selector", "Stage", "preset", "preset_names",
     # models in and out
-    "load", "load_model", "load_sentence_encoder", "save", "provenance", "Store", "CausalLM", "SentenceEncoder",
+    "load", "load_model", "load_sentence_encoder", "save", "export", "provenance", "Store", "CausalLM", "SentenceEncoder",
     "ModelpressError",
 ]

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from modelpress.cli.export_cmds import add_export_commands
 from modelpress.cli.model_cmds import cmd_compress, cmd_eval, cmd_inspect, cmd_presets, cmd_sensitivity
 from modelpress.cli.regions_cmds import add_regions_commands
 from modelpress.cli.search_cmds import add_search_commands
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_commands(sub)
     add_regions_commands(sub)
     add_search_commands(sub)
+    add_export_commands(sub)
     return parser
 
 

@@ -41,6 +41,7 @@ from modelpress.formats.causal_lm import (CausalLM, causal_lm_from_files, causal
                                          linearise_conv1d)
 from modelpress.formats.gguf_llama import llama_config, llama_state
 from modelpress.limits import check_allocation
+from modelpress.nn.registry import install
 
 __all__ = ["GGUFInfo", "GGUFTensor", "MAX_METADATA_BYTES", "check_gguf", "load_gguf"]
 
@@ -230,8 +231,10 @@ def _place(table, data_offset: int, alignment: int, size: int, path: Path) -> tu
     return tuple(placed)
 
 
-def load_gguf(path: str | os.PathLike) -> CausalLM:
-    """A float CausalLM from a .gguf file (checked first; dequantised by transformers' GGUF reader)."""
+def load_gguf(path: str | os.PathLike, keep_blocks: bool = False) -> CausalLM:
+    """A float CausalLM from a .gguf file (checked first; a plain Llama dequantised by us, any other by transformers'
+    GGUF reader). `keep_blocks`: a plain Llama's Q8_0 / Q4_0 (and exactly representable Q4_1) weights stay
+    quantised, as modelpress encodings with the file's codes and scales (formats/gguf_import.py)."""
     path = Path(path)
     info = check_gguf(path)
     numel = sum(t.numel for t in info.tensors)
@@ -241,7 +244,16 @@ def load_gguf(path: str | os.PathLike) -> CausalLM:
         files = _support_files(fields, _transformers_tokenizer(path))
         lm = causal_lm_from_files(files, source=path)
         _check_size(lm.model, numel, path)
-        return fill_causal_lm(lm, llama_state(path, info.tensors, fields), path)
+        state = llama_state(path, info.tensors, fields, keep_blocks)
+        kept = {name: enc for name, enc in state.items() if not isinstance(enc, torch.Tensor)}
+        fill_causal_lm(lm, {name: enc if isinstance(enc, torch.Tensor) else enc.decode(torch.float32)
+                            for name, enc in state.items()}, path)
+        for name, enc in kept.items():
+            install(lm, "model." + name.rpartition(".")[0], enc)
+        return lm
+    if keep_blocks:
+        raise UnsupportedError(f"{path}: only a plain Llama GGUF file is imported with its blocks kept; load it "
+                               "without keep_blocks (dequantised)")
     model, tokenizer = _transformers_load(path)
     _check_size(model, numel, path)
     linearise_conv1d(model)

@@ -22,8 +22,9 @@ import torch
 
 from modelpress import fileio
 from modelpress.errors import FormatError
+from modelpress.formats.gguf_import import block_encoding, reorder_rows
 
-__all__ = ["llama_config", "llama_state"]
+__all__ = ["gguf_name", "hf_name", "llama_config", "llama_state", "permute_rows", "unpermute_rows"]
 
 # llama.* metadata -> config field (transformers' GGUF_CONFIG_MAPPING for llama); anything else under
 # llama.* sends the file to transformers' reader.
@@ -57,7 +58,7 @@ def llama_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, 
         return None
     if any(k.startswith("llama.") and k not in _CONFIG for k in metadata):
         return None  # rope scaling, experts, ...: not a plain Llama
-    if any(_hf_name(t) is None for t in tensor_names):
+    if any(hf_name(t) is None for t in tensor_names):
         return None
     fields: dict[str, Any] = {_CONFIG[k]: v for k, v in metadata.items() if k in _CONFIG}
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fields.values()):
@@ -66,17 +67,35 @@ def llama_config(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, 
         fields["rope_parameters"] = {"rope_type": "default", "rope_theta": float(fields.pop("rope_theta"))}
     if isinstance(name, str):
         fields["_model_name_or_path"] = name
+    pre = metadata.get("tokenizer.ggml.pre")
+    if isinstance(pre, str) and pre.isascii() and pre.isprintable() and len(pre) <= 64:
+        fields["gguf_tokenizer_pre"] = pre  # llama.cpp's pre-tokenizer: transformers' tokenizer does not keep it
     fields["tie_word_embeddings"] = "output.weight" not in tensor_names
     fields.update(model_type="llama", architectures=["LlamaForCausalLM"], dtype="float32")
     return fields
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str) -> str | None:
+    """transformers' name of a llama.cpp tensor name (None for a name this reader does not know)."""
     if gguf_name in _GLOBAL:
         return _GLOBAL[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK and parts[3] == "weight":
         return f"model.layers.{int(parts[1])}.{_BLOCK[parts[2]]}.weight"
+    return None
+
+
+def gguf_name(hf: str) -> str | None:
+    """llama.cpp's name of a transformers Llama tensor name (None for one llama.cpp's llama graph has no place for)."""
+    for theirs, ours in _GLOBAL.items():
+        if ours == hf:
+            return theirs
+    parts = hf.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[-1] == "weight":
+        inner = ".".join(parts[3:-1])
+        for theirs, ours in _BLOCK.items():
+            if ours == inner:
+                return f"blk.{int(parts[2])}.{theirs}.weight"
     return None
 
 
@@ -86,27 +105,46 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)  # (n_head*2*dim, C)
 
 
-def llama_state(path: Path, tensors, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor of the file (`gguf.check_gguf`'s table) dequantised to float32, under transformers' names."""
+def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
+    """(rows,) index: row i of the Hugging Face q/k weight is row [i] of llama.cpp's (the inverse of permute_rows)."""
+    return _unpermute(np.arange(rows), n_head)
+
+
+def permute_rows(rows: int, n_head: int) -> np.ndarray:
+    """(rows,) index: row i of llama.cpp's q/k weight is row [i] of the Hugging Face one (convert_hf_to_gguf's
+    permute: within each head, (first halves, second halves) -> pairs interleaved)."""
+    dim = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, 2, dim).swapaxes(1, 2).reshape(rows)
+
+
+def llama_state(path: Path, tensors, config: dict[str, Any], keep_blocks: bool = False) -> dict[str, Any]:
+    """Every tensor of the file (`gguf.check_gguf`'s table) under transformers' names: dequantised to float32, or
+    with `keep_blocks` a QuantizedTensor where its blocks are a modelpress grid (`formats/gguf_import.py`)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
     fd, _ = fileio.open_regular_sized(path, "GGUF file")
-    state = {}
+    state: dict[str, Any] = {}
     try:
         for t in tensors:
             raw = bytearray(t.nbytes)  # writable: an F32 tensor is a view of it
             if os.preadv(fd, [raw], t.offset) != t.nbytes:
                 raise FormatError(f"{path}: tensor {t.name!r} ends past the end of the file; use an intact .gguf file")
             rows = t.numel // t.shape[0]
-            w = dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1), GGMLQuantizationType(t.ggml_type))
+            blocks = np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
+            heads_here = heads if ".attn_q." in t.name else kv_heads if ".attn_k." in t.name else None
+            enc = block_encoding(blocks, t.ggml_type, (rows, t.shape[0]), f"{path}: tensor {t.name!r}") \
+                if keep_blocks and len(t.shape) == 2 else None
+            if enc is not None:
+                state[hf_name(t.name)] = enc if not isinstance(heads_here, int) else \
+                    reorder_rows(enc, unpermute_rows(rows, heads_here))
+                continue
+            w = dequantize(blocks, GGMLQuantizationType(t.ggml_type))
             w = np.ascontiguousarray(w.reshape(tuple(reversed(t.shape))), dtype=np.float32)  # GGUF dims: fastest first
-            if ".attn_q." in t.name and isinstance(heads, int):
-                w = _unpermute(w, heads)
-            elif ".attn_k." in t.name and isinstance(kv_heads, int):
-                w = _unpermute(w, kv_heads)
-            state[_hf_name(t.name)] = torch.from_numpy(w)
+            if isinstance(heads_here, int):
+                w = _unpermute(w, heads_here)
+            state[hf_name(t.name)] = torch.from_numpy(w)
     finally:
         os.close(fd)
     return state
