@@ -12,6 +12,7 @@ import os
 import sys
 
 from modelpress.cli.model_cmds import cmd_compress, cmd_eval, cmd_inspect, cmd_presets, cmd_sensitivity
+from modelpress.cli.export_cmds import add_export_commands
 from modelpress.cli.store_cmds import add_store_commands
 from modelpress.errors import ModelpressError
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sensitivity)
 
     add_store_commands(sub)
+    add_export_commands(sub)
     return parser
 
 
