@@ -28,6 +28,7 @@ from torch import nn
 
 from modelpress._version import __version__
 from modelpress.errors import ConfigError, UnsupportedError
+from modelpress.exports.hf_compressed import compressed_tensors_state, quantization_config
 from modelpress.exports.hf_folder import dense_state, encoding_records, write_folder
 from modelpress.formats import tensorfile
 from modelpress.formats.causal_lm import CausalLM
@@ -44,13 +45,15 @@ WEIGHTS_FILE = "model.safetensors"
 _METADATA = {"format": "pt", "writer": "modelpress"}
 
 
-def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float16") -> Path:
-    """Write the model of `model_dir` (a checkpoint, or any source `load_model` reads) as a Hugging Face folder."""
+def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "float16", quantized: bool = False) -> Path:
+    """Write the model of `model_dir` (a checkpoint, or any source `load_model` reads) as a Hugging Face folder;
+    `quantized`: Linear weights in the compressed-tensors format (exports/hf_compressed.py) instead of dequantised."""
     model = load_model(model_dir)
-    return write_folder(out, hf_files(model, dtype), protected=[model_dir] if Path(model_dir).exists() else [])
+    return write_folder(out, hf_files(model, dtype, quantized),
+                        protected=[model_dir] if Path(model_dir).exists() else [])
 
 
-def hf_files(model: nn.Module, dtype: str = "float16") -> dict[str, list[Any]]:
+def hf_files(model: nn.Module, dtype: str = "float16", quantized: bool = False) -> dict[str, list[Any]]:
     """The files of the Hugging Face folder of `model` (a CausalLM or SentenceEncoder), by relative name."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not valid for a Hugging Face export: use one of {sorted(DTYPES)}")
@@ -67,8 +70,14 @@ def hf_files(model: nn.Module, dtype: str = "float16") -> dict[str, list[Any]]:
         fields["tie_word_embeddings"] = False  # a recipe gave the output layer its own weight
     else:
         state = {k: v for k, v in state.items() if k not in ties}
+    if quantized:
+        packed, groups = compressed_tensors_state(inner, DTYPES[dtype])
+        state = {k: v for k, v in state.items() if k[: -len(".weight")] + ".weight_packed" not in packed}
+        state.update(packed)
+        fields["quantization_config"] = quantization_config(groups)
     fields["dtype"] = dtype
-    fields[EXPORT_KEY] = {"version": __version__, "weights": f"dequantized to {dtype}",
+    how = "compressed-tensors pack-quantized" if quantized else f"dequantized to {dtype}"
+    fields[EXPORT_KEY] = {"version": __version__, "weights": how,
                           "recipe": provenance(model).recipe, "tensors": encoding_records(inner)}
     files: dict[str, list[Any]] = {rel: [data] for rel, data in model.support_files.items()}
     files["config.json"] = [json.dumps(fields, indent=2, sort_keys=True).encode("utf-8")]
