@@ -1,0 +1,202 @@
+"""The ONNX form of each compressed module: stand-ins whose forward is modelpress's own computation and whose
+`symbolic` (what torch.onnx's TorchScript exporter writes) is the same computation in ONNX operators.
+
+    W8A8 Linear, a range per call    x [* 1/s] -> DynamicQuantizeLinear -> MatMulInteger(x_q, W_q^T, x_zp)
+    (kernel dynamic_int8)            -> Cast float -> Mul(x_scale * w_scale) [-> Add bias]
+                                     the pattern onnxruntime.quantization.quantize_dynamic writes, which ORT
+                                     fuses into one DynamicQuantizeMatMul (u8 activations x s8 weights)
+    W8A8 Linear, a range per token   m = max|x| per row; the above on x / m, its output * m [+ bias]
+    (kernel dynamic_int8_token)      (the rule of nn/kernels.py: one range over the scaled rows)
+    weight-only quantised Linear     W = (codes - zero) * scale from the stored codes (Cast/Sub/Mul on
+                                     initializers, folded by ORT at load), then MatMul: float activations
+    quantised embedding table        Gather of the code rows and their scales, then (codes - zero) * scale
+
+The weights are our codes: symmetric int8 codes q (midpoint 128) are written as q - 128 in int8, the
+float16 scales as float32; nothing is re-quantised. Activation quantisation follows fbgemm's rule (full 8-bit
+range when |q| <= 63); 8-bit weights beside 7-bit activations (fbgemm's reduce_range) have no ONNX operator
+and are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.encodings import QuantizedTensor
+from modelpress.encodings.scaled import ChannelScaledTensor
+from modelpress.encodings.quantized import PER_TENSOR
+from modelpress.errors import UnsupportedError
+from modelpress.nn.kernels import Kernel
+
+__all__ = ["OnnxDynamicLinear", "OnnxEmbedding", "OnnxWeightOnlyLinear", "onnx_stand_in"]
+
+
+def _quantized(enc) -> tuple[QuantizedTensor, torch.Tensor | None]:
+    """(the quantised weight, the input multiply 1/s of a channel-scaled one, or None)."""
+    if isinstance(enc, ChannelScaledTensor):
+        inner, inverse = _quantized(enc.inner)
+        if inverse is not None:
+            raise UnsupportedError("a channel-scaled weight inside another has no ONNX form")
+        return inner, enc.input_scale.float()
+    return enc, None
+
+
+def _dequantized(g, codes, scale, zero, groups: int):
+    """ONNX: (codes - zero) * scale over (R, G, gs) groups of a (R, C) code table (all initializers)."""
+    shape = g.op("Constant", value_t=torch.tensor([0, groups, -1], dtype=torch.int64))
+    flat = g.op("Constant", value_t=torch.tensor([0, -1], dtype=torch.int64))
+    grouped = g.op("Reshape", g.op("Cast", codes, to_i=1), shape)  # (R, G, gs) float
+    w = g.op("Mul", g.op("Sub", grouped, g.op("Unsqueeze", zero, g.op("Constant", value_t=torch.tensor([-1])))),
+             g.op("Unsqueeze", scale, g.op("Constant", value_t=torch.tensor([-1]))))
+    return g.op("Reshape", w, flat)
+
+
+class _DynamicMatMul(torch.autograd.Function):
+    """x (.., K) -> (.., N): dynamic uint8 activations (one range per call) x int8 weights, float out."""
+
+    @staticmethod
+    def forward(ctx, x, w_t, w_scale, reference):  # reference: modelpress's own kernel (what tracing runs)
+        return reference(x)
+
+    @staticmethod
+    def symbolic(g, x, w_t, w_scale, reference):
+        x_q, x_scale, x_zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", x_q, w_t, x_zp)  # int32 (.., N)
+        scale = g.op("Mul", x_scale, w_scale)  # (N,)
+        return g.op("Mul", g.op("Cast", acc, to_i=1), scale)
+
+
+class OnnxDynamicLinear(nn.Module):
+    """A W8A8 CompressedLinear (per-call or per-token activation range) as ONNX operators."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        enc, inverse = _quantized(module.encoding)
+        signed = enc.int_codes().to(torch.int16) - enc.scheme.midpoint  # (N, K)
+        if int(signed.abs().max()) > 63:
+            raise UnsupportedError("a W8A8 layer with full 8-bit weights runs 7-bit activations (fbgemm's "
+                                   "reduce_range), which ONNX has no operator for: compress with weight_bits: 7 "
+                                   "(the w8a8 and w8a8-smooth presets)")
+        if enc.scheme.group_size == PER_TENSOR:
+            w_scale = enc.scale.float().reshape(1).expand(enc.shape[0]).clone()
+        else:
+            w_scale = enc.scale.float().reshape(-1)
+        self.per_token = module.kernel is Kernel.DYNAMIC_INT8_TOKEN
+        self.register_buffer("w_t", signed.to(torch.int8).t().contiguous())  # (K, N)
+        self.register_buffer("w_scale", w_scale)  # (N,)
+        self.register_buffer("input_scale", inverse)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float(), requires_grad=False)
+        self.w_ref = enc.decode(torch.float32)  # (N, K): what the traced forward multiplies by (not exported)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _DynamicMatMul.apply(x, self.w_t, self.w_scale, lambda v: F.linear(v, self.w_ref))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        if self.per_token:
+            m = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg()).clamp_min(
+                torch.finfo(torch.float32).tiny)  # (.., 1)
+            y = self._matmul(x * m.reciprocal()) * m
+        else:
+            y = self._matmul(x)
+        return y if self.bias is None else y + self.bias
+
+
+class _Dequantized(torch.autograd.Function):
+    """The (R, C) float weight from codes, scale and zero (R, G): folded to a constant by ORT at load."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero, weight):
+        return weight
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero, weight):
+        groups = scale.type().sizes()[1]
+        return _dequantized(g, codes, scale, zero, groups)
+
+
+def _code_table(enc: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (R, C), scale (R, G) float32, zero (R, G) float32), per-tensor scales spread to rows."""
+    codes = enc.int_codes().contiguous()
+    rows = codes.shape[0]
+    scale, zero = enc.scale.float(), enc.zero_points().float()
+    if enc.scheme.group_size == PER_TENSOR:
+        scale, zero = scale.reshape(1, 1).expand(rows, 1).clone(), zero.reshape(1, 1).expand(rows, 1).clone()
+    return codes, scale.contiguous(), zero.contiguous()
+
+
+class OnnxWeightOnlyLinear(nn.Module):
+    """A weight-only quantised CompressedLinear: the weight rebuilt from its codes, float activations."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        enc, inverse = _quantized(module.encoding)
+        codes, scale, zero = _code_table(enc)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("input_scale", inverse)
+        self.weight_ref = enc.decode(torch.float32)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        w = _Dequantized.apply(self.codes, self.scale, self.zero, self.weight_ref)  # (N, K)
+        return F.linear(x, w, self.bias)
+
+
+class _GatherDequantized(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, codes, scale, zero, table):
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def symbolic(g, ids, codes, scale, zero, table):
+        groups = scale.type().sizes()[1]
+        width = codes.type().sizes()[1]
+        rows = [g.op("Gather", t, ids, axis_i=0) for t in (codes, scale, zero)]  # (.., C), (.., G), (.., G)
+        lead = g.op("Shape", ids)
+        grouped = g.op("Reshape", g.op("Cast", rows[0], to_i=1),
+                       g.op("Concat", lead, g.op("Constant", value_t=torch.tensor([groups, width // groups])), axis_i=0))
+        w = g.op("Mul", g.op("Sub", grouped, g.op("Unsqueeze", rows[2], g.op("Constant", value_t=torch.tensor([-1])))),
+                 g.op("Unsqueeze", rows[1], g.op("Constant", value_t=torch.tensor([-1]))))
+        return g.op("Reshape", w, g.op("Concat", lead, g.op("Constant", value_t=torch.tensor([width])), axis_i=0))
+
+
+class OnnxEmbedding(nn.Module):
+    """A quantised CompressedEmbedding: looked-up code rows dequantised (the table stays 8 bits or less)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        enc, inverse = _quantized(module.encoding)
+        if inverse is not None:
+            raise UnsupportedError("a channel-scaled embedding table has no ONNX form")
+        codes, scale, zero = _code_table(enc)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.table_ref = enc.decode(torch.float32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _GatherDequantized.apply(ids, self.codes, self.scale, self.zero, self.table_ref)
+
+
+def onnx_stand_in(name: str, module: nn.Module) -> nn.Module:
+    """The ONNX stand-in of a compressed module, or an error naming what ONNX cannot hold and what can."""
+    enc, _ = _quantized(module.encoding) if isinstance(module.encoding, (QuantizedTensor, ChannelScaledTensor)) \
+        else (module.encoding, None)
+    if not isinstance(enc, QuantizedTensor):
+        raise UnsupportedError(f"layer {name!r} holds a {enc.kind} weight, which the ONNX export does not write: "
+                               "export a quantised model (int8, int4, w8a8, w8a8-smooth presets)")
+    kind = type(module).__name__
+    if kind == "CompressedEmbedding":
+        return OnnxEmbedding(module)
+    if kind != "CompressedLinear":
+        raise UnsupportedError(f"layer {name!r} is a {kind}, which the ONNX export does not write yet: "
+                               "leave it uncompressed (an ignore pattern in the recipe)")
+    if module.kernel in (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN):
+        return OnnxDynamicLinear(module)
+    return OnnxWeightOnlyLinear(module)
