@@ -13,8 +13,8 @@
 
 The weights are our codes: symmetric int8 codes q (midpoint 128) are written as q - 128 in int8, the
 float16 scales as float32; nothing is re-quantised. Activation quantisation follows fbgemm's rule (full 8-bit
-range when |q| <= 63); 8-bit weights beside 7-bit activations (fbgemm's reduce_range) have no ONNX operator
-and are refused.
+range when |q| <= 63, else 7-bit activations, fbgemm's reduce_range: written as ReduceMin/ReduceMax and
+QuantizeLinear on 127 levels, since DynamicQuantizeLinear always takes 255).
 """
 
 from __future__ import annotations
@@ -52,16 +52,32 @@ def _dequantized(g, codes, scale, zero, groups: int):
     return g.op("Reshape", w, flat)
 
 
+def _quantize_reduced(g, x, levels: int):
+    """ONNX: x as uint8 on fbgemm's grid of `levels` steps over [min(x) ^ 0, max(x) v 0] (7-bit: 127 levels)."""
+    zero = g.op("Constant", value_t=torch.tensor(0.0))
+    lo = g.op("Min", g.op("ReduceMin", x, keepdims_i=0), zero)
+    hi = g.op("Max", g.op("ReduceMax", x, keepdims_i=0), zero)
+    step = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.op("Constant", value_t=torch.tensor(float(levels)))),
+                g.op("Constant", value_t=torch.tensor(torch.finfo(torch.float32).tiny)))
+    zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), step)), zero,
+              g.op("Constant", value_t=torch.tensor(float(levels))))
+    zp = g.op("Cast", zp, to_i=2)  # uint8
+    return g.op("QuantizeLinear", x, step, zp), step, zp
+
+
 class _DynamicMatMul(torch.autograd.Function):
     """x (.., K) -> (.., N): dynamic uint8 activations (one range per call) x int8 weights, float out."""
 
     @staticmethod
-    def forward(ctx, x, w_t, w_scale, reference):  # reference: modelpress's own kernel (what tracing runs)
-        return reference(x)
+    def forward(ctx, x, w_t, w_scale, w_ref, levels):  # tracing runs the float product (values not exported)
+        return F.linear(x, w_ref)
 
     @staticmethod
-    def symbolic(g, x, w_t, w_scale, reference):
-        x_q, x_scale, x_zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+    def symbolic(g, x, w_t, w_scale, w_ref, levels):
+        if levels == 255:
+            x_q, x_scale, x_zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        else:
+            x_q, x_scale, x_zp = _quantize_reduced(g, x, levels)
         acc = g.op("MatMulInteger", x_q, w_t, x_zp)  # int32 (.., N)
         scale = g.op("Mul", x_scale, w_scale)  # (N,)
         return g.op("Mul", g.op("Cast", acc, to_i=1), scale)
@@ -74,10 +90,8 @@ class OnnxDynamicLinear(nn.Module):
         super().__init__()
         enc, inverse = _quantized(module.encoding)
         signed = enc.int_codes().to(torch.int16) - enc.scheme.midpoint  # (N, K)
-        if int(signed.abs().max()) > 63:
-            raise UnsupportedError("a W8A8 layer with full 8-bit weights runs 7-bit activations (fbgemm's "
-                                   "reduce_range), which ONNX has no operator for: compress with weight_bits: 7 "
-                                   "(the w8a8 and w8a8-smooth presets)")
+        # fbgemm's rule (nn/kernels.py): weights beyond 7 bits get 7-bit activations, else the full 8 bits
+        self.levels = 127 if int(signed.abs().max()) > 63 else 255
         if enc.scheme.group_size == PER_TENSOR:
             w_scale = enc.scale.float().reshape(1).expand(enc.shape[0]).clone()
         else:
@@ -90,7 +104,7 @@ class OnnxDynamicLinear(nn.Module):
         self.w_ref = enc.decode(torch.float32)  # (N, K): what the traced forward multiplies by (not exported)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return _DynamicMatMul.apply(x, self.w_t, self.w_scale, lambda v: F.linear(v, self.w_ref))
+        return _DynamicMatMul.apply(x, self.w_t, self.w_scale, self.w_ref, self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
