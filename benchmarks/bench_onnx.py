@@ -62,8 +62,9 @@ def build(encoder, workdir: Path, presets: list[str], threads: int):
     rows = [(ort_own.name, ort_own.encode, onnx_file.stat().st_size, None)]
     for name in presets:
         model = modelpress.compress(load_sentence_encoder("minilm"), name)
-        checkpoint = modelpress.save(model, workdir / f"modelpress-{name}")
-        folder = export_model(checkpoint, "onnx", workdir / f"onnx-{name}")
+        run = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))  # ORT's own build is cached; ours is not
+        checkpoint = modelpress.save(model, run / "checkpoint")
+        folder = export_model(checkpoint, "onnx", run / "onnx")
         rows.append((f"modelpress {name} -> ONNX", ort_encoder(encoder, folder / "model.onnx", threads),
                      (folder / "model.onnx").stat().st_size, model.encode))
     return rows

@@ -1,11 +1,15 @@
-"""ONNX exports of sentence encoders, run by ONNX Runtime with the compressed weights as they are.
+"""ONNX exports of sentence encoders and causal LMs, run by ONNX Runtime with the compressed weights as they are.
 
-    model.onnx        inputs input_ids, attention_mask, token_type_ids (int64, batch x sequence, both dynamic);
-                      outputs last_hidden_state (B, T, C) and sentence_embedding (B, C: the encoder's pooling
-                      and normalisation). Each compressed layer is written as exports/onnx_ops.py says: W8A8
-                      layers as dynamic uint8 x int8 matmuls (ORT's own fused kernel), weight-only ones from
-                      their stored codes; float layers as torch.onnx writes them (opset 17, TorchScript exporter)
-    tokenizer.json, config.json and the sentence-transformers files, as the model keeps them
+    model.onnx        a sentence encoder: inputs input_ids, attention_mask, token_type_ids (int64, batch x
+                      sequence, both dynamic); outputs last_hidden_state (B, T, C) and sentence_embedding (B, C:
+                      the encoder's pooling and normalisation).
+                      a causal LM: inputs input_ids, attention_mask; output logits (B, T, vocab), the whole
+                      sequence scored at once (no key/value cache: for scoring, not for fast decoding).
+                      Each compressed layer is written as exports/onnx_ops.py says: W8A8 layers as dynamic
+                      uint8 x int8 matmuls (ORT's own fused kernel), symmetric 4-bit ones as MatMulNBits,
+                      other weight-only ones from their stored codes; float layers as torch.onnx writes them
+                      (opset 17, TorchScript exporter)
+    tokenizer.json, config.json and the other support files, as the model keeps them
 
 The codes and scales are modelpress's own (no requantisation), so ONNX Runtime computes what modelpress
 computes, up to float rounding (the tests hold it to cosine >= 0.9999 on every sentence).
@@ -32,13 +36,15 @@ __all__ = ["ONNX_FILE", "ONNX_INPUTS", "ONNX_OUTPUTS", "OPSET", "export_onnx", "
 ONNX_FILE = "model.onnx"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_OUTPUTS = ("last_hidden_state", "sentence_embedding")
+LM_INPUTS, LM_OUTPUTS = ("input_ids", "attention_mask"), ("logits",)
 OPSET = 17
 MAX_ONNX_BYTES = 2**31 - 1  # one protobuf message; larger models need external data (not written yet)
 _TRACE_SENTENCES = ["A short one.", "A somewhat longer sentence, so that the batch needs padding."]
 
 
 def export_onnx(model_dir: str | Path, out: str | Path) -> Path:
-    """Write the sentence encoder of `model_dir` (a checkpoint, or any source load_model reads) as an ONNX folder."""
+    """Write the sentence encoder or causal LM of `model_dir` (a checkpoint, or any source load_model reads) as an
+    ONNX folder."""
     model = load_model(model_dir)
     files = {ONNX_FILE: [onnx_bytes(model)], **{rel: [data] for rel, data in model.support_files.items()}}
     return write_folder(out, files, protected=[model_dir] if Path(model_dir).exists() else [])
@@ -64,18 +70,32 @@ class _EncoderGraph(nn.Module):
         return states, pooled
 
 
-def onnx_bytes(encoder: nn.Module) -> bytes:
-    """The ONNX model of a sentence encoder (its compressed layers replaced by their ONNX stand-ins in place)."""
-    if isinstance(encoder, CausalLM):
-        raise UnsupportedError("the ONNX export writes sentence encoders; for a causal LM export a Hugging Face "
-                               "folder (--format hf) or GGUF (--format gguf)")
-    if not isinstance(encoder, SentenceEncoder):
-        raise UnsupportedError(f"a {type(encoder).__name__} has no ONNX export: export a sentence encoder")
-    for name, module in compressed_modules(encoder.model).items():
-        encoder.model.set_submodule(name, onnx_stand_in(name, module))
-    graph = _EncoderGraph(encoder).eval()
-    trace = encoder.tokenize(_TRACE_SENTENCES)
+class _CausalLMGraph(nn.Module):
+    """transformers' causal LM scoring a whole sequence: (input_ids, attention_mask) -> logits."""
+
+    def __init__(self, lm: CausalLM):
+        super().__init__()
+        self.model = lm.model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def onnx_bytes(model: nn.Module) -> bytes:
+    """The ONNX model of a sentence encoder or causal LM (its compressed layers replaced by their ONNX stand-ins,
+    in place)."""
+    if not isinstance(model, (SentenceEncoder, CausalLM)):
+        raise UnsupportedError(f"a {type(model).__name__} has no ONNX export: export a sentence encoder or a causal LM")
+    for name, module in compressed_modules(model.model).items():
+        model.model.set_submodule(name, onnx_stand_in(name, module))
     axes = {0: "batch", 1: "sequence"}
+    trace = model.tokenize(_TRACE_SENTENCES)
+    if isinstance(model, CausalLM):
+        graph, inputs, outputs = _CausalLMGraph(model).eval(), LM_INPUTS, LM_OUTPUTS
+        dynamic = {k: axes for k in (*inputs, *outputs)}
+    else:
+        graph, inputs, outputs = _EncoderGraph(model).eval(), ONNX_INPUTS, ONNX_OUTPUTS
+        dynamic = {**{k: axes for k in inputs}, outputs[0]: axes, outputs[1]: {0: "batch"}}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter is deprecated; tracer warnings come from transformers' mask code (shape
@@ -84,10 +104,9 @@ def onnx_bytes(encoder: nn.Module) -> bytes:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r"Exporting aten::index operator", category=UserWarning)
-        torch.onnx.export(graph, tuple(trace[k] for k in ONNX_INPUTS), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS),
-                          dynamic_axes={**{k: axes for k in ONNX_INPUTS}, ONNX_OUTPUTS[0]: axes,
-                                        ONNX_OUTPUTS[1]: {0: "batch"}},
+        torch.onnx.export(graph, tuple(trace[k] for k in inputs), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic,
+                          custom_opsets={"com.microsoft": 1},  # MatMulNBits
                           do_constant_folding=False)  # ORT folds at load; here it would widen the codes to float
     data = buffer.getvalue()
     if len(data) > MAX_ONNX_BYTES:

@@ -7,7 +7,8 @@
                                      fuses into one DynamicQuantizeMatMul (u8 activations x s8 weights)
     W8A8 Linear, a range per token   m = max|x| per row; the above on x / m, its output * m [+ bias]
     (kernel dynamic_int8_token)      (the rule of nn/kernels.py: one range over the scaled rows)
-    weight-only quantised Linear     W = (codes - zero) * scale from the stored codes (Cast/Sub/Mul on
+    symmetric 4-bit Linear           com.microsoft MatMulNBits on our packed codes (reshaped, not repacked)
+    other weight-only Linear         W = (codes - zero) * scale from the stored codes (Cast/Sub/Mul on
                                      initializers, folded by ORT at load), then MatMul: float activations
     quantised embedding table        Gather of the code rows and their scales, then (codes - zero) * scale
 
@@ -29,7 +30,8 @@ from modelpress.encodings.quantized import PER_TENSOR
 from modelpress.errors import UnsupportedError
 from modelpress.nn.kernels import Kernel
 
-__all__ = ["OnnxDynamicLinear", "OnnxEmbedding", "OnnxWeightOnlyLinear", "onnx_stand_in"]
+__all__ = ["OnnxDynamicLinear", "OnnxEmbedding", "OnnxNBitsLinear", "OnnxWeightOnlyLinear", "nbits_block",
+           "onnx_stand_in"]
 
 
 def _quantized(enc) -> tuple[QuantizedTensor, torch.Tensor | None]:
@@ -198,6 +200,61 @@ class OnnxEmbedding(nn.Module):
         return _GatherDequantized.apply(ids, self.codes, self.scale, self.zero, self.table_ref)
 
 
+def nbits_block(enc: QuantizedTensor) -> int | None:
+    """MatMulNBits' block size for a weight it holds exactly (symmetric 4-bit, a group a power of two >= 16,
+    or one scale per row spread over equal blocks), else None."""
+    if not enc.scheme.symmetric or enc.scheme.bits != 4 or enc.scheme.group_size == PER_TENSOR:
+        return None
+    cols = enc.matrix_shape[1]
+    group = enc.scheme.group_columns(*enc.matrix_shape)
+    blocks = [b for b in (128, 64, 32, 16) if group % b == 0 and cols % b == 0]
+    return blocks[0] if blocks else None
+
+
+class _MatMulNBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, scales, w_ref, n, k, block):
+        return F.linear(x, w_ref)
+
+    @staticmethod
+    def symbolic(g, x, packed, scales, w_ref, n, k, block):
+        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, K_i=k, N_i=n, bits_i=4, block_size_i=block)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:  # tell the exporter's shape inference what a contrib op gives: (.., N)
+            y.setType(x.type().with_sizes([*sizes[:-1], n]))
+        return y
+
+
+class OnnxNBitsLinear(nn.Module):
+    """A symmetric 4-bit CompressedLinear as ONNX Runtime's MatMulNBits (com.microsoft).
+
+    MatMulNBits holds B as (N, K / block, block / 2) bytes, element j of a block in the low nibble of byte
+    j / 2 when j is even and the high nibble when odd, a float scale per (row, block), and (no zero points
+    given) the zero point 8: w = (q - 8) * scale. Our symmetric 4-bit codes are q with midpoint 8, packed
+    two to a byte, low nibble first, row by row (encodings/packing.py): the same bytes, reshaped. A scale per
+    group of several blocks is repeated for each block.
+    """
+
+    def __init__(self, module: nn.Module, block: int):
+        super().__init__()
+        enc, inverse = _quantized(module.encoding)
+        rows, cols = enc.matrix_shape
+        group = enc.scheme.group_columns(rows, cols)
+        self.n, self.k, self.block = rows, cols, block
+        self.register_buffer("packed", enc.codes.reshape(rows, cols // block, block // 2).contiguous())
+        scales = enc.scale.float().repeat_interleave(group // block, dim=1)  # (N, K / block)
+        self.register_buffer("scales", scales.reshape(-1).contiguous())
+        self.register_buffer("input_scale", inverse)
+        self.w_ref = enc.decode(torch.float32)
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        y = _MatMulNBits.apply(x, self.packed, self.scales, self.w_ref, self.n, self.k, self.block)
+        return y if self.bias is None else y + self.bias
+
+
 def onnx_stand_in(name: str, module: nn.Module) -> nn.Module:
     """The ONNX stand-in of a compressed module, or an error naming what ONNX cannot hold and what can."""
     enc, _ = _quantized(module.encoding) if isinstance(module.encoding, (QuantizedTensor, ChannelScaledTensor)) \
@@ -213,4 +270,5 @@ def onnx_stand_in(name: str, module: nn.Module) -> nn.Module:
                                "leave it uncompressed (an ignore pattern in the recipe)")
     if module.kernel in (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN):
         return OnnxDynamicLinear(module)
-    return OnnxWeightOnlyLinear(module)
+    block = nbits_block(enc)
+    return OnnxWeightOnlyLinear(module) if block is None else OnnxNBitsLinear(module, block)
