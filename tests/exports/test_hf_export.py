@@ -137,3 +137,20 @@ def test_shapes_the_config_cannot_hold_are_refused(tmp_path):
     with pytest.raises(UnsupportedError, match="structured pruning"):
         hf_files(lm)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_minilm_int8_float16_folder_in_sentence_transformers(minilm, tmp_path):
+    """The bundled MiniLM at int8 exported as a float16 folder: SentenceTransformer's embeddings of held-out
+    sentences match modelpress's own (cosine >= 0.9999 on every sentence)."""
+    import copy
+
+    st = pytest.importorskip("sentence_transformers")
+    from modelpress.data.corpus import corpus_splits
+
+    encoder = compress(copy.deepcopy(minilm), "int8")
+    out = export_model(save(encoder, tmp_path / "ckpt"), "hf", tmp_path / "hf")
+    sentences = list(corpus_splits(n_eval=200, n_calib=1).evaluation)
+    theirs = st.SentenceTransformer(str(out), device="cpu").encode(sentences, convert_to_tensor=True).float()
+    cos = torch.nn.functional.cosine_similarity(theirs, encoder.encode(sentences, convert_to_tensor=True))
+    assert cos.min() >= 0.9999

@@ -26,7 +26,7 @@ from torch import nn
 
 from modelpress.errors import UnsupportedError
 from modelpress.exports.hf_folder import compressed_modules, write_folder
-from modelpress.exports.onnx_ops import onnx_stand_in
+from modelpress.exports.onnx_ops import OnnxNBitsLinear, onnx_stand_in
 from modelpress.formats.causal_lm import CausalLM
 from modelpress.formats.hf import SentenceEncoder
 from modelpress.formats.models import load_model
@@ -86,8 +86,10 @@ def onnx_bytes(model: nn.Module) -> bytes:
     in place)."""
     if not isinstance(model, (SentenceEncoder, CausalLM)):
         raise UnsupportedError(f"a {type(model).__name__} has no ONNX export: export a sentence encoder or a causal LM")
-    for name, module in compressed_modules(model.model).items():
-        model.model.set_submodule(name, onnx_stand_in(name, module))
+    stand_ins = {name: onnx_stand_in(name, module) for name, module in compressed_modules(model.model).items()}
+    for name, stand_in in stand_ins.items():
+        model.model.set_submodule(name, stand_in)
+    contrib = {"com.microsoft": 1} if any(isinstance(m, OnnxNBitsLinear) for m in stand_ins.values()) else {}
     axes = {0: "batch", 1: "sequence"}
     trace = model.tokenize(_TRACE_SENTENCES)
     if isinstance(model, CausalLM):
@@ -106,7 +108,7 @@ def onnx_bytes(model: nn.Module) -> bytes:
         warnings.filterwarnings("ignore", message=r"Exporting aten::index operator", category=UserWarning)
         torch.onnx.export(graph, tuple(trace[k] for k in inputs), buffer, dynamo=False, opset_version=OPSET,
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic,
-                          custom_opsets={"com.microsoft": 1},  # MatMulNBits
+                          custom_opsets=contrib,  # MatMulNBits
                           do_constant_folding=False)  # ORT folds at load; here it would widen the codes to float
     data = buffer.getvalue()
     if len(data) > MAX_ONNX_BYTES:
