@@ -2,6 +2,12 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py [--sentences 2000] [--threads 2] [--rounds 5]
         [--presets w8a8-smooth,w8a8,int8]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py --part lm [--recipe llm-q4] [--windows 8]
+        [--calibration 32]
+
+Part `lm`: SmolLM2-135M-Instruct compressed by `--recipe` (GPTQ calibrated on `--calibration` dev windows),
+exported to ONNX (4-bit layers as MatMulNBits) and scored by ONNX Runtime on `--windows` 512-token windows
+of the heldout text, next to modelpress's own perplexity of the same model (exact figures).
 
 For each modelpress preset: the model is compressed, saved, exported (`modelpress.export_model(..., "onnx", ...)`)
 and run by ONNX Runtime. Reported per row: mean / 1st-percentile / minimum cosine of the ORT export to
@@ -84,8 +90,56 @@ def timed(rows, sentences: list[str], threads: int, rounds: int) -> dict[str, li
     return times
 
 
+def lm_part(args) -> None:
+    """SmolLM2: modelpress's perplexity and ONNX Runtime's of the MatMulNBits export, same windows."""
+    import numpy as np
+
+    from modelpress.calibration import calibration_windows
+    from modelpress.data.text import reference_text
+    from modelpress.evaluate.perplexity import score_language_model, token_windows
+    from modelpress.exports.onnx import onnx_bytes
+    from modelpress.formats.models import load_model
+
+    import onnxruntime as ort
+
+    lm = load_model("smollm2")
+    windows = token_windows(torch.tensor(lm.tokenizer(reference_text("heldout"))["input_ids"]), 512,
+                            max_tokens=512 * args.windows)
+    calibration = calibration_windows(lm.tokenizer, args.calibration) if args.calibration else None
+    start = time.perf_counter()
+    lm = modelpress.compress(lm, args.recipe, calibration=calibration)
+    compress_s = time.perf_counter() - start
+    with torch.inference_mode():
+        ours = score_language_model(lm, windows)
+    start = time.perf_counter()
+    data = onnx_bytes(lm)
+    export_s = time.perf_counter() - start
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    def run(input_ids):
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": np.ones(tuple(input_ids.shape), dtype=np.int64)}
+        return torch.from_numpy(session.run(None, feeds)[0])
+
+    theirs = score_language_model(run, windows)
+    agree = float((ours.predictions == theirs.predictions).float().mean())
+    print(f"Command: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py --part lm --recipe {args.recipe} "
+          f"--windows {args.windows} --calibration {args.calibration}\n")
+    print(f"SmolLM2-135M-Instruct, {args.recipe}, heldout {windows.shape[0]} x 512 tokens; .onnx {len(data) / 1e6:.1f} MB "
+          f"(compress {compress_s:.0f} s, export {export_s:.0f} s)\n")
+    print("| runtime | perplexity | vs modelpress | top-1 agreement |\n|---|---|---|---|")
+    print(f"| modelpress | {np.exp(ours.nll):.4f} | 1.0000 | 1.000 |")
+    print(f"| ONNX Runtime {ort.__version__} (MatMulNBits) | {np.exp(theirs.nll):.4f} | "
+          f"{np.exp(theirs.nll - ours.nll):.4f} | {agree:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["encoder", "lm"], default="encoder")
+    parser.add_argument("--recipe", default="llm-q4", help="lm: the recipe SmolLM2 is compressed with")
+    parser.add_argument("--windows", type=int, default=8, help="lm: heldout windows of 512 tokens")
+    parser.add_argument("--calibration", type=int, default=32, help="lm: dev windows to calibrate GPTQ on")
     parser.add_argument("--sentences", type=int, default=2000)
     parser.add_argument("--latency-sentences", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -94,6 +148,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="cache folder for ORT's exports (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "lm":
+        return lm_part(args)
     encoder = load_sentence_encoder("minilm")
     sentences = list(corpus_splits(n_eval=args.sentences, n_calib=1).evaluation)
     reference = encoder.encode(sentences)

@@ -87,3 +87,14 @@ def test_cli_writes_it(mixed, tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(ckpt), "--format", "onnx", "--quantized", "--out", str(tmp_path / "bad")]) == 2
     assert "apply to --format hf only" in capsys.readouterr().err
+
+
+def test_tied_output_layer_stays_the_embedding_table(tmp_path):
+    lm = compress(load_model(write_tiny_lm("llama", tmp_path / "src")), "llm-int8")
+    out = export_model(save(lm, tmp_path / "ckpt"), "hf", tmp_path / "ct", dtype="float32", quantized=True)
+    targets = [t for g in json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+               for t in g["targets"]]
+    assert targets and not any("lm_head" in t for t in targets)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_ids(lm)).logits, lm(_ids(lm)).logits, atol=1e-5, rtol=0)

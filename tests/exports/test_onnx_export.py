@@ -114,8 +114,12 @@ def test_what_onnx_cannot_hold_is_refused(source):
         onnx_bytes(compress(load_model(source), {"*.encoder.*": LowRankConfig(rank=4)}))
 
 
-def test_causal_lm_is_refused_with_the_formats_that_hold_it(tmp_path):
-    from _tiny_lm import write_tiny_lm
+def test_cli_exports_onnx(source, tmp_path, capsys):
+    from modelpress.cli import main
 
-    with pytest.raises(UnsupportedError, match="--format hf"):
-        onnx_bytes(load_model(write_tiny_lm("llama", tmp_path / "lm")))
+    ckpt = save(compress(load_model(source), "w8a8"), tmp_path / "ckpt")
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "onnx" / ONNX_FILE).is_file()
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 2  # never replaced
+    assert "already exists" in capsys.readouterr().err

@@ -66,12 +66,14 @@ def hf_files(model: nn.Module, dtype: str = "float16", quantized: bool = False) 
     skeleton = _skeleton(fields, isinstance(model, CausalLM))
     state = _fit(dense_state(inner, DTYPES[dtype]), skeleton)
     ties = tied_parameters(skeleton)
+    tied = {}
     if any(not torch.equal(state[name], state[kept]) for name, kept in ties.items()):
         fields["tie_word_embeddings"] = False  # a recipe gave the output layer its own weight
     else:
         state = {k: v for k, v in state.items() if k not in ties}
+        tied = {name.removesuffix(".weight") for name in ties}  # stays the embedding's (dense) tensor
     if quantized:
-        packed, groups = compressed_tensors_state(inner, DTYPES[dtype])
+        packed, groups = compressed_tensors_state(inner, DTYPES[dtype], skip=tied)
         state = {k: v for k, v in state.items() if k[: -len(".weight")] + ".weight_packed" not in packed}
         state.update(packed)
         fields["quantization_config"] = quantization_config(groups)

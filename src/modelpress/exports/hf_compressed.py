@@ -53,13 +53,15 @@ def _check(name: str, module: nn.Module) -> QuantizedTensor:
     return enc
 
 
-def compressed_tensors_state(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+def compressed_tensors_state(model: nn.Module, dtype: torch.dtype,
+                             skip: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict]:
     """The packed tensors of every compressed Linear ({name}.weight_packed/_scale/_shape) and, by scheme,
-    the module names (for `quantization_config`)."""
+    the module names (for `quantization_config`); modules in `skip` (an output layer tied to the embedding
+    table, which transformers ties to the dense table) are left out."""
     state: dict[str, torch.Tensor] = {}
     groups: dict[tuple[int, int], list[str]] = {}
     for name, module in compressed_modules(model).items():
-        if not hasattr(module, "in_features"):
+        if not hasattr(module, "in_features") or name in skip:
             continue  # embeddings stay dense (compressed-tensors quantises Linear layers)
         enc = _check(name, module)
         rows, cols = enc.matrix_shape
