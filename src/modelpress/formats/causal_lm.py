@@ -39,6 +39,8 @@ CAUSAL_LM_FILES = (
 )
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 _HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # LlamaForCausalLM, GPT2LMHeadModel, ...
+# What transformers' pipelines and trainers read from a model: asked of the wrapper, the error says to unwrap it.
+_TRANSFORMERS_MODEL_ATTRIBUTES = frozenset({"config", "device", "dtype", "generation_config", "can_generate"})
 
 
 def is_causal_lm_config(fields: Any) -> bool:
@@ -62,6 +64,23 @@ class CausalLM(nn.Module):
         record_ties(self)  # the embedding and output layer stay one tensor even if a pass rebinds one of them
 
     # No `config` attribute of its own: code that runs transformers models unwraps `.model` (which has one).
+    # transformers' own tools take that model too: pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer)
+    # (or `lm.pipeline()`); `lm.model.generate(...)` is transformers' generate, compressed layers inside.
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError as exc:
+            if name in _TRANSFORMERS_MODEL_ATTRIBUTES:
+                raise AttributeError(f"{exc}: a CausalLM wraps transformers' model; give `lm.model` (and "
+                                     "`lm.tokenizer`) to transformers, e.g. pipeline(..., model=lm.model)") from None
+            raise
+
+    def pipeline(self, task: str = "text-generation", **kwargs):
+        """transformers' `pipeline(task)` running this model (its compressed layers) with its tokenizer."""
+        from transformers import pipeline
+
+        return pipeline(task, model=self.model, tokenizer=self.tokenizer, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """transformers' output for `input_ids` (B, T): `.logits` is (B, T, vocab). No key/value cache unless asked

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from modelpress import fileio
-from modelpress.data.batches import tokenised_batches
 from modelpress.errors import FormatError, ModelNotFoundError, ModelpressError, UnsupportedError
 from modelpress.formats import tensorfile
+from modelpress.formats.st_encode import encode_sentences
 from modelpress.limits import MAX_SUPPORT_FILE_BYTES, check_allocation
 from modelpress.safeparse import load_json
 
@@ -165,17 +165,15 @@ class SentenceEncoder(nn.Module):
         return pooled
 
     @torch.inference_mode()
-    def encode(self, sentences: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Embeddings (N, C) in input order; batches are formed by length to waste less padding."""
-        out: list[torch.Tensor] = [None] * len(sentences)  # type: ignore[list-item]
+    def encode(self, sentences: str | list[str], batch_size: int = 32, show_progress_bar: bool | None = None,
+               convert_to_numpy: bool | None = None, convert_to_tensor: bool | None = None,
+               normalize_embeddings: bool = False):
+        """Embeddings (N, C) in input order (batches formed by length to waste less padding); the arguments
+        are sentence-transformers' and mean what they mean there (formats/st_encode.py). With neither
+        `convert_to_*` given, a torch tensor."""
         self.eval()
-        for idx, inputs in tokenised_batches(self, sentences, batch_size, longest_first=True):
-            emb = self(**inputs).float()
-            for row, i in enumerate(idx):
-                out[i] = emb[row]
-        if not out:
-            return torch.empty(0, 0)
-        return torch.stack(out)
+        return encode_sentences(self, self, sentences, batch_size, show_progress_bar, convert_to_numpy,
+                                convert_to_tensor, normalize_embeddings)
 
 
 def bad_file(name: str, what: str) -> FormatError:
