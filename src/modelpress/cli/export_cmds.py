@@ -13,11 +13,12 @@ _HF_ONLY = ("dtype", "quantized")
 
 
 def cmd_export(args) -> int:
-    given = lambda names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n)]  # noqa: E731
-    misplaced = (given(_GGUF_ONLY) if args.format != "gguf" else []) + (given(_HF_ONLY) if args.format != "hf" else [])
+    home = {**dict.fromkeys(_GGUF_ONLY, "gguf"), **dict.fromkeys(_HF_ONLY, "hf")}
+    misplaced = [name for name, fmt in home.items() if getattr(args, name) and fmt != args.format]
     if misplaced:
-        raise ConfigError(f"{', '.join(misplaced)} do(es) not apply to --format {args.format}: leave them out "
-                          "(onnx and hf write a new folder: remove --out first to replace it)")
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in misplaced)
+        hint = " (onnx and hf write a new folder: remove --out first to replace it)" if "overwrite" in misplaced else ""
+        raise ConfigError(f"{flags} apply to --format {home[misplaced[0]]} only, not {args.format}: leave them out{hint}")
     bad = [item for item in args.type or () if "=" not in item]
     if bad:
         raise ConfigError(f"--type {bad[0]!r} is not PATTERN=TYPE: write e.g. --type 'blk.*.ffn_down.weight=Q6_K'")
