@@ -53,6 +53,7 @@ def test_smollm2_int8_round_trip(tmp_path):
 def test_our_gguf_reader_gives_the_model_transformers_reads():
     """SmolLM2's Q4_1 and Q8_0 blocks, q/k row order and metadata, read by us (seconds) and by transformers'
     GGUF reader (tens of seconds): the same weights, config and generation config."""
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     from modelpress.formats.models import resolve_source
@@ -64,5 +65,7 @@ def test_our_gguf_reader_gives_the_model_transformers_reads():
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     skip = {"quantization_config", "_name_or_path", "architectures"}
     ca, cb = ours.config.to_dict(), theirs.config.to_dict()
+    # ours also keeps llama.cpp's pre-tokenizer name (a GGUF export writes it back); transformers drops it
+    assert ca.pop("gguf_tokenizer_pre") == GGUFReader(path).fields["tokenizer.ggml.pre"].contents()
     assert {k: v for k, v in ca.items() if k not in skip} == {k: v for k, v in cb.items() if k not in skip}
     assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
