@@ -17,8 +17,10 @@ def cmd_export(args) -> int:
     misplaced = [name for name, fmt in home.items() if getattr(args, name) and fmt != args.format]
     if misplaced:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in misplaced)
-        hint = " (onnx and hf write a new folder: remove --out first to replace it)" if "overwrite" in misplaced else ""
-        raise ConfigError(f"{flags} apply to --format {home[misplaced[0]]} only, not {args.format}: leave them out{hint}")
+        new_folder = " (onnx and hf write a new folder: remove --out first to replace it)"
+        hint = new_folder if "overwrite" in misplaced else ""
+        raise ConfigError(f"{flags} apply to --format {home[misplaced[0]]} only, not {args.format}: "
+                          f"leave them out{hint}")
     bad = [item for item in args.type or () if "=" not in item]
     if bad:
         raise ConfigError(f"--type {bad[0]!r} is not PATTERN=TYPE: write e.g. --type 'blk.*.ffn_down.weight=Q6_K'")

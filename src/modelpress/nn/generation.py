@@ -20,8 +20,9 @@ Threads in the decode steps: where most of a model's matmul weights run on model
 kernel (nn/qmatmul.py), decode steps run torch on one thread and that kernel on all of torch's
 threads. A decode step is ~200 kernel calls separated by small torch ops; with torch on two threads
 its OpenMP worker spins after each of them on the core the kernel's own worker needs, and the
-kernel waits for the scheduler (on this 2-core machine, llm-q4 at 2 threads decoded at 35.5 tok/s
-against 37.7 at 1 thread). The small ops gain nothing from a second thread at one row.
+kernel waits for the scheduler. The small ops gain nothing from a second thread at one row. On this
+2-core machine, quiet, SmolLM2 at 2 threads (benchmarks/results_llm.md): llm-q4 35.5 -> 54.6 tok/s,
+llm-int8 42.1 -> 62.6 tok/s; under load the old setting took 486 ms per token, the split 79 ms.
 
 Measured on the development machine (1 thread, a 30-layer 64-wide Llama whose compute is negligible,
 so the time per token is framework time; machine busy, same run): transformers' `generate` 28.7 ms,
@@ -48,7 +49,8 @@ from modelpress.nn.kernels import Kernel
 from modelpress.nn.modules import CompressedLinear
 from modelpress.nn.qmatmul import NATIVE_AVAILABLE, kernel_threads, supports_qmatmul
 
-__all__ = ["Engine", "Generation", "LEAN_MODEL_TYPES", "decode_threads", "greedy_generate", "lean_supported", "packed_share"]
+__all__ = ["Engine", "Generation", "LEAN_MODEL_TYPES", "decode_threads", "greedy_generate", "lean_supported",
+           "packed_share"]
 
 # transformers model types whose decoder layers compute exactly what the LEAN engine computes
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})

@@ -5,9 +5,9 @@ points: the layout of `encodings/packing.py`); nothing is decoded ahead of time,
 model keeps its compressed size in memory. The C extension `_qmatmul` (built by setup.py where a
 compiler exists) decodes eight weights at a time in registers, exactly as `QuantizedTensor.decode`
 computes them, and multiplies them into the input rows: AVX2 + FMA where the CPU has them, else
-portable C, on `torch.get_num_threads()` threads (or the count `kernel_threads` sets). Without the extension, a PyTorch fallback
-decodes blocks of output rows (at most `_FALLBACK_BLOCK_FLOATS` floats at a time) and multiplies
-each: the same product, slower, still without a float copy of the whole weight.
+portable C, on torch's thread count (or the count `kernel_threads` sets). Without the extension,
+a PyTorch fallback decodes blocks of output rows (at most `_FALLBACK_BLOCK_FLOATS` floats at a
+time) and multiplies each: the same product, slower, still without a float copy of the whole weight.
 
 Method per call, by a cost model rather than a clock (a busy machine cannot mislead it), from the
 number of input rows r:
