@@ -12,10 +12,9 @@ service from AWS_ENDPOINT_URL_S3; the store keeps only the URL.
 
 from __future__ import annotations
 
-import argparse
-import math
 from pathlib import Path
 
+from modelpress.cli.argtypes import seconds
 from modelpress.cli.console import console as _console
 from modelpress.errors import StoreError
 from modelpress.store import GC_GRACE, Store
@@ -27,16 +26,6 @@ from modelpress.store.remote_pull import clone, pull
 from modelpress.store.remote_push import push
 
 __all__ = ["add_remote_commands"]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
 
 
 def _print_report(report: TransferReport, verb: str) -> None:
@@ -149,7 +138,7 @@ def add_remote_commands(cmds) -> None:
         p.add_argument("--store", help="the store whose remote names are used")
         p.set_defaults(fn=fn)
     sub.choices["verify"].add_argument("--quick", action="store_true", help="check sizes only, do not read chunks")
-    sub.choices["gc"].add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+    sub.choices["gc"].add_argument("--grace", type=seconds, default=None, metavar="SECONDS",
                                    help="keep unreferenced objects younger than this (default 3600: a push in "
                                         "flight may still need them)")
     p = cmds.add_parser("push", help="send a version (and the refs naming it) to a remote: only missing chunks move")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 
 from rich.table import Table
 
 from modelpress import fileio
+from modelpress.cli.argtypes import seconds
 from modelpress.cli.console import console as _console
 from modelpress.cli.console import progress as _progress
 from modelpress.cli.remote_cmds import add_remote_commands
@@ -150,16 +149,6 @@ def cmd_gc(args) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
-
-
 def add_store_commands(sub) -> None:
     store = sub.add_parser("store", help="the model store: init, put, get, ls, log, diff, tag, verify, gc")
     cmds = store.add_subparsers(dest="store_command", required=True)
@@ -211,5 +200,5 @@ def add_store_commands(sub) -> None:
     p.add_argument("--out", required=True, help="the HTML file to write")
     command("verify", cmd_verify, "recheck the catalogue, every version's root hash and every chunk's hash")
     p = command("gc", cmd_gc, "remove unreferenced chunks and temporaries")
-    p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--grace", type=seconds, default=None, metavar="SECONDS",
                    help="keep unreferenced files younger than this (default 3600: a writer may still need them)")

@@ -28,7 +28,7 @@ from modelpress.errors import UnsupportedError
 from modelpress.exports.hf_folder import compressed_modules, source_folders, write_folder
 from modelpress.exports.onnx_ops import OnnxNBitsLinear, onnx_stand_in
 from modelpress.formats.causal_lm import CausalLM
-from modelpress.formats.hf import SentenceEncoder
+from modelpress.formats.hf import SentenceEncoder, pool_states
 from modelpress.formats.models import load_model
 
 __all__ = ["ONNX_FILE", "ONNX_INPUTS", "ONNX_OUTPUTS", "OPSET", "export_onnx", "onnx_bytes"]
@@ -60,14 +60,7 @@ class _EncoderGraph(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids):
         states = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             token_type_ids=token_type_ids).last_hidden_state  # (B, T, C)
-        if self.config.pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            weights = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
-            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # (B, C)
-        if self.config.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return states, pooled
+        return states, pool_states(states, attention_mask, self.config)
 
 
 class _CausalLMGraph(nn.Module):

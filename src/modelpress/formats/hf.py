@@ -27,6 +27,7 @@ from modelpress.limits import MAX_SUPPORT_FILE_BYTES, check_allocation
 from modelpress.safeparse import load_json
 
 __all__ = [
+    "pool_states",
     "BUNDLED_MODELS",
     "SentenceEncoder",
     "SentenceEncoderConfig",
@@ -155,14 +156,7 @@ class SentenceEncoder(nn.Module):
         states = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state  # (B, T, C)
-        if self.config.pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            weights = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
-            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # (B, C)
-        if self.config.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled
+        return pool_states(states, attention_mask, self.config)
 
     @torch.inference_mode()
     def encode(self, sentences: str | list[str], batch_size: int = 32, show_progress_bar: bool | None = None,
@@ -174,6 +168,18 @@ class SentenceEncoder(nn.Module):
         self.eval()
         return encode_sentences(self, self, sentences, batch_size, show_progress_bar, convert_to_numpy,
                                 convert_to_tensor, normalize_embeddings)
+
+
+def pool_states(states: torch.Tensor, attention_mask: torch.Tensor, config: SentenceEncoderConfig) -> torch.Tensor:
+    """The sentence embeddings (B, C) of token states (B, T, C): [CLS] or the masked mean, then L2 if asked."""
+    if config.pooling == "cls":
+        pooled = states[:, 0]
+    else:
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # (B, C)
+    if config.normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return pooled
 
 
 def bad_file(name: str, what: str) -> FormatError:
