@@ -179,3 +179,21 @@ def test_gc_stops_deleting_when_its_lease_runs_out(tmp_path, small_chunks, monke
     report = gc_remote(Remote(url), grace=0)
     assert report.stopped and report.chunks_removed == 0 and report.versions_removed == 0
     assert needed <= set(Remote(url).chunk_sizes()) and not list(Remote(url).backend.list("gc"))
+
+
+def test_a_gc_marker_dated_in_the_future_stops_the_push_with_a_clear_error(tmp_path, small_chunks, monkeypatch):
+    url = str(tmp_path / "remote")
+    store, needed = _scene(tmp_path, url)
+    with store:
+        remote = Remote(url)
+        remote.backend.put("gc/" + "3" * 32, [b'{"format": "modelpress.gc"}'])
+        _age(tmp_path / "remote" / "gc" / ("3" * 32), -86400.0)  # a hostile (or broken) clock: never stale
+        monkeypatch.setattr(remote_leases, "_POLL", 0.01)
+        monkeypatch.setattr(remote_leases, "GC_LEASE", 0.2)
+        monkeypatch.setattr(remote_leases, "LEASE_MARGIN", 0.1)
+        with pytest.raises(StoreError, match="longer than a gc may run"):
+            push(store, remote, "b")
+        assert remote.refs("b") == {}  # nothing of the push is visible
+        remote.backend.delete("gc/" + "3" * 32)
+        assert push(store, remote, "b").chunks_skipped == len(needed)
+        _check_clean(url, store, needed)

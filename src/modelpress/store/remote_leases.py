@@ -83,9 +83,12 @@ def announce_push(remote: Remote, versions, chunk_ids) -> PushLease:
     started = time.monotonic()
     body = {"format": "modelpress.push", "versions": sorted(versions), "chunks": sorted(chunk_ids)}
     remote.backend.put(key, [json.dumps(body, separators=(",", ":")).encode()])
-    lease = PushLease(key, started)
-    wait_for_gc(remote, _written(remote, "pushes", key))
-    return lease
+    try:
+        wait_for_gc(remote, _written(remote, "pushes", key))
+    except BaseException:
+        remote.backend.delete(key)
+        raise
+    return PushLease(key, started)
 
 
 def wait_for_gc(remote: Remote, mine: float) -> None:
@@ -97,6 +100,9 @@ def wait_for_gc(remote: Remote, mine: float) -> None:
         elapsed = time.monotonic() - listed_at
         live = {e.key for e in remote.backend.list("gc")}
         seen = {k: t for k, t in seen.items() if k in live and mine + elapsed - t <= GC_LEASE}
+        if seen and elapsed > GC_LEASE + LEASE_MARGIN:  # a marker dated in the future: the store's clock is wrong
+            raise StoreError(f"push waited {elapsed:.0f} s for remote gc marker {min(seen)} on {remote.url}, longer "
+                             "than a gc may run: if no gc is running there, remove that object and push again")
         if seen:
             time.sleep(_POLL)
 
