@@ -197,3 +197,21 @@ def test_a_gc_marker_dated_in_the_future_stops_the_push_with_a_clear_error(tmp_p
         remote.backend.delete("gc/" + "3" * 32)
         assert push(store, remote, "b").chunks_skipped == len(needed)
         _check_clean(url, store, needed)
+
+
+def test_a_push_slower_than_its_marker_lasts_announces_itself_again(tmp_path, small_chunks, monkeypatch):
+    """A marker protects for PUSH_LEASE; a push still running near its end writes a new one and lists again
+    before it moves a ref (here the lease is half a second and the upload takes longer)."""
+    url = str(tmp_path / "remote")
+    with Store.init(tmp_path / "s") as store:
+        vid = store.put(_state(), "m")
+        monkeypatch.setattr(remote_leases, "PUSH_LEASE", remote_leases.LEASE_MARGIN + 0.5)
+        backend = Counting(Remote(url).backend, delay=0.1)
+        remote = Remote(url, backend=backend, threads=1)
+        report = push(store, remote, "m")
+        markers = [k for k in backend.puts if k.startswith("pushes/")]
+        assert len(markers) >= 2  # announced again at least once
+        sent = [k for k in backend.puts if k.startswith("chunks/")]
+        assert len(sent) == len(set(sent)) == report.chunks_sent == len(store._chunks_of(store.version("m")))
+        assert Remote(url).resolve("m") == vid and verify_remote(Remote(url)).ok
+        assert not list(Remote(url).backend.list("pushes"))  # every marker it wrote is gone
