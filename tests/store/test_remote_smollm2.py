@@ -1,7 +1,7 @@
-"""The real SmolLM2-135M (fp32: 538 MB of weights, 265 MB of chunks) through moto's S3 server: push, clone into a fresh folder,
-byte-identical tensors (to the pushing store's and to the model's own), and a second push that sends nothing.
-The fine-tuned child's second push is measured on SmolLM2 by benchmarks/bench_remote.py --models smollm2 (and
-asserted on MiniLM by test_remote_minilm.py)."""
+"""The real SmolLM2-135M (fp32: 538 MB of weights, 265 MB of chunks) through moto's S3 server: push, clone into a
+fresh folder, byte-identical tensors (to the pushing store's and to the model's own), and a second push that sends
+nothing. The fine-tuned child's second push is measured on SmolLM2 by benchmarks/bench_remote.py --models smollm2
+(and asserted on MiniLM by test_remote_minilm.py)."""
 
 from __future__ import annotations
 
