@@ -187,7 +187,8 @@ def test_credentials_are_never_written_into_the_store(tmp_path, s3_url):
         if path.is_file():
             assert b"testing" not in path.read_bytes(), path  # the dummy key, secret and token are all "testing"
     backend = Remote(s3_url).backend  # nor onto the remote (its records, refs and markers)
-    keys = ["REMOTE"] + [e.key for prefix in ("refs", "versions", "pushes", "gc", "chunks") for e in backend.list(prefix)]
+    keys = ["REMOTE"] + [e.key for prefix in ("refs", "versions", "pushes", "gc", "chunks")
+                         for e in backend.list(prefix)]
     assert len(keys) >= 4
     for key in keys:
         assert b"testing" not in backend.get(key, 1 << 20), key
