@@ -103,7 +103,9 @@ def test_push_listed_before_gc_decided_and_finished_before_gc_deleted(tmp_path, 
         push_thread = _run(lambda: push(store, pusher, "b"), results, "push")
         assert push_backend.reached.wait(_WAIT)  # the push has listed the chunks: all there, all skipped
         gc_thread = _run(lambda: gc_remote(collector, grace=0), results, "gc")
-        gc_thread.join(timeout=1.0)  # gc decides (and, without the protocol, waits at its first chunk delete)
+        deadline = time.monotonic() + _WAIT  # gc decides: it ends, or (without the markers) waits at a chunk delete
+        while gc_thread.is_alive() and not gc_backend.reached.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
         push_backend.go.set()
         push_thread.join(_WAIT)
         gc_backend.go.set()  # any chunk delete gc had decided on goes ahead now
