@@ -1,17 +1,23 @@
-"""Loading a model straight from S3: `Store.open("s3://...").get(model)` vs downloading the same weights as one
-safetensors file with s3fs and parsing it, both against the same S3 endpoint, in the same run.
+"""Remotes on S3, per model, in one run: push and clone (bytes and times), a fine-tuned child's second push against
+its local delta, and loading straight from S3 — `Store.open("s3://...").get(model)` vs downloading the same weights
+as one safetensors file with s3fs and parsing it — against the same S3 endpoint.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_remote.py                 # moto's S3 server on loopback
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_remote.py --rounds 1 --models minilm   # a quick check
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_remote.py --models smollm2 --rounds 3
     AWS_PROFILE=... .venv/bin/python benchmarks/bench_remote.py --url s3://BUCKET/PREFIX  # a real bucket
 
-For each model (MiniLM fp32 and int4 by default): the store's version and a safetensors file of the same
-float weights (the int4 model's file holds its packed codes and scales, as a checkpoint would) are uploaded;
-then, interleaved per round: (a) `Store.open(url).get(model)` (parallel chunk reads into one arena, every
-chunk hash-checked), (b) `s3fs.cat(file)` + `safetensors.torch.load`, (c) `Store.open(url).get(model, names=[one
-tensor])`. Reported: median wall time and the exact bytes moved (chunk objects; the whole file). Times are
-only figures on a quiet machine; the bytes are exact anywhere. moto serves from this process's memory
-through a Python web server, so it favours few large requests: a real S3 endpoint is the figure that counts.
+For each model (MiniLM fp32 and int4 by default; `smollm2`): the model is stored and pushed to its own prefix
+(`push_s`, `push_bytes`), cloned into a fresh folder (`clone_s`, `clone_bytes`) and checked byte-identical;
+a child with the last block fine-tuned (noise of 1e-4 on its float weights) is stored and pushed
+(`child_push_bytes` against `child_delta_bytes`, the child's local stored bytes not shared with its parent);
+a safetensors file of the same weights (the int4 model's holds its packed codes and scales, as a checkpoint
+would) is uploaded; then, interleaved per round: (a) `Store.open(url).get(model)` (parallel chunk reads into
+one arena, every chunk hash-checked), (b) `s3fs.cat(file)` + `safetensors.torch.load`, (c)
+`Store.open(url).get(model, names=[one tensor])`. Reported: median wall time and the exact bytes moved (chunk
+objects; the whole file). Times are only figures on a quiet machine; the bytes are exact anywhere. moto serves
+from this process's memory through a Python web server, so it favours few large requests: a real S3 endpoint
+is the figure that counts.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -37,6 +44,7 @@ from modelpress.formats.checkpoint import describe
 from modelpress.formats.models import load_model
 from modelpress.store import Store
 from modelpress.store.remote import Remote
+from modelpress.store.remote_pull import clone
 from modelpress.store.remote_push import push
 
 
@@ -73,6 +81,49 @@ def _models(names: list[str]) -> dict[str, torch.nn.Module]:
     return out
 
 
+def _fine_tune_last_block(model) -> None:
+    """Noise of 1e-4 on the float weights of the highest-numbered block (a fine-tune of the last layer)."""
+    params = dict(model.named_parameters())
+    layer = max(int(m.group(1)) for n in params if (m := re.search(r"\.(\d+)\.", n)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in params.items():
+            if f".{layer}." in name and p.dtype.is_floating_point:
+                p.add_(torch.randn(p.shape, generator=g) * 1e-4)
+
+
+def _same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].contiguous().view(torch.uint8).equal(b[k].contiguous().view(torch.uint8))
+                                        for k in a)
+
+
+def _push_and_clone(store: Store, name: str, url: str, tmp: Path) -> dict:
+    """Push, then clone into a fresh folder (checked byte-identical)."""
+    start = time.perf_counter()
+    pushed = push(store, Remote(url), name)
+    push_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cloned, fetched = clone(url, tmp / f"clone-{name}")
+    clone_s = time.perf_counter() - start
+    with cloned:
+        assert _same_bytes(store.get(name), cloned.get(name)), f"{name}: the clone differs"
+    return {"push_s": push_s, "push_bytes": pushed.total_bytes, "push_chunks": pushed.chunks_sent,
+            "clone_s": clone_s, "clone_bytes": fetched.bytes_sent + fetched.record_bytes}
+
+
+def _child_push(store: Store, name: str, model, url: str) -> dict:
+    """A child with its last block fine-tuned: its second push against its local delta over the parent."""
+    base = store.resolve(name)
+    child = copy.deepcopy(model)
+    _fine_tune_last_block(child)
+    vid = store.put(child, name, message="fine-tuned last block")
+    delta = store.stored_bytes(name, vid, exclusive_of=base)
+    second = push(store, Remote(url), name)
+    assert second.delta_bytes == delta
+    return {"child_delta_bytes": delta, "child_push_bytes": second.total_bytes,
+            "child_push_over_delta": second.total_bytes / delta - 1.0 if delta else float("nan")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an s3:// prefix to use (default: a bucket on a local moto server)")
@@ -93,21 +144,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, Store.init(Path(tmp) / "store") as store:
         for name, model in models.items():
             store.put(model, name)
-            push(store, Remote(url), name)
+            model_url = f"{url}/{name}"
+            moved = _push_and_clone(store, name, model_url, Path(tmp))
             tensors = _flat_tensors(model)
             blob = safetensors.torch.save(tensors)
-            path = f"{url[len('s3://'):]}/files/{name}.safetensors"
+            path = f"{url[len('s3://'):]}/files/{name}.safetensors"  # outside every model's prefix
             fs.pipe_file(path, blob)
             one = max(tensors, key=lambda k: tensors[k].numel())
             times: dict[str, list[float]] = {"store": [], "safetensors": [], "store_one": []}
             fetched = {}
             for _ in range(args.rounds):
-                with Store.open(url, threads=args.threads) as remote:
+                with Store.open(model_url, threads=args.threads) as remote:
                     start = time.perf_counter()
                     got = remote.get(name)
                     times["store"].append(time.perf_counter() - start)
                     fetched["store"] = remote.bytes_fetched
-                with Store.open(url, threads=args.threads) as remote:
+                with Store.open(model_url, threads=args.threads) as remote:
                     start = time.perf_counter()
                     remote.get(name, names=[one])
                     times["store_one"].append(time.perf_counter() - start)
@@ -118,10 +170,15 @@ def main() -> int:
                 times["safetensors"].append(time.perf_counter() - start)
                 fetched["safetensors"] = len(data)
             assert len(got) == len(loaded) and all(torch.equal(got[k], loaded[k]) for k in loaded)
-            row = {"model": name, "tensors": len(tensors), "largest": one,
+            moved.update(_child_push(store, name, model, model_url))
+            row = {"model": name, "tensors": len(tensors), "largest": one, **moved,
                    **{f"{k}_s": statistics.median(v) for k, v in times.items()},
                    **{f"{k}_bytes": v for k, v in fetched.items()}}
             results.append(row)
+            print(f"{name}: push {row['push_s']:.3f} s, {row['push_bytes']} bytes | clone {row['clone_s']:.3f} s, "
+                  f"{row['clone_bytes']} bytes (byte-identical) | fine-tuned child: local delta "
+                  f"{row['child_delta_bytes']} bytes, second push {row['child_push_bytes']} bytes "
+                  f"({100 * row['child_push_over_delta']:+.2f}%)", flush=True)
             print(f"{name}: store get {row['store_s']:.3f} s, {row['store_bytes']} bytes fetched | safetensors "
                   f"whole file {row['safetensors_s']:.3f} s, {row['safetensors_bytes']} bytes | one tensor "
                   f"({one}) {row['store_one_s']:.3f} s, {row['store_one_bytes']} bytes", flush=True)

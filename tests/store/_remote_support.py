@@ -28,11 +28,30 @@ _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def _atomic_conditional_puts():
+    """moto (5.2) checks a PUT's If-Match / If-None-Match and then writes, with no lock between: under load two
+    racing conditional PUTs can both pass, which S3 itself never allows. Serialise moto's PUT handler so that the
+    tests exercise our compare-and-swap, not moto's race. Returns the undo."""
+    responses = pytest.importorskip("moto.s3.responses")
+    original = getattr(responses.S3Response, "put_object", None)
+    if original is None:
+        return lambda: None
+    lock = threading.Lock()
+
+    def put_object(self, *args, **kwargs):
+        with lock:
+            return original(self, *args, **kwargs)
+
+    responses.S3Response.put_object = put_object
+    return lambda: setattr(responses.S3Response, "put_object", original)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server in this process, on 127.0.0.1 and a free port; its URL."""
     pytest.importorskip("s3fs")
     server_mod = pytest.importorskip("moto.server")
+    undo = _atomic_conditional_puts()
     saved = {k: os.environ.get(k) for k in (*_ENV, "AWS_ENDPOINT_URL_S3")}
     os.environ.update(_ENV)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -44,6 +63,7 @@ def s3_endpoint():
         yield os.environ["AWS_ENDPOINT_URL_S3"]
     finally:
         server.stop()
+        undo()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

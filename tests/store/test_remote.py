@@ -87,6 +87,9 @@ def test_second_push_of_a_fine_tuned_child_sends_its_delta_only(tmp_path, s3_url
         assert report.total_bytes <= delta * 1.05 + report.record_bytes
         assert report.chunks_sent == len(set(chunk_puts(counter))) == len(chunk_puts(counter))
         assert report.chunks_skipped > 0
+        assert report.delta_bytes == delta  # what the command reports next to what it sent
+        assert report.delta_line() == (f"local delta over the parent: {delta} bytes; this push sent "
+                                       f"{report.total_bytes} bytes ({100 * report.total_bytes / delta:.2f}% of it)")
         assert Remote(s3_url).resolve("llama") == child
         with Store.init(tmp_path / "b") as other:
             pull(other, Remote(s3_url), "llama")
@@ -161,6 +164,15 @@ def test_cli_remote_push_pull_clone_get_verify_gc(tmp_path, s3_url, small_chunks
     assert main(["store", "ls", s3_url]) == 0 and main(["store", "log", s3_url, "toy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("toy  1 version(s)") and out.count("\n") == 2
+    with Store(a) as sa:  # a child: the push reports its local delta next to what it sent
+        state = sa.get("toy")
+        name = max((k for k in state if state[k].is_floating_point()), key=lambda k: state[k].numel())
+        child = sa.put({**state, name: state[name] + 1}, "toy")
+        delta = sa.stored_bytes("toy", child, exclusive_of=sa.catalog.version(child).info.parent)
+        assert delta > 0
+    capsys.readouterr()
+    assert main(["store", "push", a, "origin", "toy"]) == 0
+    assert f"local delta over the parent: {delta} bytes; this push sent " in capsys.readouterr().out
     folder = str(tmp_path / "folder-remote")  # a folder path is a remote too (names hold no '/')
     assert main(["store", "push", a, folder]) == 0 and main(["store", "remote", "verify", folder]) == 0
 
@@ -174,6 +186,12 @@ def test_credentials_are_never_written_into_the_store(tmp_path, s3_url):
     for path in (tmp_path / "a").rglob("*"):
         if path.is_file():
             assert b"testing" not in path.read_bytes(), path  # the dummy key, secret and token are all "testing"
+    backend = Remote(s3_url).backend  # nor onto the remote (its records, refs and markers)
+    keys = ["REMOTE"] + [e.key for prefix in ("refs", "versions", "pushes", "gc", "chunks")
+                         for e in backend.list(prefix)]
+    assert len(keys) >= 4
+    for key in keys:
+        assert b"testing" not in backend.get(key, 1 << 20), key
 
 
 def test_versions_by_id_prefix_and_the_marker(tmp_path, small_chunks):

@@ -46,5 +46,6 @@ def test_minilm_fp32_and_int4_push_clone_and_a_fine_tuned_child(minilm, tmp_path
         second = push(store, Remote(s3_url), "minilm")
         print(f"fine-tuned child: local delta {delta} bytes; push {second.line('sent')}")
         assert second.total_bytes <= delta * 1.05, (second.total_bytes, delta)
+        assert second.delta_bytes == delta and second.delta_line() is not None  # the command prints both
         assert Remote(s3_url).resolve("minilm") == child
     assert verify_remote(Remote(s3_url)).ok

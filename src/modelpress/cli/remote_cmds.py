@@ -31,6 +31,8 @@ __all__ = ["add_remote_commands"]
 def _print_report(report: TransferReport, verb: str) -> None:
     out = _console()
     out.print(report.line(verb))
+    if report.delta_line():
+        out.print(report.delta_line())
     for line in report.versions:
         out.print(f"version {line}")
     for line in report.refs:
@@ -85,7 +87,11 @@ def cmd_remote_gc(args) -> int:
     grace = GC_GRACE if args.grace is None else args.grace
     report = gc_remote(_remote(args), grace=grace)
     _console().print(f"removed {report.chunks_removed} chunks ({report.bytes_removed} bytes) and "
-                     f"{report.versions_removed} version records; kept {report.kept_young} younger than {grace:g} s")
+                     f"{report.versions_removed} version records; kept {report.kept_young} younger than {grace:g} s "
+                     f"and {report.kept_for_pushes} chunks pushes in flight may use")
+    if report.stopped:
+        raise StoreError("remote gc ran out of its lease and stopped deleting (what it removed is gone, nothing "
+                         "needed was touched): run it again to go on")
     return 0
 
 

@@ -55,6 +55,7 @@ class TransferReport:
     versions: list[str] = field(default_factory=list)
     refs: list[str] = field(default_factory=list)  # "model@ref -> id" moved
     kept: list[str] = field(default_factory=list)  # refs left as they were, and why
+    delta_bytes: int | None = None  # a push: the pushed versions' local delta over their parents, where local
 
     @property
     def total_bytes(self) -> int:
@@ -63,6 +64,13 @@ class TransferReport:
     def line(self, verb: str) -> str:
         return (f"{verb} {self.chunks_sent} chunks ({self.bytes_sent} bytes) + {self.record_bytes} bytes of records; "
                 f"skipped {self.chunks_skipped} chunks ({self.bytes_skipped} bytes) already there")
+
+    def delta_line(self) -> str | None:
+        """A push of children: what it sent against their local delta over their parents."""
+        if not self.delta_bytes:
+            return None
+        return (f"local delta over the parent: {self.delta_bytes} bytes; this push sent {self.total_bytes} bytes "
+                f"({100.0 * self.total_bytes / self.delta_bytes:.2f}% of it)")
 
 
 class Remote:

@@ -7,8 +7,11 @@ file against the recorded hash, decoded bytes against the chunk's BLAKE3 id.
 gc keeps every version a ref reaches (following parents as far as the remote holds them), every
 version record younger than the grace period (a push in flight writes its record before its ref),
 every chunk those versions use, and every chunk object younger than the grace period (a push in
-flight uploads chunks before its record); it removes the rest. It refuses to remove anything while a
-ref or kept record is unreadable (a damaged record could make needed chunks look unused).
+flight uploads chunks before its record), and every version and chunk a live push marker names; it
+removes the rest. It writes its own marker first and reads the push markers before the refs
+(remote_leases.py: the handshake that keeps a push in flight from losing a chunk it skipped, however
+old). It refuses to remove anything while a ref, kept record or live push marker is unreadable (a
+damaged one could make needed chunks look unused), and stops deleting when its lease runs out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from modelpress.store.maintenance import GC_GRACE
 from modelpress.store.objects import chunk_key
 from modelpress.store.reader import ChunkReader
 from modelpress.store.remote import Remote
+from modelpress.store.remote_leases import GcLease, begin_gc, protected, stale_gc_markers
 from modelpress.store.remote_records import RemoteVersion, version_key
 from modelpress.store.rows import ChunkRow
 
@@ -46,6 +50,9 @@ class RemoteGcReport:
     bytes_removed: int
     versions_removed: int
     kept_young: int
+    kept_for_pushes: int = 0  # unreferenced chunks a push in flight may rely on
+    markers_removed: int = 0  # stale markers of killed pushes and gcs
+    stopped: bool = False  # the lease ran out before every deletion: run gc again
 
 
 def _records(remote: Remote, problems: list[str]) -> dict[str, RemoteVersion]:
@@ -110,37 +117,62 @@ def verify_remote(remote: Remote, quick: bool = False) -> RemoteVerifyReport:
 
 def gc_remote(remote: Remote, grace: float = GC_GRACE) -> RemoteGcReport:
     remote.check()
+    lease = begin_gc(remote)
+    try:
+        return _collect(remote, grace, lease)
+    finally:
+        remote.backend.delete(lease.key)
+
+
+def _collect(remote: Remote, grace: float, lease: GcLease) -> RemoteGcReport:
+    pushes = protected(remote, lease)  # before the refs: see remote_leases.py
     problems: list[str] = []
     records = _records(remote, problems)
     if problems:
         raise StoreError(f"remote gc removed nothing: {problems[0]}; run `modelpress store remote verify`")
     cutoff = time.time() - grace
     backend: ObjectStore = remote.backend
-    versions_removed = kept = 0
+    doomed_versions, doomed_chunks = [], []
+    kept = 0
     for entry in list(backend.list("versions")):
         vid = entry.key.split("/", 1)[1]
         if vid in records:
             continue
-        if entry.modified > cutoff:
+        if entry.modified > cutoff or vid in pushes.versions:
             try:
                 records[vid] = remote.record(vid)  # a push in flight: its chunks stay too
             except ModelpressError:
                 pass
             kept += 1
             continue
-        backend.delete(version_key(vid) if len(vid) == 64 else entry.key)
-        versions_removed += 1
+        doomed_versions.append(version_key(vid) if len(vid) == 64 else entry.key)
     used = {cid for record in records.values() for cid in record.chunks}
-    removed = freed = 0
+    for_pushes = 0
     for entry in list(backend.list("chunks")):
         name = entry.key.rsplit("/", 1)[-1]
         if name in used:
             continue
+        if name in pushes.chunks:
+            for_pushes += 1
+            continue
         if entry.modified > cutoff:
             kept += 1
             continue
-        backend.delete(chunk_key(name) if entry.key == f"chunks/{name[:2]}/{name}" and len(name) == 64
-                       else entry.key)
+        key = chunk_key(name) if entry.key == f"chunks/{name[:2]}/{name}" and len(name) == 64 else entry.key
+        doomed_chunks.append((key, entry.size))
+    removed = freed = versions_removed = 0
+    for key in doomed_versions:
+        if lease.expired():
+            return RemoteGcReport(removed, freed, versions_removed, kept, for_pushes, 0, stopped=True)
+        backend.delete(key)
+        versions_removed += 1
+    for key, size in doomed_chunks:
+        if lease.expired():
+            return RemoteGcReport(removed, freed, versions_removed, kept, for_pushes, 0, stopped=True)
+        backend.delete(key)
         removed += 1
-        freed += entry.size
-    return RemoteGcReport(removed, freed, versions_removed, kept)
+        freed += size
+    markers = pushes.stale + [key for key in stale_gc_markers(remote, lease) if key != lease.key]
+    for key in markers:
+        backend.delete(key)
+    return RemoteGcReport(removed, freed, versions_removed, kept, for_pushes, len(markers))

@@ -1,15 +1,18 @@
 """`push`: a local version onto a remote, sending only the chunks the remote lacks.
 
-Order, so that a half-finished push is invisible and a killed one resumes:
-1. one listing of the remote's chunks (sizes included): a chunk there at its exact size is skipped;
-2. the missing chunks, each read from the local store and checked against its recorded file hash
+Order, so that a half-finished push is invisible, a killed one resumes, and a remote gc never deletes
+what it relies on:
+1. a push marker naming the versions and chunks it may rely on, then a wait for every remote gc that
+   may have missed that marker (remote_leases.py: the handshake, and why it closes the race);
+2. one listing of the remote's chunks (sizes included): a chunk there at its exact size is skipped;
+3. the missing chunks, each read from the local store and checked against its recorded file hash
    (local damage is never spread), uploaded `threads` at a time; every upload is one atomic PUT (S3)
    or an atomic link (a folder), so a chunk is there whole or not at all;
-3. the version record (named by the version's root hash, so writing it twice is harmless), then a
-   second listing to be sure every chunk is still there (remote gc may have removed an unreferenced one);
-4. last, each ref, by compare-and-swap: it moves only from what was read, and only forward (from
-   an ancestor of the pushed version). A ref that another writer moved elsewhere meanwhile is a
-   clear "fetch first" error; the versions of both writers stay on the remote.
+4. the version record (named by the version's root hash, so writing it twice is harmless);
+5. each ref, by compare-and-swap: it moves only from what was read, and only forward (from an
+   ancestor of the pushed version). A ref that another writer moved elsewhere meanwhile is a clear
+   "fetch first" error; the versions of both writers stay on the remote;
+6. last, the marker is removed.
 
 A push killed at any point leaves chunks (and perhaps a record) that no ref names: readers never see
 them, the next push skips them, and remote gc removes them after its grace period if nothing does.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import threading
 
 from modelpress.errors import CorruptChunkError, ModelpressError, StoreError
+from modelpress.store.remote_leases import announce_push
 from modelpress.store.objects import chunk_key, file_hash
 from modelpress.store.remote import Remote, TransferReport
 from modelpress.store.remote_records import RemoteVersion, encode_record, encode_ref, split_ref, version_key
@@ -112,12 +116,8 @@ def _move_ref(store, remote: Remote, model: str, ref: str, vid: str, force: bool
                      "push again")
 
 
-def push(store, remote: Remote, spec: str | None = None, force: bool = False) -> TransferReport:
-    """Push `spec` (MODEL or MODEL@VERSION; every model's latest if None) with the local refs that name it."""
-    report = TransferReport()
-    targets = _targets(store, spec)
-    remote.ensure()
-    records = [(model, _local_record(store, vid), refs) for model, vid, refs in targets]
+def _send(store, remote: Remote, records, report: TransferReport) -> None:
+    """Steps 2-4: one listing, the missing chunks, the version records."""
     present = remote.chunk_sizes()
     for model, record, refs in records:
         missing = _missing(record, present)
@@ -137,11 +137,45 @@ def push(store, remote: Remote, spec: str | None = None, force: bool = False) ->
                 remote.backend.put(version_key(record.id), [data])
                 report.record_bytes += len(data)
         report.versions.append(f"{model}@{record.id[:12]}")
-    present = remote.chunk_sizes()  # gc may have removed an unreferenced chunk we skipped: resend it
-    for model, record, refs in records:
-        again = _missing(record, present)
-        _upload(store, remote, record, again, report)
-    for model, record, refs in records:
-        for ref in refs:
-            _move_ref(store, remote, model, ref, record.id, force, report)
+
+
+def _delta(store, records, report: TransferReport) -> None:
+    """The local delta of every pushed version over its parent (where the parent is local), for the report."""
+    for model, record, _ in records:
+        parent = record.version.info.parent
+        if parent and store.catalog.one("SELECT 1 FROM versions WHERE id=?", (parent,)):
+            delta = store.stored_bytes(model, record.id, exclusive_of=parent)
+            report.delta_bytes = (report.delta_bytes or 0) + delta
+
+
+def _announce(remote: Remote, records):
+    return announce_push(remote, [r.id for _, r, _ in records], {c for _, r, _ in records for c in r.chunks})
+
+
+def push(store, remote: Remote, spec: str | None = None, force: bool = False) -> TransferReport:
+    """Push `spec` (MODEL or MODEL@VERSION; every model's latest if None) with the local refs that name it."""
+    report = TransferReport()
+    targets = _targets(store, spec)
+    remote.ensure()
+    records = [(model, _local_record(store, vid), refs) for model, vid, refs in targets]
+    lease = _announce(remote, records)
+    try:
+        _send(store, remote, records, report)
+        while lease.expiring():  # slower than a marker protects: announce again and check again what is there
+            old, lease = lease, _announce(remote, records)
+            remote.backend.delete(old.key)
+            again = TransferReport()
+            _send(store, remote, records, again)
+            report.chunks_sent += again.chunks_sent
+            report.bytes_sent += again.bytes_sent
+            report.record_bytes += again.record_bytes
+        for model, record, refs in records:
+            for ref in refs:
+                _move_ref(store, remote, model, ref, record.id, force, report)
+    finally:
+        try:
+            remote.backend.delete(lease.key)
+        except (ModelpressError, OSError):
+            pass  # left behind, a marker only keeps its chunks from gc until it is stale
+    _delta(store, records, report)
     return report
