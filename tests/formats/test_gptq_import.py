@@ -15,7 +15,7 @@ from modelpress.formats.checkpoint import load, save
 from modelpress.formats.gptq import gptq_format
 from modelpress.formats.models import load_model
 from modelpress.nn.modules import CompressedLinear
-from tests._gptq_folder import Spec, pack_fields, write_gptq_folder
+from _gptq_folder import Spec, pack_fields, write_gptq_folder
 
 
 def _check_layers(lm, truth, spec: Spec) -> None:
@@ -221,3 +221,35 @@ def test_a_folder_quantised_by_another_method_is_not_read_as_gptq(tmp_path):
     config["quantization_config"]["quant_method"] = "awq"
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert gptq_format(tmp_path) is None
+
+
+# The CLI takes a GPTQ folder wherever it takes a model folder.
+
+def test_cli_store_put_and_compress_take_a_gptq_folder(capsys, tmp_path):
+    from modelpress.cli import main
+    from modelpress.store import Store
+
+    spec = Spec(bits=4, sym=False, desc_act=True)
+    truth = write_gptq_folder(tmp_path / "src", spec)
+
+    def run(*argv) -> str:
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    run("store", "init", tmp_path / "store")
+    run("store", "put", tmp_path / "store", tmp_path / "src", "tiny-gptq")
+    with Store(tmp_path / "store") as store:
+        _check_layers(store.load("tiny-gptq"), truth, spec)
+
+    recipe = tmp_path / "embed.yaml"  # the GPTQ layers stay as they are; only the float embedding is quantised
+    recipe.write_text("version: 1\nname: embed-int8\nstages:\n- pass: rtn\n  config: {bits: 8}\n"
+                      "  targets: {include: ['*'], types: [Embedding]}\n")
+    run("compress", tmp_path / "src", "--recipe", recipe, "--out", tmp_path / "q")
+    compressed = load(tmp_path / "q")
+    _check_layers(compressed, truth, spec)
+    assert isinstance(compressed.model.model.embed_tokens.encoding, QuantizedTensor)
+
+    code = main(["compress", str(tmp_path / "src"), "--recipe", "llm-int8", "--out", str(tmp_path / "q8")])
+    assert code != 0 and "modules are compressed already" in capsys.readouterr().err
