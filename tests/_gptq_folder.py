@@ -37,6 +37,17 @@ def pack_fields(values: np.ndarray, bits: int) -> np.ndarray:
     return words.astype(np.uint32).view(np.int32)
 
 
+def unpack_fields(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """(R, W) int32 words -> (R, n) fields: the inverse of pack_fields, bit by bit from the same description."""
+    w = words.view(np.uint32).astype(np.uint64)
+    out = np.zeros((w.shape[0], n), dtype=np.int64)
+    for j in range(n):
+        for b in range(bits):
+            word, offset = divmod(j * bits + b, 32)
+            out[:, j] |= ((w[:, word] >> np.uint64(offset)) & np.uint64(1)).astype(np.int64) << b
+    return out
+
+
 @dataclass
 class Layer:
     """The truth one GPTQ layer was packed from."""
@@ -118,6 +129,7 @@ def write_gptq_folder(folder: Path, spec: Spec, seed: int = 0, tamper=None) -> d
     settings = {"bits": spec.bits, "group_size": spec.group_size, "desc_act": spec.desc_act, "sym": spec.sym,
                 "checkpoint_format": "gptq" if spec.v1 else "gptq_v2", **spec.extra}
     config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "float16"  # as GPTQ folders are
     if spec.in_config_json:
         config["quantization_config"] = {"quant_method": "gptq", **settings}
     else:

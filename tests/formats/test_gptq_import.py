@@ -52,6 +52,7 @@ def _float_twin(folder, truth):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "quantization_config"}
+    fields["dtype"] = "float32"
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), attn_implementation="sdpa").eval()
     state = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()
              if k.rpartition(".")[2] not in ("qweight", "qzeros", "scales", "g_idx")}
@@ -94,7 +95,9 @@ def test_config_json_drops_the_quantization_config_and_checkpoints_round_trip(tm
     spec = Spec(bits=3, sym=False, desc_act=True)
     truth = write_gptq_folder(tmp_path / "src", spec)
     lm = load_model(tmp_path / "src")
-    assert "quantization_config" not in json.loads(lm.support_files["config.json"])
+    config = json.loads(lm.support_files["config.json"])
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert {p.dtype for p in lm.parameters()} == {torch.float32}
     save(lm, tmp_path / "ckpt")
     again = load(tmp_path / "ckpt")
     _check_layers(again, truth, spec)

@@ -13,8 +13,9 @@ config.json declares before anything is built.
 
 A layer whose grouping no modelpress encoding holds (a g_idx that is neither i // group_size nor a
 permutation of it, or a group size that does not divide the inputs) is loaded as its exact float weight,
-with one warning naming the layers and why. config.json is kept without its quantization_config: the
-model is modelpress's now, and a later export records its own.
+with one warning naming the layers and why. config.json is kept without its quantization_config (the
+model is modelpress's now, and a later export records its own) and with dtype float32: the float weights
+(float16 in GPTQ folders) are widened, as every model modelpress loads runs in float32.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def load_gptq(folder: Path, fmt: GPTQFormat | None = None) -> CausalLM:
     weight_file = weights_file(folder)
     files = read_support_files(folder, CAUSAL_LM_FILES)
     config = parse_json(files, "config.json") if "config.json" in files else None
-    if isinstance(config, dict) and "quantization_config" in config:
-        config = {k: v for k, v in config.items() if k != "quantization_config"}
-        files["config.json"] = json.dumps(config, indent=2).encode()
+    if isinstance(config, dict):  # float32 like every model modelpress loads (GPTQ folders say float16)
+        config = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
+        files["config.json"] = json.dumps({**config, "dtype": "float32"}, indent=2).encode()
     lm = causal_lm_from_files(files, source=folder)
     buffer = fileio.read_buffer(os.path.realpath(weight_file), MAX_WEIGHTS_BYTES, "weights file")
     state, layers = _split(tensorfile.parse(buffer, str(weight_file)))
