@@ -256,3 +256,14 @@ def test_cli_store_put_and_compress_take_a_gptq_folder(capsys, tmp_path):
 
     code = main(["compress", str(tmp_path / "src"), "--recipe", "llm-int8", "--out", str(tmp_path / "q8")])
     assert code != 0 and "modules are compressed already" in capsys.readouterr().err
+
+
+def test_autogptq_weights_named_after_model_file_base_name(tmp_path):
+    spec = Spec(bits=4, in_config_json=False, extra={"model_file_base_name": "gptq_model-4bit-32g"})
+    truth = write_gptq_folder(tmp_path, spec)
+    (tmp_path / "model.safetensors").rename(tmp_path / "gptq_model-4bit-32g.safetensors")
+    _check_layers(load_model(tmp_path), truth, spec)
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32,
+                                                               "model_file_base_name": "../outside"}))
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
+        load_model(tmp_path)

@@ -130,7 +130,7 @@ def gptq_files(model: nn.Module, dtype: str = "float16", checkpoint_format: str 
         raise UnsupportedError("the model has no quantised Linear layers: compress it first (e.g. llm-q4)")
     bits, group_size = _one_grid(grids, {name: layers[name].in_features for name in written})
     symmetric = all(grid[2] for grid in grids.values())
-    state = dense_state(inner, DTYPES[dtype])
+    state = dense_state(inner, DTYPES[dtype], skip=frozenset(written))  # the GPTQ layers are never decoded
     fields = parse_json(model.support_files, "config.json")
     fields = {k: v for k, v in fields.items() if k != "quantization_config"}
     for name, kept in tied_parameters(inner).items():
@@ -139,7 +139,6 @@ def gptq_files(model: nn.Module, dtype: str = "float16", checkpoint_format: str 
         else:
             fields["tie_word_embeddings"] = False
     for name, tensors in written.items():
-        del state[f"{name}.weight"]
         state.update({f"{name}.{part}": t for part, t in tensors.items()})
     settings = {"bits": bits, "group_size": group_size, "sym": symmetric, "checkpoint_format": checkpoint_format,
                 "desc_act": any(isinstance(compressed[n].encoding, InputPermutedTensor) for n in written),

@@ -7,9 +7,10 @@ folders) a quantize_config.json lies beside it. Read from it: bits (2, 3, 4, 8),
 positive), sym, desc_act, and the checkpoint format (`checkpoint_format` or GPTQModel's `format`):
 "gptq" (v1: zero points stored minus one) or "gptq_v2". Refused with a one-line error: other packings
 (marlin, bitblas, ...), pack_dtype other than int32, per-module overrides (GPTQModel's `dynamic`), a
-quantised layer whose weight is tied to another. Only model.safetensors is read (never a pickle), through
-the bounded safetensors parser; every GPTQ tensor's shape and dtype is checked against the layer
-config.json declares before anything is built.
+quantised layer whose weight is tied to another. Only model.safetensors (or AutoGPTQ's
+`<model_file_base_name>.safetensors`) is read, never a pickle, through the bounded safetensors parser;
+every GPTQ tensor's shape and dtype is checked against the layer config.json declares before anything
+is built. Sharded checkpoints (model.safetensors.index.json) are not read yet.
 
 A layer whose grouping no modelpress encoding holds (a g_idx that is neither i // group_size nor a
 permutation of it, or a group size that does not divide the inputs) is loaded as its exact float weight,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ __all__ = ["GPTQ_CONFIG", "GPTQFormat", "gptq_format", "load_gptq"]
 GPTQ_CONFIG = "quantize_config.json"  # AutoGPTQ's and GPTQModel's own copy of the settings
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _FORMATS = {"gptq": True, "gptq_v2": False}  # checkpoint format -> zero points stored minus one (v1)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # a weights file name beside config.json, never a path
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class GPTQFormat:
     sym: bool
     desc_act: bool
     v1: bool
+    weights: str = "model.safetensors"  # AutoGPTQ names it after model_file_base_name
 
 
 def _bad(where: str, what: str) -> FormatError:
@@ -108,8 +112,12 @@ def gptq_format(folder: Path) -> GPTQFormat | None:
     if qc.get("dynamic"):
         raise UnsupportedError(f"{where}: per-module GPTQ settings (dynamic) are not read; quantise with one "
                                "setting for every layer")
+    base = qc.get("model_file_base_name")
+    weights = f"{base}.safetensors" if isinstance(base, str) and _NAME.fullmatch(base) else "model.safetensors"
+    if not (folder / weights).exists():
+        weights = "model.safetensors"
     return GPTQFormat(bits=bits, group_size=group_size, sym=field("sym", bool, True),
-                      desc_act=field("desc_act", bool, False), v1=_FORMATS[fmt])
+                      desc_act=field("desc_act", bool, False), v1=_FORMATS[fmt], weights=weights)
 
 
 def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -131,7 +139,7 @@ def load_gptq(folder: Path, fmt: GPTQFormat | None = None) -> CausalLM:
     if fmt is None:
         raise FormatError(f"{folder}: no GPTQ quantization_config in config.json and no {GPTQ_CONFIG}; "
                           "load it as a plain Hugging Face folder")
-    weight_file = weights_file(folder)
+    weight_file = folder / fmt.weights if fmt.weights != "model.safetensors" else weights_file(folder)
     files = read_support_files(folder, CAUSAL_LM_FILES)
     config = parse_json(files, "config.json") if "config.json" in files else None
     if isinstance(config, dict):  # float32 like every model modelpress loads (GPTQ folders say float16)
