@@ -20,6 +20,7 @@ from _tiny_lm import write_tiny_lm
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
+CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2: weights stored (in, out)
 
 
 def pack_fields(values: np.ndarray, bits: int) -> np.ndarray:
@@ -117,8 +118,9 @@ def write_gptq_folder(folder: Path, spec: Spec, seed: int = 0, tamper=None) -> d
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         name = key.rpartition(".")[0]
-        if key.endswith(".weight") and any(name.endswith(lin) for lin in LINEARS):
-            out_f, in_f = value.shape
+        conv1d = any(name.endswith(c) for c in CONV1D)
+        if key.endswith(".weight") and (conv1d or any(name.endswith(lin) for lin in LINEARS)):
+            out_f, in_f = value.shape[::-1] if conv1d else value.shape
             truth[name] = gptq_layer(rng, out_f, in_f, spec)
             tensors.update({f"{name}.{part}": t for part, t in layer_tensors(truth[name], spec).items()})
         else:

@@ -23,7 +23,7 @@ from modelpress.passes.quantize import RTNConfig
 
 SPECS = [Spec(bits=2, sym=False), Spec(bits=3, sym=True, desc_act=True), Spec(bits=3, sym=False, v1=False),
          Spec(bits=4, sym=True), Spec(bits=4, sym=False, desc_act=True, v1=False), Spec(bits=8, group_size=-1),
-         Spec(bits=8, sym=False, group_size=64), Spec(bits=4, sym=False, arch="qwen2")]
+         Spec(bits=8, sym=False, group_size=64), Spec(bits=4, sym=False, arch="qwen2"), Spec(bits=3, arch="gpt2")]
 
 
 def _spec_id(s: Spec) -> str:

@@ -56,8 +56,11 @@ def _float_twin(folder, truth):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields), attn_implementation="sdpa").eval()
     state = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()
              if k.rpartition(".")[2] not in ("qweight", "qzeros", "scales", "g_idx")}
-    state.update({f"{name}.weight": torch.from_numpy(layer.reference()).float() for name, layer in truth.items()})
-    model.load_state_dict(state, strict=False)
+    for name, layer in truth.items():
+        w = torch.from_numpy(layer.reference()).float()
+        state[f"{name}.weight"] = w.t() if type(model.get_submodule(name)).__name__ == "Conv1D" else w  # (in, out)
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied to the table
     model.tie_weights()
     return model
 
@@ -78,9 +81,9 @@ def test_codes_scales_zeros_as_packed(tmp_path, spec):
 @pytest.mark.parametrize("spec", [Spec(bits=4, desc_act=True), Spec(bits=3, sym=False, desc_act=True, v1=False),
                                   Spec(bits=2, sym=False, group_size=64, desc_act=True),
                                   Spec(bits=8, group_size=-1), Spec(bits=4, group_size=64, in_config_json=False),
-                                  Spec(bits=4, sym=False, arch="qwen2")],
+                                  Spec(bits=4, sym=False, arch="qwen2"), Spec(bits=3, arch="gpt2")],
                          ids=["desc_act", "desc_act-b3-asym-v2", "desc_act-b2-g64", "per-channel-b8",
-                              "quantize_config.json", "qwen2-bias"])
+                              "quantize_config.json", "qwen2-bias", "gpt2-conv1d"])
 def test_layouts_and_model_output(tmp_path, spec):
     truth = write_gptq_folder(tmp_path, spec)
     lm = load_model(tmp_path)
