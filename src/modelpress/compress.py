@@ -15,6 +15,7 @@ from torch import nn
 
 from modelpress.errors import RecipeError
 from modelpress.nn.provenance import record_provenance
+from modelpress.nn.registry import is_compressed
 from modelpress.passes.base import PassContext, pass_for
 from modelpress.passes.config import PassConfig
 from modelpress.presets import preset, preset_names
@@ -71,7 +72,7 @@ def compress(
         if not targets:
             raise RecipeError(
                 f"stage {index} ({stage.pass_name}) matched no module: check its targets "
-                f"(module names look like {_example_names(model)})"
+                f"(module names look like {_example_names(model)}){_already_compressed(model)}"
             )
         if progress:
             progress(f"stage {index}: {stage.pass_name} on {len(targets)} modules")
@@ -87,6 +88,13 @@ def _check_patterns(model: nn.Module, patterns: Mapping[str, Any]) -> None:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise RecipeError(f"pattern {pattern!r} matches no module name (they look like {_example_names(model)})")
+
+
+def _already_compressed(model: nn.Module) -> str:
+    """A hint for a model whose layers a stage cannot take because they are compressed already."""
+    count = sum(1 for m in model.modules() if is_compressed(m))
+    return (f"; {count} modules are compressed already (a GPTQ folder or a checkpoint loads that way) and stages "
+            "rewrite float layers only" if count else "")
 
 
 def _example_names(model: nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""`modelpress export MODEL --format gguf|onnx|hf --out PATH`: a thin command over modelpress.exports."""
+"""`modelpress export MODEL --format gguf|onnx|hf|gptq --out PATH`: a thin command over modelpress.exports."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ from modelpress.exports import FORMATS, export_model
 __all__ = ["add_export_commands", "cmd_export"]
 
 _GGUF_ONLY = ("type", "tokenizer_pre", "exact", "overwrite")
-_HF_ONLY = ("dtype", "quantized")
+_HF_ONLY = ("quantized",)
+_GPTQ_ONLY = ("checkpoint_format",)
 
 
 def cmd_export(args) -> int:
-    home = {**dict.fromkeys(_GGUF_ONLY, "gguf"), **dict.fromkeys(_HF_ONLY, "hf")}
-    misplaced = [name for name, fmt in home.items() if getattr(args, name) and fmt != args.format]
+    home = {**dict.fromkeys(_GGUF_ONLY, ("gguf",)), **dict.fromkeys(_HF_ONLY, ("hf",)),
+            **dict.fromkeys(_GPTQ_ONLY, ("gptq",)), "dtype": ("hf", "gptq")}
+    misplaced = [name for name, fmts in home.items() if getattr(args, name) and args.format not in fmts]
     if misplaced:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in misplaced)
-        new_folder = " (onnx and hf write a new folder: remove --out first to replace it)"
+        new_folder = " (onnx, hf and gptq write a new folder: remove --out first to replace it)"
         hint = new_folder if "overwrite" in misplaced else ""
-        raise ConfigError(f"{flags} apply to --format {home[misplaced[0]]} only, not {args.format}: "
+        raise ConfigError(f"{flags} apply to --format {' and '.join(home[misplaced[0]])} only, not {args.format}: "
                           f"leave them out{hint}")
     bad = [item for item in args.type or () if "=" not in item]
     if bad:
@@ -30,6 +32,8 @@ def cmd_export(args) -> int:
                        tokenizer_pre=args.tokenizer_pre, exact=args.exact, overwrite=args.overwrite)
     elif args.format == "hf":
         options = {"dtype": args.dtype or "float16", "quantized": args.quantized}
+    elif args.format == "gptq":
+        options = {"dtype": args.dtype or "float16", "checkpoint_format": args.checkpoint_format or "gptq"}
     result = export_model(args.model, args.format, args.out, **options)
     _console().print(result.summary() if hasattr(result, "summary") else f"wrote {result}")
     return 0
@@ -41,7 +45,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("model", help="a modelpress checkpoint folder (or any model `compress` takes)")
     p.add_argument("--format", required=True, choices=sorted(FORMATS),
                    help="gguf: llama.cpp (Llama-family LMs); onnx: ONNX Runtime; hf: a Hugging Face folder "
-                        "(safetensors + config) for transformers / sentence-transformers")
+                        "(safetensors + config) for transformers / sentence-transformers; gptq: a GPTQ-format folder "
+                        "(AutoGPTQ / GPTQModel / transformers+optimum) of a GPTQ- or RTN-quantised causal LM")
     p.add_argument("--out", required=True, help="the file (gguf) or folder (onnx, hf: must not exist) to write")
     p.add_argument("--overwrite", action="store_true", help="gguf: replace --out if it exists")
     p.add_argument("--type", action="append", metavar="PATTERN=TYPE",
@@ -53,7 +58,9 @@ def add_export_commands(sub) -> None:
     p.add_argument("--exact", action="store_true", help="gguf: refuse any weight the file would not hold as it is "
                                                         "(no requantising, no narrowing)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                   help="hf: the dtype of the dequantised weights (default float16)")
+                   help="hf, gptq: the dtype of the dequantised (float) weights (default float16; gptq: not float32)")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"],
+                   help="gptq: v1 (zero points stored minus one, the default) or v2")
     p.add_argument("--quantized", action="store_true", help="hf: Linear weights in the compressed-tensors format "
                    "(symmetric 4/8-bit, bit-exact; transformers loads it with compressed-tensors installed)")
     p.set_defaults(fn=cmd_export)

@@ -4,6 +4,7 @@ from modelpress.encodings.base import ENCODINGS, Encoding, encoding_from_parts, 
 from modelpress.encodings.clustered import ClusteredTensor, KMeansInit, cluster
 from modelpress.encodings.dense import DenseTensor
 from modelpress.encodings.lowrank import LowRankTensor
+from modelpress.encodings.permuted import InputPermutedTensor
 from modelpress.encodings.packing import SUPPORTED_BITS, pack_codes, packed_row_bytes, unpack_codes
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR, QuantizedTensor, QuantScheme, grouped, quantize
 from modelpress.encodings.range_search import RangeSearch, fit_ranges, mse_params, quantize_weight
@@ -16,6 +17,7 @@ __all__ = [
     "ClusteredTensor",
     "KMeansInit",
     "DenseTensor",
+    "InputPermutedTensor",
     "LowRankTensor",
     "QuantizedTensor",
     "QuantScheme",

@@ -7,6 +7,7 @@ refused with one line naming what is missing and the nearest thing that works.
     gguf   Llama-family causal LMs, for llama.cpp (exports/gguf.py): returns a GGUFExport record
     onnx   sentence encoders and causal LMs, for ONNX Runtime (exports/onnx.py): returns the folder
     hf     Hugging Face folders for transformers / sentence-transformers (exports/hf.py): returns the folder
+    gptq   GPTQ-format Hugging Face folders of causal LMs, codes as they are (exports/gptq.py): returns the folder
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from torch import nn
 
 from modelpress.errors import ConfigError
 from modelpress.exports.gguf import GGUFExport, export_gguf
+from modelpress.exports.gptq import export_gptq
 from modelpress.exports.hf import export_hf
 from modelpress.exports.onnx import export_onnx
 from modelpress.formats.models import load_model
 
-__all__ = ["FORMATS", "GGUFExport", "export_gguf", "export_hf", "export_model", "export_onnx"]
+__all__ = ["FORMATS", "GGUFExport", "export_gguf", "export_gptq", "export_hf", "export_model", "export_onnx"]
 
 
 def _gguf(model: nn.Module | str | os.PathLike, out: str | os.PathLike, **options: Any) -> GGUFExport:
@@ -32,7 +34,7 @@ def _gguf(model: nn.Module | str | os.PathLike, out: str | os.PathLike, **option
     return export_gguf(model, out, **options)
 
 
-FORMATS: dict[str, Callable[..., Any]] = {"gguf": _gguf, "onnx": export_onnx, "hf": export_hf}
+FORMATS: dict[str, Callable[..., Any]] = {"gguf": _gguf, "onnx": export_onnx, "hf": export_hf, "gptq": export_gptq}
 
 
 def export_model(model: nn.Module | str | os.PathLike, fmt: str, out: str | os.PathLike, **options: Any):

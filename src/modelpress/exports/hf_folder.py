@@ -69,10 +69,11 @@ def encoding_records(model: nn.Module) -> dict[str, dict[str, Any]]:
     return records
 
 
-def dense_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with every compressed weight decoded; floating tensors in `dtype` (others unchanged)."""
+def dense_state(model: nn.Module, dtype: torch.dtype, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The state dict with every compressed weight decoded (but those of the modules in `skip`, left out);
+    floating tensors in `dtype` (others unchanged)."""
     state = {f"{name}.weight": m.encoding.decode(torch.float32).to(dtype)
-             for name, m in compressed_modules(model).items()}
+             for name, m in compressed_modules(model).items() if name not in skip}
     for key, value in model.state_dict().items():
         if key not in state:
             state[key] = value.to(dtype) if value.is_floating_point() else value

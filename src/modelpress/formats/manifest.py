@@ -64,7 +64,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         data = fileio.read_file(path / MANIFEST, MAX_MANIFEST_BYTES, "checkpoint manifest")
     except FileNotFoundError:
-        raise ModelNotFoundError(f"{str(path)!r} has no {MANIFEST}: it is not a modelpress checkpoint") from None
+        raise ModelNotFoundError(f"{str(path)!r} has no {MANIFEST}: it is not a modelpress checkpoint (load a Hugging "
+                                 "Face or GPTQ folder or a .gguf file with modelpress.load_model)") from None
     manifest = load_json(data, f"{path / MANIFEST}", hint="the checkpoint is corrupt, re-save the model")
     validate_manifest(manifest, path)
     check_files(manifest, path)

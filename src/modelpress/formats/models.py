@@ -4,7 +4,8 @@
     a .gguf file              a causal LM (formats/gguf.py)
     a Hugging Face folder     a causal LM when config.json's `architectures` names a *ForCausalLM or
                               *LMHeadModel head (and it is not a sentence-transformers folder), else a
-                              sentence encoder
+                              sentence encoder; a GPTQ-format causal LM keeps its quantised layers'
+                              codes (formats/gptq.py)
     a modelpress checkpoint   the compressed model it holds (formats/checkpoint.py)
 """
 
@@ -20,6 +21,7 @@ from modelpress.errors import FormatError, ModelNotFoundError
 from modelpress.formats.causal_lm import build_causal_lm, is_causal_lm_config
 from modelpress.formats.checkpoint import load
 from modelpress.formats.gguf import load_gguf
+from modelpress.formats.gptq import gptq_format, load_gptq
 from modelpress.formats.hf import BUNDLED_MODELS, build_sentence_encoder, parse_json, resolve_model_path
 from modelpress.fileio import read_file
 from modelpress.formats.manifest import MANIFEST
@@ -83,12 +85,15 @@ def is_causal_lm_source(path: Path) -> bool:
 
 def load_model(name_or_path: str | Path) -> nn.Module:
     """The float model a bundled name, .gguf file or Hugging Face folder holds (a CausalLM or a
-    SentenceEncoder), or the compressed model of a modelpress checkpoint folder."""
+    SentenceEncoder), or the compressed model of a modelpress checkpoint folder or a GPTQ-format folder."""
     path = Path(name_or_path)
     if path.is_dir() and (path / MANIFEST).is_file():
         return load(path)
     source = resolve_source(name_or_path)
     if is_gguf(source):
         return load_gguf(source)
-    return build_causal_lm(source) if is_causal_lm_source(source) else build_sentence_encoder(source)
+    if not is_causal_lm_source(source):
+        return build_sentence_encoder(source)
+    gptq = gptq_format(source)  # a GPTQ checkpoint: its layers keep their codes (formats/gptq.py)
+    return build_causal_lm(source) if gptq is None else load_gptq(source, gptq)
 

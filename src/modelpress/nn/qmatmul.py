@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from modelpress.encodings import Encoding, QuantizedTensor
 from modelpress.encodings.quantized import PER_CHANNEL, PER_TENSOR
+from modelpress.encodings.permuted import InputPermutedTensor
 from modelpress.encodings.scaled import ChannelScaledTensor
 
 try:
@@ -65,8 +66,9 @@ Prepared = Callable[[torch.Tensor], torch.Tensor]
 
 def supports_qmatmul(enc: Encoding) -> bool:
     """A 2-D quantised weight with a scale per row or per group of a multiple of 8 columns (or such a
-    weight times per-input-channel scales no op absorbed: AWQ/SmoothQuant's ChannelScaledTensor)."""
-    if isinstance(enc, ChannelScaledTensor):
+    weight times per-input-channel scales no op absorbed: AWQ/SmoothQuant's ChannelScaledTensor, or such a weight
+    with its input columns permuted: GPTQ act order's InputPermutedTensor)."""
+    if isinstance(enc, (ChannelScaledTensor, InputPermutedTensor)):
         enc = enc.inner
     if not isinstance(enc, QuantizedTensor) or len(enc.shape) != 2 or min(enc.shape) < 1:
         return False
@@ -124,8 +126,12 @@ def _set_path(path: str | None) -> None:
         _qmatmul._simd(level)
 
 
-def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor, bias: torch.Tensor | None = None) -> Prepared:
+def prepare_qmatmul(enc: QuantizedTensor | ChannelScaledTensor | InputPermutedTensor,
+                    bias: torch.Tensor | None = None) -> Prepared:
     """The callable x (..., K) -> (..., N) float32, holding only references to the encoding's arrays."""
+    if isinstance(enc, InputPermutedTensor):  # x W^T = x[..., order] inner^T: one gather of x
+        run_permuted, order = prepare_qmatmul(enc.inner, bias), enc.order
+        return lambda x: run_permuted(x.index_select(-1, order))
     if isinstance(enc, ChannelScaledTensor):  # x W_eff^T = (x * input_scale) inner^T: one pass over x
         run_inner, input_scale = prepare_qmatmul(enc.inner, bias), enc.input_scale
         return lambda x: run_inner(x.float() * input_scale)  # (..., K) * (K,)
