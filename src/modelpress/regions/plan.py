@@ -86,12 +86,14 @@ class PlacementPlan:
     ring_bytes: int
     gather_bytes: int
     codecs: dict[str, int] = field(default_factory=dict)  # stored bytes streamed per pass, by codec
+    reserve: int = 0  # bytes of the budget left to the run's working memory (KV cache, activations, objects)
 
     def resident(self) -> int:
         return sum(layout.aligned(p.nbytes) for p in self.placements if p.region in (Region.COMPUTE, Region.STORAGE))
 
     def weight_bytes(self) -> int:
-        """Weight memory a run holds: resident tensors, the streaming ring and the gather buffers."""
+        """Weight memory a run holds: resident tensors, the streaming ring and the gather buffers (at most the
+        budget less the reserve)."""
         return self.resident() + self.ring_bytes + self.gather_bytes
 
     def streamed_per_pass(self) -> int:

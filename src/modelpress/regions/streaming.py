@@ -17,6 +17,7 @@ from, not what is computed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Collection, Sequence
 
@@ -101,17 +102,23 @@ def _compressed(manifest: dict) -> tuple[dict[str, QuantScheme], dict[str, tuple
     return schemes, shapes, ties
 
 
-def _plan(version, manifest: dict, skeleton: nn.Module, rows, memory, piece_bytes: int) -> PlacementPlan:
+def _plan(version, manifest: dict, skeleton: nn.Module, rows, memory, piece_bytes: int,
+          reserve: int | str) -> PlacementPlan:
     _, shapes, ties = _compressed(manifest)
     uses = tensor_uses(skeleton, {**manifest.get("tied", {}), **ties})
-    return place(list(version.tensors), rows, uses, parse_memory(memory), piece_bytes, shapes)
+    budget, kept = parse_memory(memory), parse_memory(reserve)
+    if not 0 <= kept < budget:
+        raise ConfigError(f"a reserve of {kept} bytes leaves no weight memory in a budget of {budget}: give less")
+    plan = place(list(version.tensors), rows, uses, budget - kept, piece_bytes, shapes)
+    return dataclasses.replace(plan, budget=budget, reserve=kept)
 
 
 def plan_version(store: Store, name: str, memory: int | str, ref: str = "latest",
-                 piece_bytes: int = PIECE_BYTES) -> PlacementPlan:
-    """The placement plan of a stored model under `memory` (see plan.py), without loading any weight."""
+                 piece_bytes: int = PIECE_BYTES, reserve: int | str = 0) -> PlacementPlan:
+    """The placement plan of a stored model under `memory` (see plan.py), without loading any weight;
+    `reserve` bytes of it are left to the run's working memory (open_streamed)."""
     version, _, manifest, files, rows = _version_parts(store, name, ref)
-    return _plan(version, manifest, _skeleton(manifest, files), rows, memory, piece_bytes)
+    return _plan(version, manifest, _skeleton(manifest, files), rows, memory, piece_bytes, reserve)
 
 
 class StreamedModel:
@@ -155,17 +162,20 @@ class StreamedModel:
 
 
 def open_streamed(store: Store, name: str, memory: int | str, ref: str = "latest", *, prefetch: bool = True,
-                  piece_bytes: int = PIECE_BYTES, threads: int | None = None, readers: int = 1) -> StreamedModel:
+                  piece_bytes: int = PIECE_BYTES, threads: int | None = None, readers: int = 1,
+                  reserve: int | str = 0) -> StreamedModel:
     """The stored model `name@ref` ready to run with at most `memory` bytes of weights (see the module docstring).
 
-    `readers` threads land streamed units at once (the computation runs on torch's threads); `threads`
-    load the resident tensors."""
+    `reserve`: bytes of `memory` left to the run's working memory (the KV cache, activations, the model's
+    Python objects and tokenizer), so that the weights get `memory - reserve` and the whole run stays near
+    `memory`. `readers` threads land streamed units at once (the computation runs on torch's threads);
+    `threads` load the resident tensors."""
     version, where, manifest, files, rows = _version_parts(store, name, ref)
     if any(planes.base_name(t.name) is not None for t in version.tensors):
         raise UnsupportedError(f"{name}@{ref} is stored by precision planes, which streaming does not read yet: "
                                "stream a version put without planes=")
     skeleton = _skeleton(manifest, files)
-    plan = _plan(version, manifest, skeleton, rows, memory, piece_bytes)
+    plan = _plan(version, manifest, skeleton, rows, memory, piece_bytes, reserve)
     records = {t.name: t for t in version.tensors}
     resident = [records[p.tensor] for p in plan.placements if p.region in (Region.COMPUTE, Region.STORAGE)]
     tensors = loader.run(store.reader, loader.plan(resident, rows, store.backend.can_map), threads or os.cpu_count() or 1)
