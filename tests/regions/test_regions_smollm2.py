@@ -123,7 +123,8 @@ def test_smollm2_under_a_quarter_budget_gives_the_full_tokens_within_the_memory(
     assert streamed["tokens"] == full[name]["tokens"]
     assert streamed["held"] <= budget - RESERVE
     print(f"{name}: budget {budget}, held {streamed['held']}, peak growth {streamed['grown']} "
-          f"({100 * (streamed['grown'] / budget - 1):+.1f}% of the budget; {streamed['with_kernels']} with the kernels' first use, "
+          f"({100 * (streamed['grown'] / budget - 1):+.1f}% of the budget; {streamed['with_kernels']} with the "
+          f"kernels' first use, "
           f"{streamed['with_tokenizer']} with the tokenizer's too), read {streamed['read']}")
     assert streamed["grown"] <= budget * 1.15, (streamed["grown"], budget)
     assert streamed["read"] >= NEW_TOKENS * 0.6 * full[name]["weights"]  # most of the weights streamed per token
