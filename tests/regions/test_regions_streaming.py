@@ -158,3 +158,17 @@ def test_cli_plan_generate_and_encode(lm_store, encoder_store, capsys):
     assert main(["encode", "enc", "--store", str(encoder_store.root), "--memory", "40000", "hello world"]) == 0
     assert "1 embeddings" in capsys.readouterr().out
     assert main(["generate", "tiny", "--store", str(lm_store.root), "--memory", "100", "Hello"]) != 0
+
+
+def test_a_reserve_of_the_budget_is_left_to_the_run(lm_store):
+    budget = int(weights_bytes(lm_store) * 0.5)
+    reserve = budget // 4
+    plan = plan_version(lm_store, "tiny", memory=budget, piece_bytes=8192, reserve=reserve)
+    assert plan.budget == budget and plan.reserve == reserve
+    assert 0 < plan.weight_bytes() <= budget - reserve
+    expected = full_tokens(lm_store, 6)
+    with open_streamed(lm_store, "tiny", memory=budget, piece_bytes=8192, reserve=reserve) as run:
+        assert run.weight_bytes() <= budget - reserve
+        assert run.generate(PROMPT, 6).tokens == expected
+    with pytest.raises(ConfigError, match="reserve"):
+        plan_version(lm_store, "tiny", memory=budget, reserve=budget)

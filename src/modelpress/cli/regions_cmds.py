@@ -27,14 +27,15 @@ def _mb(n: float) -> str:
 
 def cmd_plan(args) -> int:
     with Store(args.store) as store:
-        plan = plan_version(store, args.model, args.memory, args.ref)
+        plan = plan_version(store, args.model, args.memory, args.ref, reserve=args.reserve)
         rows = store.catalog.chunks([c for t in store.version(args.model, args.ref).tensors for c in t.chunks])
         streamed = [row for unit in plan.units for row in unit.chunks] or list(rows.values())
         costs = measure_costs(store.reader, streamed)
         cost = expected_pass(plan, costs, rows)
     out = _console()
     out.print(f"{args.model}@{args.ref} under {_mb(plan.budget)}: weight memory {_mb(plan.weight_bytes())} "
-              f"(resident {_mb(plan.resident())}, ring {_mb(plan.ring_bytes)}, gather buffers {_mb(plan.gather_bytes)})")
+              f"(resident {_mb(plan.resident())}, ring {_mb(plan.ring_bytes)}, gather buffers {_mb(plan.gather_bytes)})"
+              + (f", {_mb(plan.reserve)} reserved for the run's working memory" if plan.reserve else ""))
     regions = Table("region", "tensors", "bytes")
     for region in Region:
         count = sum(p.region is region for p in plan.placements)
@@ -60,7 +61,7 @@ def cmd_plan(args) -> int:
 def _run_full_or_streamed(store: Store, args):
     if args.memory is None:
         return None
-    return open_streamed(store, args.model, args.memory, args.ref, readers=args.readers)
+    return open_streamed(store, args.model, args.memory, args.ref, readers=args.readers, reserve=args.reserve)
 
 
 def cmd_generate(args) -> int:
@@ -124,6 +125,8 @@ def add_regions_commands(sub) -> None:
         p.add_argument("model", help="model name in the store")
         p.add_argument("--store", required=True, help="the store folder")
         p.add_argument("--ref", default="latest", help="version or tag (default latest)")
+        p.add_argument("--reserve", default="0", help="part of --memory left to the run's working memory (KV cache, "
+                                                      "activations, objects), not to weights, e.g. 6MB (default 0)")
         p.set_defaults(fn=fn)
         return p
 

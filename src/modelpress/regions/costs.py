@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from modelpress.formats.checkpoint import PART_SEPARATOR
 from modelpress.store.reader import ChunkReader, Scratch
 from modelpress.store.rows import ChunkRow
 
@@ -73,7 +74,8 @@ def measure_costs(reader: ChunkReader, rows: list[ChunkRow], per_codec: int = 4)
 
 def expected_pass(plan: PlacementPlan, costs: Costs, rows: dict[str, ChunkRow]) -> dict[str, float]:
     """Seconds per batch-1 forward pass (one generated token): compute, streaming, and both overlapped."""
-    flops = sum(2 * math.prod(p.shape) for p in plan.placements if "linear" in p.uses)
+    flops = sum(2 * math.prod(p.logical or p.shape) for p in plan.placements
+                if "linear" in p.uses and (p.logical is not None or PART_SEPARATOR not in p.tensor))
     compute = flops / (costs.matmul_gflops * 1e9)
     stream = 0.0
     for unit in plan.units:

@@ -2,7 +2,8 @@
 fills it ahead of the computation, and the order it fills it in.
 
 A `Unit` is what one computation step needs at once: a weight, or a run of whole rows of one (a piece of
-a large output layer), described by the catalogue rows of its chunks. The ring holds units first in,
+a large output layer), or all the arrays of a compressed weight (packed codes and their scales), described
+by the catalogue rows of its chunks. The ring holds units first in,
 first out: the reader thread places the next unit at the ring's head as soon as the oldest units have
 been released, lands its chunks there (read, decoded, hash-checked by the store's chunk reader) and
 marks it ready; the computation `acquire`s units in order, uses them as tensors that are views of the
@@ -18,6 +19,7 @@ depends on the order guessed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import deque
@@ -30,25 +32,64 @@ from modelpress.store import layout
 from modelpress.store.reader import ChunkReader, Scratch
 from modelpress.store.rows import ChunkRow
 
-__all__ = ["Unit", "Ring"]
+__all__ = ["Part", "Unit", "Ring"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One array of a compressed weight landed with the others (its codes, scales, zero points)."""
+    name: str  # the array's name in the encoding ("codes", "scale", "zero")
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: int  # how many of the unit's chunks, in order, hold it
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A tensor (or rows [first_row, first_row + shape[0]) of one) that is streamed as a whole."""
+    """A tensor (or rows [first_row, first_row + shape[0]) of one) that is streamed as a whole; or, with
+    `parts`, all the arrays of a compressed weight (`chunks` holds theirs in order, each array starting on an
+    ALIGN boundary of the unit; `dtype` and `shape` are the first array's)."""
     tensor: str
     dtype: str
     shape: tuple[int, ...]
     first_row: int
     chunks: tuple[ChunkRow, ...]
+    parts: tuple[Part, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return layout.element_size(self.dtype) * math.prod(self.shape)
+        if not self.parts:
+            return layout.element_size(self.dtype) * math.prod(self.shape)
+        return sum(layout.aligned(layout.element_size(p.dtype) * math.prod(p.shape)) for p in self.parts)
 
     @property
     def stored(self) -> int:
         return sum(row.stored_size for row in self.chunks)
+
+    def offsets(self) -> list[int]:
+        """Where each chunk lands, in bytes from the unit's start."""
+        if not self.parts:
+            return list(itertools.accumulate((row.raw_size for row in self.chunks[:-1]), initial=0))
+        out, start, position = [], 0, 0
+        for part in self.parts:
+            offset = start
+            for row in self.chunks[position:position + part.chunks]:
+                out.append(offset)
+                offset += row.raw_size
+            position += part.chunks
+            start += layout.aligned(layout.element_size(part.dtype) * math.prod(part.shape))
+        return out
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The unit's tensor in `flat` (its landed bytes, uint8), or its arrays by name for a compressed weight."""
+        if not self.parts:
+            return flat[:self.nbytes].view(layout.torch_dtype(self.dtype)).view(self.shape)
+        out, start = {}, 0
+        for part in self.parts:
+            size = layout.element_size(part.dtype) * math.prod(part.shape)
+            out[part.name] = flat[start:start + size].view(layout.torch_dtype(part.dtype)).view(part.shape)
+            start += layout.aligned(size)
+        return out
 
 
 @dataclass
@@ -86,8 +127,9 @@ class Ring:
 
     # -- the computation's side ----------------------------------------------------------------
 
-    def acquire(self, index: int) -> torch.Tensor:
-        """Unit `index` as a tensor (a view of the ring), loaded and checked; release it before the next."""
+    def acquire(self, index: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Unit `index` as a tensor (a view of the ring; a compressed weight's arrays by name), loaded and
+        checked; release it before the next."""
         if self._held is not None:
             raise ConfigError("a streamed unit is still held: release it before acquiring the next")
         with self._cond:
@@ -103,8 +145,7 @@ class Ring:
             entry = self._learn(index)
         self._held = index
         unit = self.units[index]
-        flat = self.buffer[entry.offset:entry.offset + unit.nbytes]
-        return flat.view(layout.torch_dtype(unit.dtype)).view(unit.shape)
+        return unit.view(self.buffer[entry.offset:entry.offset + unit.nbytes])
 
     def release(self, index: int) -> None:
         if self._held != index:
@@ -206,11 +247,10 @@ class Ring:
 
     def _land(self, entry: _Entry, scratch: Scratch) -> None:
         unit = self.units[entry.unit]
-        position = entry.offset
         try:
-            for row in unit.chunks:
+            for row, offset in zip(unit.chunks, unit.offsets()):
+                position = entry.offset + offset
                 self.reader.land(row, self._view[position:position + row.raw_size], scratch)
-                position += row.raw_size
             with self._cond:
                 self.bytes_landed += unit.nbytes
                 self.stored_read += unit.stored

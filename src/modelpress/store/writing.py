@@ -123,7 +123,8 @@ class Writing:
             aligned = {**aligned, "target": block}
         spans = layout.split_rows(len(raw), shape, width, **aligned)
         if codec is None:
-            codec = type(choose(raw[: spans[0][1]] if spans else raw, width, dtype in layout.FLOAT_NAMES))
+            floating = dtype in layout.FLOAT_NAMES or planes_.base_name(name) is not None  # a float's low plane too
+            codec = type(choose(raw[: spans[0][1]] if spans else raw, width, floating))
         bases = list(parent.chunks) if parent and parent.dtype == dtype and parent.shape == shape else []
         if len(bases) != len(spans) or mapped:  # a mapped chunk is read as it is: never a delta
             bases = []
