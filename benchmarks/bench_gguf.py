@@ -2,8 +2,8 @@
 modelpress's own of the same model, on the same tokens, with llama.cpp's own quantiser's files beside.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_gguf.py [--windows 8] [--threads 2]
-        [--presets llm-q4,llm-int8] [--mixed 'token_embd.weight=Q5_0' ...] [--f32-check] [--llama Q4_0] [--decode]
-        [--out FILE.md]
+        [--presets llm-q4,llm-int8] [--mixed 'token_embd.weight=Q5_0' ...] [--f32-check] [--llama Q4_0,Q8_0]
+        [--decode] [--out FILE.md]
 
 Needs the `llm` extra and the `bench-llm` extra (llama-cpp-python). Token preparation is bench_llm.py's
 (`prepare_base`: the `heldout` text tokenised once, `--windows` windows of 512 tokens, no BOS; the chat
@@ -19,7 +19,13 @@ per-tensor types (llama.cpp names; e.g. the tied embedding/output table requanti
 `--f32-check` adds one with every weight decoded to F32: where llama.cpp's perplexity of the quantised
 file differs from modelpress's, this row tells the file (it matches modelpress) from llama.cpp's
 arithmetic (its quantised dot products round the activations to 8 bits per block of 32).
-Decode speeds (`--decode`) are figures only on a quiet machine.
+Each llama.cpp row names the block types its file holds; with `--decode`, llama.cpp's decode speed on each of
+our files is printed next to its speed on its own file of the same types (e.g. llm-q4's export and llama.cpp's
+Q4_0 are both Q4_0 blocks with a Q8_0 tied table; llm-int8's export and its Q8_0 are all Q8_0): they should match.
+Decode speeds (`--decode`) are figures only on a quiet machine:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_gguf.py --threads 2 --decode \
+        --mixed 'blk.*.ffn_down.weight=Q6_K' --mixed 'token_embd.weight=Q5_0' --out benchmarks/results_gguf.md
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from bench_llm import CHAT_PROMPT, _quantize, llama_decode, llama_perplexity, pr
 
 from modelpress import compress, export  # noqa: E402
 from modelpress.evaluate.perplexity import score_language_model  # noqa: E402
+from modelpress.formats.gguf import check_gguf  # noqa: E402
 from modelpress.formats.models import load_model  # noqa: E402
 
 
@@ -52,10 +59,23 @@ def chat(path: Path, threads: int) -> str:
     return out["choices"][0]["message"]["content"].strip()
 
 
+def file_types(path: Path) -> str:
+    """The block types of a file's matrices with their counts ("Q4_0 x 210, Q8_0 x 1"): files with the same are
+    the same format for llama.cpp (the same dot-product kernels)."""
+    from gguf import GGMLQuantizationType
+
+    counts: dict[str, int] = {}
+    for t in check_gguf(path).tensors:
+        if len(t.shape) == 2:
+            kind = GGMLQuantizationType(t.ggml_type).name
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{k} x {n}" for k, n in sorted(counts.items()))
+
+
 def llama_row(name: str, path: Path, tokens: dict, args, extra: dict | None = None) -> dict:
     ppl, count = llama_perplexity(path, tokens["windows"], args.threads)
     row = {"row": name, "llama_ppl": ppl, "tokens": count, "file_bytes": path.stat().st_size,
-           "chat": chat(path, args.threads), **(extra or {})}
+           "types": file_types(path), "chat": chat(path, args.threads), **(extra or {})}
     if args.decode:
         row.update(llama_decode(path, tokens["prompt"], args.new_tokens, args.runs, args.threads))
     print(json.dumps(row), file=sys.stderr)
@@ -110,16 +130,29 @@ def run(folder: Path, args) -> list[dict]:
 def table(rows: list[dict]) -> str:
     fp32 = rows[0]["ppl"]
     lines = ["| row | modelpress ppl | llama.cpp ppl | llama.cpp / modelpress | x fp32 (llama.cpp) | file MB | "
-             "tensors | chat answer | decode tok/s |", "|" + "---|" * 9]
+             "tensors | types in the file | chat answer | decode tok/s |", "|" + "---|" * 10]
     for r in rows:
         ours, theirs = r.get("ppl"), r.get("llama_ppl")
         lines.append(" | ".join([
             f"| {r['row']}", f"{ours:.3f}" if ours else "", f"{theirs:.3f}" if theirs else "",
             f"{theirs / ours:.4f}" if ours and theirs else "", f"{theirs / fp32:.3f}x" if theirs else "",
-            f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "", r.get("tensors", ""),
+            f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "", r.get("tensors", ""), r.get("types", ""),
             repr(r["chat"])[:60] if "chat" in r else "",
             f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "to be measured", ]) + " |")
     return "\n".join(lines)
+
+
+def decode_pairs(rows: list[dict]) -> list[str]:
+    """llama.cpp's decode speed on each of our files next to its own file of the same types (they should match)."""
+    own = {r["types"]: r for r in rows if "(its own)" in r["row"] and "decode_tok_s" in r}
+    lines = []
+    for r in rows:
+        match = own.get(r.get("types")) if "(its own)" not in r["row"] and "decode_tok_s" in r else None
+        if match:
+            ratio = r["decode_tok_s"] / match["decode_tok_s"]
+            lines.append(f"llama.cpp decode on {r['row']}: {r['decode_tok_s']:.1f} tok/s; on {match['row']} "
+                         f"({r['types']}): {match['decode_tok_s']:.1f} tok/s; ratio {ratio:.3f}")
+    return lines
 
 
 def main() -> None:
@@ -131,7 +164,7 @@ def main() -> None:
                                                          "e.g. 'token_embd.weight=Q5_0' (repeatable)")
     parser.add_argument("--f32-check", action="store_true", help="also export each preset's decoded weights as F32: "
                                                                  "llama.cpp's float compute of the very same model")
-    parser.add_argument("--llama", default="Q4_0", help="llama.cpp's own types of the base, beside ('' for none)")
+    parser.add_argument("--llama", default="Q4_0,Q8_0", help="llama.cpp's own types of the base, beside ('' for none)")
     parser.add_argument("--decode", action="store_true", help="also measure llama.cpp decode speed (quiet machine)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
@@ -142,6 +175,9 @@ def main() -> None:
         rows = run(Path(tmp), args)
     text = (f"Run {datetime.date.today()} on {platform.processor() or platform.machine()}, {args.threads} threads; "
             f"perplexity on {args.windows} x 512 heldout tokens (the same ids for both runtimes).\n\n" + table(rows))
+    pairs = decode_pairs(rows)
+    if pairs:
+        text += "\n\n" + "\n".join(pairs)
     print(text)
     if args.out:
         args.out.write_text(text + "\n\n```json\n" + json.dumps(rows, indent=1) + "\n```\n")

@@ -18,14 +18,18 @@ SPECIALS = ("<unk>", "<s>", "</s>")
 VOCAB = 256 + len(SPECIALS)
 
 
-def tokenizer_json() -> str:
+def tokenizer_json(merge: bool = False) -> str:
+    """The byte-level BPE; `merge`: one merge more ("t h" -> "th", id VOCAB), as llama.cpp loads only a BPE vocabulary
+    with merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    if merge:
+        vocab["th"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("t", "h")] if merge else [], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIALS))
@@ -51,18 +55,24 @@ def config(arch: str):
     raise ValueError(arch)
 
 
-def write_tiny_lm(arch: str, folder: Path, seed: int = 0) -> Path:
-    """A seeded random model of `arch` saved as a Hugging Face causal-LM folder; returns the folder."""
+def write_tiny_lm(arch: str, folder: Path, seed: int = 0, merge: bool = False, **sizes) -> Path:
+    """A seeded random model of `arch` saved as a Hugging Face causal-LM folder; returns the folder. `sizes` replace
+    config fields (e.g. intermediate_size=256); `merge` gives the tokenizer one merge (and the model one token more)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(arch), attn_implementation="sdpa")
+    cfg = config(arch)
+    if merge:
+        sizes = {"vocab_size": VOCAB + 1, **sizes}
+    for key, value in sizes.items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():  # wider weights than the 0.02 init, so that greedy tokens are not all alike
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     model.save_pretrained(folder)
-    (folder / "tokenizer.json").write_text(tokenizer_json())
+    (folder / "tokenizer.json").write_text(tokenizer_json(merge))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
     return folder

@@ -1,6 +1,6 @@
 """llama.cpp's block layouts, packed by us: every packer round-trips its codes and scales, decodes to the
 type's formula (computed here byte by byte, as ggml-common.h lays the block out, and by the gguf
-package's own dequantiser), and the requantisers stay within their step."""
+package's own dequantiser, bit for bit), and the requantisers stay within their step."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 from modelpress.formats import gguf_blocks as gb
 
 N = st.integers(1, 6)  # blocks
-KINDS = [gb.Q8_0, gb.Q4_0, gb.Q4_1, gb.Q5_0, gb.Q5_1, gb.Q6_K]
+KINDS = [gb.Q8_0, gb.Q4_0, gb.Q4_1, gb.Q5_0, gb.Q5_1, gb.Q4_K, gb.Q6_K]
 
 
 def _scales(n: int, seed: int) -> np.ndarray:
@@ -38,6 +37,19 @@ def _reference(block: bytes, kind: int) -> list[float]:
         q = [(qs[j % 16] >> (4 * (j // 16)) & 15) | ((high >> j) & 1) << 4 for j in range(32)]
         mid = {gb.Q4_0: 8, gb.Q5_0: 16}.get(kind)
         return [d * (v - mid) for v in q] if mid else [d * v + m for v in q]
+    if kind == gb.Q4_K:
+        d, dmin, scales, qs = half(block[:2]), half(block[2:4]), block[4:16], block[16:144]
+        out = []
+        for j in range(256):
+            h, t = divmod(j, 64)
+            s = j // 32
+            if s < 4:
+                sc, m = scales[s] & 63, scales[s + 4] & 63
+            else:
+                sc = (scales[s + 4] & 15) | (scales[s - 4] >> 6) << 4
+                m = (scales[s + 4] >> 4) | (scales[s] >> 6) << 4
+            out.append(d * sc * ((qs[32 * h + t % 32] >> (4 * (t // 32))) & 15) - dmin * m)
+        return out
     ql, qh, sc = block[:128], block[128:192], struct.unpack("<16b", block[192:208])
     d = half(block[208:210])
     out = []
@@ -67,6 +79,10 @@ def _random_blocks(kind: int, n: int, seed: int):
     if kind == gb.Q5_1:
         q, m = rng.integers(0, 32, (n, 32)).astype(np.uint8), _scales(n, seed + 1)
         return (q, d, m), gb.pack_q5_1(q, d, m), gb.unpack_q5_1
+    if kind == gb.Q4_K:
+        q, dmin = rng.integers(0, 16, (n, 256)).astype(np.uint8), _scales(n, seed + 1)
+        sc, m = rng.integers(0, 64, (n, 8)).astype(np.uint8), rng.integers(0, 64, (n, 8)).astype(np.uint8)
+        return (q, sc, m, d, dmin), gb.pack_q4_k(q, sc, m, d, dmin), gb.unpack_q4_k
     q, sc = rng.integers(0, 64, (n, 256)).astype(np.uint8), rng.integers(-128, 128, (n, 16)).astype(np.int8)
     return (q, sc, d), gb.pack_q6_k(q, sc, d), gb.unpack_q6_k
 
@@ -86,7 +102,7 @@ def test_pack_round_trips_and_decodes_by_the_formula(kind, n, seed):
     reference = np.array([_reference(bytes(b), kind) for b in blocks], dtype=np.float64)
     np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=0)
     theirs = dequantize(blocks, GGMLQuantizationType(kind)).reshape(n, -1)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+    assert ours.dtype == theirs.dtype == np.float32 and np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -98,8 +114,12 @@ def test_requantise_stays_within_its_step(kind, n, seed, spread):
     err = np.abs(gb.dequantise(blocks, kind) - w).max(axis=1)
     amax = np.abs(w).max(axis=1)
     rng = w.max(axis=1) - w.min(axis=1)
+    # Q4_K (a sub-block spans [min(0, lo), hi], at most max(range, amax)): half its largest step, plus what
+    # rounding the steps to 6-bit multiples of d (max step / 63) can clip at the top code (7.5 d) and rounding the
+    # offset to a multiple of dmin (<= amax / 63) can shift
     bound = {gb.Q8_0: amax / 127 * 0.501, gb.Q4_0: amax / 8 * 1.001, gb.Q4_1: rng / 15 * 0.51,
-             gb.Q5_0: amax / 16 * 1.001, gb.Q5_1: rng / 31 * 0.52, gb.Q6_K: amax / 31 * 0.6}[kind]
+             gb.Q5_0: amax / 16 * 1.001, gb.Q5_1: rng / 31 * 0.52, gb.Q6_K: amax / 31 * 0.6,
+             gb.Q4_K: np.maximum(rng, amax) / 15 * (0.51 + 8 / 63) + amax / 63 * 0.51}[kind]
     assert (err <= bound * 1.002 + 1e-30).all()
 
 

@@ -86,6 +86,23 @@ def test_symmetric_g32_round_trip_is_exact(folders, tmp_path, bits, kind):
     assert torch.equal(back(IDS).logits, lm(IDS).logits)
 
 
+def test_the_llm_q4_preset_exports_bit_exact(folders, tmp_path):
+    """llm-q4: Q4_0's grid in the blocks and Q8_0's in the tied table, so every weight goes in as it is (exact=True)
+    and our import gives back the same encodings, table included, and the same logits."""
+    lm = load_model(folders["llama"])
+    compress(lm, preset("llm-q4"), calibration=[{"input_ids": torch.randint(3, 259, (1, 32), generator=g)}
+                                                for g in [torch.Generator().manual_seed(i) for i in range(4)]])
+    result = export(lm, "gguf", tmp_path / "m.gguf", exact=True)
+    assert {(t.ggml_type, t.how) for t in result.tensors if t.ggml_type != "F32"} == {("Q4_0", "exact"),
+                                                                                      ("Q8_0", "exact")}
+    assert next(t for t in result.tensors if t.name == "token_embd.weight").ggml_type == "Q8_0"
+    back = load_gguf(tmp_path / "m.gguf", keep_blocks=True)
+    for name, enc in _encodings(lm).items():
+        got = back.get_submodule(name).encoding
+        assert got.scheme == enc.scheme and torch.equal(got.codes, enc.codes) and torch.equal(got.scale, enc.scale)
+    assert torch.equal(back(IDS).logits, lm(IDS).logits)
+
+
 def test_asymmetric_g32_keeps_codes_and_rounds_only_the_offset(folders, tmp_path):
     lm = _compressed(folders, RTNConfig(bits=4, group_size=32, symmetric=False))
     result = export(lm, "gguf", tmp_path / "m.gguf")
@@ -140,8 +157,8 @@ def test_requested_types_and_q6_k(folders, tmp_path):
     kinds = {t.name: t.ggml_type for t in result.tensors}
     assert kinds["blk.1.ffn_down.weight"] == "Q8_0" and kinds["token_embd.weight"] == "Q4_0"
     assert kinds["blk.1.attn_q.weight"] == "F32" and kinds["blk.0.attn_norm.weight"] == "F32"
-    with pytest.raises(ConfigError, match="blocks of 256"):
-        export(lm, "gguf", tmp_path / "q6.gguf", types={"blk.0.ffn_down.weight": "Q6_K"})
+    fell = export(lm, "gguf", tmp_path / "fell.gguf", types={"blk.0.ffn_down.weight": "Q6_K"})  # rows of 128
+    assert [(t.name, t.ggml_type) for t in fell.fallbacks] == [("blk.0.ffn_down.weight", "Q8_0")]
     with pytest.raises(ConfigError, match="Q5_9"):
         export(lm, "gguf", tmp_path / "q6.gguf", types={"*": "Q5_9"})
     w = torch.randn(8, 512)

@@ -54,3 +54,35 @@ def test_llama_cpp_answers_the_chat_prompt(exported):
     answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                         max_tokens=16, temperature=0.0)["choices"][0]["message"]["content"]
     assert "Paris" in answer
+
+
+@pytest.fixture(scope="module")
+def k_mixed(exported):
+    """The same model with Q6_K down_proj (rows of 1536: six K-blocks) beside Q4_0, and Q4_K asked for one 576-wide
+    tensor (not whole 256-blocks: llama.cpp's fallback, Q5_0)."""
+    lm, _, path = exported
+    types = {"blk.*.ffn_down.weight": "Q6_K", "blk.0.attn_q.weight": "Q4_K"}
+    return export(lm, "gguf", path.with_name("k.gguf"), types=types)
+
+
+def test_smollm2_k_quant_mixed_export(exported, k_mixed):
+    from gguf import GGUFReader
+
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(k_mixed.path).tensors}
+    assert {kinds[f"blk.{i}.ffn_down.weight"] for i in range(30)} == {"Q6_K"}
+    assert kinds["blk.0.attn_q.weight"] == "Q5_0" and kinds["blk.1.attn_q.weight"] == "Q4_0"
+    [fallback] = k_mixed.fallbacks
+    assert fallback.name == "blk.0.attn_q.weight" and "rows of 576" in fallback.fallback
+    assert k_mixed.nbytes < exported[1].nbytes * 1.1
+    down = exported[0].model.model.layers[5].mlp.down_proj.encoding
+    record = next(t for t in k_mixed.tensors if t.name == "blk.5.ffn_down.weight")
+    assert 0 < record.max_abs_change <= down.scale.float().max().item() / 2  # Q6_K: finer than the Q4_0 grid
+
+
+def test_llama_cpp_answers_on_the_k_quant_mixed_file(k_mixed):
+    """Where llama-cpp-python is installed (the bench-llm extra; not in CI's dev install)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(k_mixed.path), n_ctx=256, n_threads=1, verbose=False)
+    answer = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                        max_tokens=16, temperature=0.0)["choices"][0]["message"]["content"]
+    assert "Paris" in answer

@@ -74,13 +74,14 @@ def test_gptq_of_a_tied_output_layer_gives_the_embedding_the_same_encoding():
     torch.testing.assert_close(model.model.embed_tokens(ids), table[ids])
 
 
-def test_llm_q4_is_symmetric_g32_in_the_blocks_and_8_bit_for_the_tied_output():
+def test_llm_q4_is_symmetric_g32_in_the_blocks_and_8_bit_g32_for_the_tied_output():
+    """Q4_0's grid in the blocks, Q8_0's (8-bit symmetric groups of 32) for the table: a GGUF holds all as it is."""
     model = tiny_decoder()
     modelpress.compress(model, "llm-q4", calibration=windows(8))
     for name in block_linears(model):
         assert model.get_submodule(name).encoding.scheme == QuantScheme(4, True, 32)
     assert model.lm_head.encoding is model.model.embed_tokens.encoding
-    assert model.lm_head.encoding.scheme == INT8_ROWS
+    assert model.lm_head.encoding.scheme == QuantScheme(8, True, 32)
 
 
 def test_llm_q4_gptq_beats_round_to_nearest_in_the_same_format():

@@ -51,7 +51,9 @@ def add_export_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="gguf: replace --out if it exists")
     p.add_argument("--type", action="append", metavar="PATTERN=TYPE",
                    help="gguf: a block type for the tensors whose llama.cpp name matches (F32, F16, Q8_0, Q4_0, Q4_1, "
-                        "Q5_0, Q5_1, Q6_K); requantises where it is not the tensor's own grid; repeatable")
+                        "Q5_0, Q5_1, Q4_K, Q6_K); requantises where it is not the tensor's own grid; a K-quant on rows "
+                        "that are not whole 256-blocks falls back as llama.cpp does (Q4_K: Q5_0, Q6_K: Q8_0); "
+                        "repeatable")
     p.add_argument("--float-type", default="F16", choices=("F16", "F32"), help="gguf: what float matrices become")
     p.add_argument("--tokenizer-pre", help="gguf: llama.cpp's pre-tokenizer name, where it cannot be read off the "
                                            "tokenizer (llama-bpe, qwen2, ...)")

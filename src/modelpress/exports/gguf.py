@@ -33,7 +33,8 @@ __all__ = ["GGUFExport", "export_gguf"]
 
 _BLOCK_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                   "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-_FILE_TYPES = {F32: 0, F16: 1, 2: 2, 3: 3, 6: 8, 7: 9, 8: 7, 14: 18}  # ggml type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*)
+# ggml type -> llama_ftype (LLAMA_FTYPE_MOSTLY_*; Q4_K as Q4_K_M)
+_FILE_TYPES = {F32: 0, F16: 1, 2: 2, 3: 3, 6: 8, 7: 9, 8: 7, 12: 15, 14: 18}
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,26 @@ class GGUFExport:
     tensors: tuple[TensorExport, ...]
 
     @property
+    def fallbacks(self) -> tuple[TensorExport, ...]:
+        """Tensors asked for as a K-quant and written as llama.cpp's fallback type (rows not whole 256-blocks)."""
+        return tuple(t for t in self.tensors if t.fallback)
+
+    @property
     def requantised(self) -> tuple[TensorExport, ...]:
         return tuple(t for t in self.tensors if t.how == "requantised")
 
     def summary(self) -> str:
         """A line for the file, then one per kind of conversion: how many tensors, and the largest change of a
         weight it made (with the tensor where it was largest)."""
-        groups: dict[tuple[str, str, str], list[TensorExport]] = {}
+        groups: dict[tuple[str, str, str, str], list[TensorExport]] = {}
         for t in self.tensors:
-            groups.setdefault((t.how, t.source, t.ggml_type), []).append(t)
+            groups.setdefault((t.how, t.source, t.ggml_type, t.fallback), []).append(t)
         lines = [f"{self.path}: {self.nbytes / 1e6:.2f} MB, {len(self.tensors)} tensors"]
-        for (how, source, kind), members in sorted(groups.items()):
+        for (how, source, kind, fallback), members in sorted(groups.items()):
             worst = max(members, key=lambda t: t.max_abs_change)
-            lines.append(f"  {len(members):4d} x {source} -> {kind} {how}, max abs change "
-                         f"{worst.max_abs_change:.3g}" + (f" ({worst.name})" if worst.max_abs_change else ""))
+            lines.append(f"  {len(members):4d} x {source} -> {kind} {how}" + (f" ({fallback})" if fallback else "") +
+                         f", max abs change {worst.max_abs_change:.3g}" +
+                         (f" ({worst.name})" if worst.max_abs_change else ""))
         return "\n".join(lines)
 
 

@@ -15,6 +15,11 @@ when every product is a float16, as it is for a zero point of 0).
 Anything else (per-channel int8, other group sizes, pruned, low-rank, clustered weights, float weights
 asked to be quantised) is decoded to float32 and requantised by round to nearest (`quantise`), and
 listed as requantised with the largest change of a weight. A type can be asked for per tensor.
+
+K-quants (Q4_K, Q6_K) are only ever requantised (their two-level scales are no modelpress grid, see
+`formats/gguf_blocks.py`) and need rows of whole 256-weight blocks. A tensor asked for as a K-quant whose
+rows are not (SmolLM2's 576-wide inputs) falls back per tensor as llama.cpp's quantiser does (Q4_K -> Q5_0,
+Q6_K -> Q8_0), and its record names the type asked for and why (`TensorExport.fallback`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import torch
 from modelpress.encodings.base import Encoding
 from modelpress.encodings.quantized import QuantizedTensor
 from modelpress.errors import ConfigError
-from modelpress.formats.gguf_blocks import BLOCK, BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K, Q8_0, dequantise, pack_q4_0, pack_q4_1, pack_q8_0, \
-    quantise
+from modelpress.formats.gguf_blocks import BLOCK, BYTES, K_FALLBACK, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, \
+    dequantise, pack_q4_0, pack_q4_1, pack_q8_0, quantise
 
 __all__ = ["F16", "F32", "TYPES", "TensorExport", "exact_type", "export_tensor"]
 
 F32, F16 = 0, 1  # ggml type ids of the float types
-TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q6_K": Q6_K}
+TYPES = {"F32": F32, "F16": F16, "Q8_0": Q8_0, "Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q4_K": Q4_K,
+         "Q6_K": Q6_K}
 NAMES = {v: k for k, v in TYPES.items()}
 
 
@@ -46,6 +52,7 @@ class TensorExport:
     how: str  # "exact", "offset rounded", "requantised", "float"
     max_abs_change: float  # largest |written - model| over the tensor's weights
     source: str  # what the model held ("int4 sym g32", "float32", ...)
+    fallback: str = ""  # where a K-quant was asked for and its rows are not whole 256-blocks: what was asked, and why
 
 
 def exact_type(enc: Encoding | torch.Tensor) -> int | None:
@@ -113,10 +120,15 @@ def export_tensor(name: str, enc: Encoding | torch.Tensor, want: int | None, flo
         data = decoded.astype(np.float32 if kind == F32 else np.float16)
         change = float(np.abs(data.astype(np.float32) - decoded).max(initial=0.0))
         return data, kind, TensorExport(name, NAMES[kind], "float", change, _describe(enc))
+    fallback = ""
+    if kind in K_FALLBACK and decoded.ndim == 2 and decoded.shape[1] % BLOCK[kind]:
+        fallback = (f"{NAMES[kind]} asked: rows of {decoded.shape[1]} are not whole {BLOCK[kind]}-weight blocks, "
+                    f"{NAMES[K_FALLBACK[kind]]} instead (llama.cpp's fallback)")
+        kind = K_FALLBACK[kind]
     if decoded.ndim != 2 or decoded.shape[1] % BLOCK[kind]:
         raise ConfigError(f"tensor {name} {tuple(decoded.shape)} cannot be {NAMES[kind]}: its rows are not whole "
-                          f"blocks of {BLOCK[kind]}; ask for a type whose blocks divide them (Q8_0, Q4_0, Q4_1: 32) "
-                          "or F16 for it")
+                          f"blocks of {BLOCK[kind]}; ask for a type whose blocks divide them (Q8_0, Q4_0, Q4_1, Q5_0, "
+                          "Q5_1: 32) or F16 for it")
     rows = decoded.shape[0]
     if kind == grid:
         data, how = _exact(enc, kind, order)
@@ -124,5 +136,5 @@ def export_tensor(name: str, enc: Encoding | torch.Tensor, want: int | None, flo
         data, how = quantise(decoded.reshape(-1, BLOCK[kind]), kind).reshape(rows, -1), "requantised"
     written = dequantise(data.reshape(-1, BYTES[kind]), kind).reshape(decoded.shape)
     change = float(np.abs(written - decoded).max(initial=0.0))
-    return data, kind, TensorExport(name, NAMES[kind], how, change, _describe(enc))
+    return data, kind, TensorExport(name, NAMES[kind], how, change, _describe(enc), fallback)
 

@@ -39,8 +39,9 @@ from modelpress import fileio
 from modelpress.errors import FormatError, LimitExceededError, ModelpressError, UnsupportedError
 from modelpress.formats.causal_lm import (CausalLM, causal_lm_from_files, causal_lm_tokenizer, fill_causal_lm,
                                          linearise_conv1d)
-from modelpress.formats.gguf_llama import llama_config, llama_state
+from modelpress.formats.gguf_llama import hf_name, llama_config, llama_state
 from modelpress.limits import check_allocation
+from modelpress.nn.provenance import record_provenance
 from modelpress.nn.registry import install
 
 __all__ = ["GGUFInfo", "GGUFTensor", "MAX_METADATA_BYTES", "check_gguf", "load_gguf"]
@@ -234,7 +235,8 @@ def _place(table, data_offset: int, alignment: int, size: int, path: Path) -> tu
 def load_gguf(path: str | os.PathLike, keep_blocks: bool = False) -> CausalLM:
     """A float CausalLM from a .gguf file (checked first; a plain Llama dequantised by us, any other by transformers'
     GGUF reader). `keep_blocks`: a plain Llama's Q8_0 / Q4_0 (and exactly representable Q4_1) weights stay
-    quantised, as modelpress encodings with the file's codes and scales (formats/gguf_import.py)."""
+    quantised, as modelpress encodings with the file's codes and scales (formats/gguf_import.py); the others
+    (K-quants, Q5_*) are dequantised to float32, and `provenance(lm).log` says which went which way."""
     path = Path(path)
     info = check_gguf(path)
     numel = sum(t.numel for t in info.tensors)
@@ -250,6 +252,8 @@ def load_gguf(path: str | os.PathLike, keep_blocks: bool = False) -> CausalLM:
                             for name, enc in state.items()}, path)
         for name, enc in kept.items():
             install(lm, "model." + name.rpartition(".")[0], enc)
+        if keep_blocks:
+            record_provenance(lm, None, _import_log(info.tensors, kept))
         return lm
     if keep_blocks:
         raise UnsupportedError(f"{path}: only a plain Llama GGUF file is imported with its blocks kept; load it "
@@ -260,6 +264,28 @@ def load_gguf(path: str | os.PathLike, keep_blocks: bool = False) -> CausalLM:
     model.eval()
     files = _support_files(model.config.to_dict(), tokenizer, model.generation_config)
     return CausalLM(model, causal_lm_tokenizer(files), files, source=path)  # the tokenizer a reload rebuilds
+
+
+def _import_log(tensors, kept: dict[str, Any]) -> list[str]:
+    """What an import with blocks kept did, a line per (type, outcome): kept as which encoding, or dequantised."""
+    from gguf import GGMLQuantizationType
+
+    groups: dict[str, list[str]] = {}
+    for t in tensors:
+        if len(t.shape) != 2 or t.ggml_type in (0, 1):  # F32 / F16 matrices are float as they stand
+            continue
+        kind = GGMLQuantizationType(t.ggml_type).name
+        enc = kept.get(hf_name(t.name) or "")
+        how = f"{kind} kept as {enc.describe()} (its codes and scales)" if enc is not None else \
+            f"{kind} dequantised to float32 ({_WHY_NOT_KEPT.get(kind, 'no modelpress grid holds it')})"
+        groups.setdefault(how, []).append(t.name)
+    return [f"GGUF import: {len(names)} x {how}, e.g. {names[0]}" for how, names in sorted(groups.items())]
+
+
+_WHY_NOT_KEPT = {"Q4_1": "offsets that no float16 zero point gives exactly",
+                 "Q5_0": "5-bit codes", "Q5_1": "5-bit codes",
+                 "Q4_K": "two-level scales, float16 times 6-bit, are no float16 scale per group",
+                 "Q6_K": "two-level scales, float16 times int8, are no float16 scale per group; 6-bit codes"}
 
 
 def _check_size(model: torch.nn.Module, numel: int, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""llama.cpp's weight blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K), packed and unpacked by us in numpy.
+"""llama.cpp's weight blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), packed and unpacked by us in numpy.
 
 The layouts (ggml-common.h; every multi-byte field little-endian, blocks run along a row, a row is
 whole blocks):
@@ -13,6 +13,15 @@ whole blocks):
     Q6_K  256 weights, 210 bytes: ql u8[128] | qh u8[64] | sc i8[16] | d f16
           w = d * sc[j // 16] * (q[j] - 32), q[j] 6 bits; with j = 128 h + t (h in 0..1, t in 0..127):
           low 4 bits: nibble t // 64 of ql[64 h + t % 64]; high 2 bits: bits 2 (t // 32) of qh[32 h + t % 32]
+    Q4_K  256 weights, 144 bytes: d f16 | dmin f16 | scales u8[12] | qs u8[128]
+          w = (d * sc[s]) * q[j] - dmin * m[s], s = j // 32 (8 sub-blocks), q 4 bits, sc and m 6 bits;
+          q: with j = 64 h + t, nibble t // 32 of qs[32 h + t % 32]; sc and m (get_scale_min_k4): for s < 4
+          sc[s] = scales[s] & 63, m[s] = scales[s + 4] & 63; for s >= 4 the low 4 bits are the nibbles of
+          scales[s + 4] (sc low, m high) and the high 2 bits the top bits of scales[s - 4] (sc) and scales[s] (m)
+
+The K-quants (Q4_K, Q6_K) need rows of whole 256-weight blocks, and their weights are a float16 super-scale
+times a 6- or 8-bit integer sub-scale: a product that is not a float16 in general, so no modelpress grid
+(float16 scale per group) holds them; they are written by requantising and read back dequantised.
 
 modelpress's symmetric codes are unsigned with midpoint 2^(b-1): w = (c - 8) * s at 4 bits is Q4_0's
 rule with d = s, c = q; at 8 bits w = (c - 128) * s is Q8_0's with qs = c - 128. So those grids move
@@ -26,13 +35,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BLOCK", "BYTES", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "pack_q8_0", "unpack_q8_0", "pack_q4_0", "unpack_q4_0",
-           "pack_q4_1", "unpack_q4_1", "pack_q5_0", "unpack_q5_0", "pack_q5_1", "unpack_q5_1", "pack_q6_k", "unpack_q6_k", "quantise", "dequantise"]
+__all__ = ["BLOCK", "BYTES", "K_FALLBACK", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K", "pack_q8_0",
+           "unpack_q8_0", "pack_q4_0", "unpack_q4_0", "pack_q4_1", "unpack_q4_1", "pack_q5_0", "unpack_q5_0",
+           "pack_q5_1", "unpack_q5_1", "pack_q4_k", "unpack_q4_k", "pack_q6_k", "unpack_q6_k", "quantise",
+           "dequantise"]
 
 # ggml type ids (ggml.h), the only ones this module packs
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K = 2, 3, 6, 7, 8, 14
-BLOCK = {Q8_0: 32, Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q6_K: 256}  # weights per block
-BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q6_K: 210}  # bytes per block
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14
+BLOCK = {Q8_0: 32, Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q4_K: 256, Q6_K: 256}  # weights per block
+BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q4_K: 144, Q6_K: 210}  # bytes per block
+# what llama.cpp's quantiser writes instead of a K-quant for a tensor whose rows are not whole 256-blocks
+# (llama-quant.cpp: Q4_K -> Q5_0, Q6_K -> Q8_0)
+K_FALLBACK = {Q4_K: Q5_0, Q6_K: Q8_0}
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -139,6 +153,40 @@ def unpack_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         _f16(blocks[:, 208:210])
 
 
+def _k4_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """sc, m (n, 8) 6-bit -> (n, 12) bytes, get_scale_min_k4's packing."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), dtype=np.uint8)
+    out[:, :4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
+    out[:, 8:] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return out
+
+
+def _k4_unscales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12) bytes -> sc, m (n, 8) uint8 0..63."""
+    sc = np.concatenate([b[:, :4] & 63, (b[:, 8:] & 0x0F) | ((b[:, :4] >> 6) << 4)], axis=1)
+    m = np.concatenate([b[:, 4:8] & 63, (b[:, 8:] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
+    return sc.astype(np.uint8), m.astype(np.uint8)
+
+
+def pack_q4_k(q: np.ndarray, sc: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """q (n, 256) codes 0..15, sc and m (n, 8) 0..63, d and dmin (n,) float16 -> (n, 144) uint8 blocks."""
+    n = q.shape[0]
+    parts = q.astype(np.uint8).reshape(n, 4, 2, 32)
+    qs = (parts[:, :, 0] | (parts[:, :, 1] << 4)).reshape(n, 128)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _k4_scales(sc, m), qs], axis=1).astype(np.uint8)
+
+
+def unpack_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(n, 144) uint8 -> (q (n, 256) uint8 0..15, sc (n, 8), m (n, 8) uint8 0..63, d (n,), dmin (n,) float16)."""
+    n = blocks.shape[0]
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32)
+    q = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F  # (n, 4, 2, 32)
+    sc, m = _k4_unscales(blocks[:, 4:16])
+    return q.reshape(n, 256).astype(np.uint8), sc, m, _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+
+
 def dequantise(blocks: np.ndarray, ggml_type: int) -> np.ndarray:
     """(n, BYTES) uint8 -> (n, BLOCK) float32 by the formula of the type (module docstring)."""
     if ggml_type == Q8_0:
@@ -156,11 +204,23 @@ def dequantise(blocks: np.ndarray, ggml_type: int) -> np.ndarray:
     if ggml_type == Q5_1:
         q, d, m = unpack_q5_1(blocks)
         return d.astype(np.float32)[:, None] * q.astype(np.float32) + m.astype(np.float32)[:, None]
+    if ggml_type == Q4_K:
+        q, sc, m, d, dmin = unpack_q4_k(blocks)
+        step = d.astype(np.float32)[:, None] * sc.astype(np.float32)  # (n, 8), float32 as ggml computes it
+        low = dmin.astype(np.float32)[:, None] * m.astype(np.float32)
+        return (np.repeat(step, 32, axis=1) * q.astype(np.float32) - np.repeat(low, 32, axis=1)).astype(np.float32)
     if ggml_type == Q6_K:
         q, sc, d = unpack_q6_k(blocks)
         step = d.astype(np.float32)[:, None] * sc.astype(np.float32)  # (n, 16)
         return (np.repeat(step, 16, axis=1) * (q.astype(np.float32) - 32)).astype(np.float32)
-    raise ValueError(f"ggml type {ggml_type} is not one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K")
+    raise ValueError(f"ggml type {ggml_type} is not one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K")
+
+
+def _f16_up(x: np.ndarray) -> np.ndarray:
+    """The float16 at or above each x >= 0: a K-quant's super-scale, so the largest integer sub-scale it needs stays
+    within range (rounded down, a small or subnormal d would clip the largest sub-block's steps)."""
+    d = x.astype(np.float16)
+    return np.where(d.astype(np.float32) < x, np.nextafter(d, np.float16(np.inf)), d).astype(np.float16)
 
 
 def _safe_div(x: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -173,7 +233,8 @@ def quantise(w: np.ndarray, ggml_type: int) -> np.ndarray:
 
     Q8_0: d = amax / 127. Q4_0 (Q5_0): d = -x / 8 (16) for the x of largest magnitude (as llama.cpp: every level).
     Q4_1 (Q5_1): d = (max - min) / 15 (31), m = min. Q6_K: each 16-wide part's step amax / 31, stored as int8 multiples
-    of d = max step / 127. Codes are rounded against the float16 (and int8) scales actually stored."""
+    of d = max step / 127 (float16 rounded up). Q4_K: `_quantise_q4_k`. Codes are rounded against the float16 (and
+    int8) scales actually stored."""
     w = np.asarray(w, dtype=np.float32)
     if ggml_type == Q8_0:
         d = (np.abs(w).max(axis=1) / 127).astype(np.float16)
@@ -191,13 +252,33 @@ def quantise(w: np.ndarray, ggml_type: int) -> np.ndarray:
         d, m = ((hi - lo) / top).astype(np.float16), lo.astype(np.float16)
         q = np.clip(np.rint(_safe_div(w - m.astype(np.float32)[:, None], d.astype(np.float32)[:, None])), 0, top)
         return pack_q4_1(q.astype(np.uint8), d, m) if ggml_type == Q4_1 else pack_q5_1(q.astype(np.uint8), d, m)
+    if ggml_type == Q4_K:
+        return _quantise_q4_k(w)
     if ggml_type == Q6_K:
         n = w.shape[0]
         parts = w.reshape(n, 16, 16)
         step = np.abs(parts).max(axis=2) / 31  # (n, 16)
-        d = (step.max(axis=1) / 127).astype(np.float16)
+        d = _f16_up(step.max(axis=1) / 127)
         sc = np.clip(np.rint(_safe_div(step, d.astype(np.float32)[:, None])), -128, 127).astype(np.int8)
         eff = (d.astype(np.float32)[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 16, 1)
         q = np.clip(np.rint(_safe_div(parts, eff)), -32, 31) + 32
         return pack_q6_k(q.reshape(n, 256).astype(np.uint8), sc, d)
-    raise ValueError(f"ggml type {ggml_type} is not one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K")
+    raise ValueError(f"ggml type {ggml_type} is not one of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K")
+
+
+def _quantise_q4_k(w: np.ndarray) -> np.ndarray:
+    """(n, 256) float32 -> Q4_K blocks: each 32-wide sub-block's range [min(0, lo), hi] on 16 levels (step
+    (hi - min) / 15, offset -min, as llama.cpp keeps every offset <= 0), the steps and offsets as 6-bit multiples
+    of d = max step / 63 and dmin = max offset / 63 (float16, rounded up), then the codes rounded against what is
+    stored."""
+    n = w.shape[0]
+    parts = w.reshape(n, 8, 32)
+    low = np.minimum(parts.min(axis=2), 0.0)  # (n, 8), <= 0
+    step = (parts.max(axis=2) - low) / 15
+    d, dmin = _f16_up(step.max(axis=1) / 63), _f16_up((-low).max(axis=1) / 63)
+    sc = np.clip(np.rint(_safe_div(step, d.astype(np.float32)[:, None])), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(_safe_div(-low, dmin.astype(np.float32)[:, None])), 0, 63).astype(np.uint8)
+    eff = d.astype(np.float32)[:, None] * sc.astype(np.float32)  # (n, 8), the stored step
+    off = dmin.astype(np.float32)[:, None] * m.astype(np.float32)
+    q = np.clip(np.rint(_safe_div(parts + off[:, :, None], eff[:, :, None])), 0, 15)
+    return pack_q4_k(q.reshape(n, 256).astype(np.uint8), sc, m, d, dmin)

@@ -7,9 +7,12 @@
 
 A Q4_1 block's offset m is any float16, ours is zero x scale with a float16 zero: most files (the bundled
 SmolLM2's among them) have blocks where no float16 zero gives m exactly, and those tensors are dequantised
-to float by the caller rather than moved off their weights. Q6_K (and any other type) has no modelpress
-grid (our codes are 2, 3, 4 or 8 bits): None, dequantised by the caller. A scale that is not finite is a
-damaged file.
+to float by the caller rather than moved off their weights. Q5_0/Q5_1 (5-bit codes) and the K-quants have
+no modelpress grid: None, dequantised by the caller (`load_gguf` logs which, in the model's provenance).
+A K-quant's step is a float16 super-scale times a 6-bit (Q4_K) or int8 (Q6_K) sub-scale, a product that is
+not a float16 in general, so no float16 scale per group holds it; exact import would need float32 scales
+or a two-level scale in QuantizedTensor, which every kernel would then have to read. A scale that is not
+finite is a damaged file.
 """
 
 from __future__ import annotations
