@@ -1,7 +1,7 @@
 """ONNX export of MiniLM run by ONNX Runtime, beside ORT's own dynamic int8 of the same model, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py [--sentences 2000] [--threads 2] [--rounds 5]
-        [--presets w8a8-smooth,w8a8,int8]
+        [--presets w8a8-token,w8a8-smooth,int8]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py --part lm [--recipe llm-q4] [--windows 8]
         [--calibration 32]
 
@@ -15,7 +15,9 @@ modelpress's own model of the same weights (the export's exactness), mean and p1
 held-out sentences (fidelity), weights bytes (the .onnx file), and latency of encoding `--latency-sentences`
 sentences in batches of 32 (every ORT model in whole rounds, interleaved; median ratio to ORT's per-channel
 QInt8 of the fp32 export: ORT's own `quantize_dynamic(per_channel=True)` after `quant_pre_process`, built
-by benchmarks/peers.py as in bench_quant.py). Cosines are exact figures; latencies need a quiet machine.
+by benchmarks/peers.py as in bench_quant.py), and the ratio to ORT's fp32 run of the same float export.
+Cosines are exact figures; latencies need a quiet machine. w8a8-token is the preset whose W8A8 layers ORT
+computes bit for bit as modelpress does (activations "row", nn/kernels.py quantize_rows).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def build(encoder, workdir: Path, presets: list[str], threads: int):
     ort_own = peers.ort_dynamic_int8(encoder, per_channel=True, weight_type="QInt8", workdir=workdir)
     onnx_file = next((workdir).glob(f"*{peers._ort_version()}-qint8-per-channel/model.onnx"))
     rows = [(ort_own.name, ort_own.encode, onnx_file.stat().st_size, None)]
+    fp32 = peers.ort_fp32(encoder, workdir)
+    rows.append((fp32.name, fp32.encode, fp32.size_bytes, None))
     for name in presets:
         model = modelpress.compress(load_sentence_encoder("minilm"), name)
         run = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))  # ORT's own build is cached; ours is not
@@ -144,7 +148,7 @@ def main() -> None:
     parser.add_argument("--latency-sentences", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--presets", default="w8a8-smooth,w8a8,int8")
+    parser.add_argument("--presets", default="w8a8-token,w8a8-smooth,int8")
     parser.add_argument("--workdir", help="cache folder for ORT's exports (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,7 +167,8 @@ def main() -> None:
         print(f"Command: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py --sentences {args.sentences} "
               f"--threads {args.threads} --rounds {args.rounds} --presets {args.presets}\n")
         print("| model | .onnx MB | cos to modelpress (mean / p1 / min) | mean cos to fp32 | p1 cos | latency s "
-              f"| vs ORT per-channel QInt8 |\n|---|---|---|---|---|---|---|")
+              f"| vs ORT per-channel QInt8 | vs ORT fp32 |\n|---|---|---|---|---|---|---|---|")
+        fp32_name = rows[1][0]
         for name, encode, size, own in rows:
             got = encode(sentences)
             f = fidelity(reference, got)
@@ -172,9 +177,10 @@ def main() -> None:
                 cos = cosine_similarities(own(sentences), got)
                 exact = f"{cos.mean():.6f} / {torch.quantile(cos, 0.01):.6f} / {cos.min():.6f}"
             ratios = [t / b for t, b in zip(times[name], times[base])]
+            vs_fp32 = statistics.median(t / b for t, b in zip(times[name], times[fp32_name]))
             print(f"| {name} | {size / 1e6:.1f} | {exact} | {f.mean_cosine:.4f} | {f.p1_cosine:.4f} | "
                   f"{statistics.median(times[name]):.3f} | {statistics.median(ratios):.2f}x "
-                  f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+                  f"[{min(ratios):.2f}-{max(ratios):.2f}] | {vs_fp32:.2f}x |")
 
 
 if __name__ == "__main__":

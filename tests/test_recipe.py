@@ -95,7 +95,7 @@ def test_defaults():
     assert r.stages[0].config == RTNConfig() and r.stages[0].targets == Selector() and r.stages[0].overrides == ()
 
 
-PRESETS = ["int3", "int4", "int8", "llm-int8", "llm-q3", "llm-q4", "llm-w8a8", "w8a8", "w8a8-smooth"]
+PRESETS = ["int3", "int4", "int8", "llm-int8", "llm-q3", "llm-q4", "llm-w8a8", "w8a8", "w8a8-smooth", "w8a8-token"]
 
 
 def test_preset_registry():

@@ -27,7 +27,9 @@ RECIPES = {
     "int8": "int8",
     "w8a8": "w8a8",
     "w8a8-smooth": "w8a8-smooth",
+    "w8a8-token-preset": "w8a8-token",
     "w8a8-token": {"*.encoder.*": DynamicInt8Config(activations="token")},
+    "w8a8-row": {"*.encoder.*": DynamicInt8Config(activations="row")},
     "w8a8-8bit-weights": {"*.encoder.*": DynamicInt8Config(weight_bits=8)},  # 7-bit activations (reduce_range)
     "w8a8-8bit-weights-token": {"*.encoder.*": DynamicInt8Config(weight_bits=8, activations="token")},
     "int4-g16": {"*.encoder.*": RTNConfig(bits=4, symmetric=False, group_size=16),
@@ -123,3 +125,34 @@ def test_cli_exports_onnx(source, tmp_path, capsys):
     assert (tmp_path / "onnx" / ONNX_FILE).is_file()
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 2  # never replaced
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_token_export_is_close_to_modelpress_in_onnx_runtime(minilm):
+    """MiniLM, preset w8a8-token, exported and run by ONNX Runtime on held-out sentences. Every W8A8 layer is
+    bit-exact (test_onnx_ops), and a good share of sentences come out to float rounding; the float layers between
+    them (LayerNorm, GELU, softmax, attention products) are ORT's own, whose last-bit differences can move an
+    activation code, and a W8A8 encoder amplifies that. Measured: mean cosine 0.99981 on 2000 held-out
+    sentences, short of issue 15's 0.9999 (w8a8-smooth's per-call export: 0.9983). Fidelity to fp32 beyond
+    ORT's own per-channel dynamic int8 (0.9929, benchmarks/results_onnx.md)."""
+    import copy
+
+    from modelpress.data.corpus import corpus_splits
+    from modelpress.formats.st_encode import encode_sentences
+
+    sentences = list(corpus_splits(n_eval=128, n_calib=1).evaluation)
+    reference = minilm.encode(sentences)
+    model = compress(copy.deepcopy(minilm), "w8a8-token")
+    want = model.encode(sentences)
+    session = _session(onnx_bytes(model))
+
+    def forward(input_ids, attention_mask, token_type_ids):
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                 "token_type_ids": token_type_ids.numpy()}
+        return torch.from_numpy(session.run(["sentence_embedding"], feeds)[0])
+
+    got = encode_sentences(model, forward, sentences, 32)
+    cos = torch.nn.functional.cosine_similarity(got, want)
+    exact = float((cos > 0.999999).float().mean())  # no activation code moved (the pooling's last bits may)
+    assert cos.mean() >= 0.9997 and cos.min() >= 0.998 and exact >= 0.2, (float(cos.mean()), cos.min(), exact)
+    assert torch.nn.functional.cosine_similarity(got, reference).mean() >= 0.995

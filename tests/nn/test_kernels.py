@@ -362,3 +362,51 @@ def test_select_kernel_is_cached_and_never_picks_dynamic_int8():
 )
 def test_select_kernel_with_one_eligible_candidate(name, candidates, expected):
     assert select_kernel(TABLE_ENCODINGS[name](), candidates) is expected
+
+
+def per_row_reference(x: torch.Tensor, enc, bias, levels: int) -> torch.Tensor:
+    """The per-row kernel by hand: each row on a symmetric grid of its own, step d = max|x_row| / levels,
+    codes q = round(x / d) (half to even), the integer product q W_q^T in int64, then the float operations
+    in the kernel's order: * the weight's channel scales, * d, + bias."""
+    d = x.abs().amax(-1, keepdim=True) / levels
+    q = torch.round(x / d)
+    assert q.abs().max() <= levels
+    acc = q.to(torch.int64) @ (enc.int_codes().to(torch.int64) - enc.scheme.midpoint).t()
+    y = acc.float() * enc.scale.float().reshape(-1) * d
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("lead", [pytest.param((32,), id="2d"), pytest.param((4, 8), id="3d")])
+@pytest.mark.parametrize("with_bias", BIAS)
+@pytest.mark.parametrize("weight_bits", [7, 8])
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_dynamic_int8_per_row_matches_a_plain_reference_bit_for_bit(lead, with_bias, weight_bits, shift):
+    """The codes and every float operation are the reference's (the ONNX export relies on it)."""
+    scheme = QuantScheme(8, True, "channel")
+    w = weight(64, 256, 4)
+    enc = seven_bit(w, scheme) if weight_bits == 7 else quantize(w, scheme)
+    levels = 127 if weight_bits == 7 else 63  # 7-bit activations beside 8-bit weights (fbgemm's reduce_range)
+    bias = bias_for(64, with_bias)
+    x = (inputs(256, lead, seed=5) + shift) * torch.logspace(-2, 2, lead[-1]).unsqueeze(-1)
+    y = CompressedLinear(enc, bias, Kernel.DYNAMIC_INT8_ROW)(x)
+    assert torch.equal(y, per_row_reference(x, enc, bias, levels))
+    W = enc.decode()
+    assert (y - F.linear(x, W, bias)).norm() < 0.02 * F.linear(x, W).norm()
+
+
+def test_dynamic_int8_per_row_rows_are_independent_and_zero_rows_give_the_bias():
+    """A row's output does not depend on the other rows of the call: alone, or beside a huge one, it gets the
+    same bits (so padding never moves a sentence's numbers); an all-zero row gives the bias; NaN stays NaN."""
+    enc = seven_bit(weight(64, 256, 4), QuantScheme(8, True, "channel"))
+    bias = bias_for(64, True)
+    layer = CompressedLinear(enc, bias, Kernel.DYNAMIC_INT8_ROW)
+    x = inputs(256, (6,), seed=3)
+    x[2] *= 1000
+    x[4] = 0
+    many = layer(x)
+    for i in range(6):
+        assert torch.equal(layer(x[i:i + 1]), many[i:i + 1])
+    assert torch.equal(many[4], bias)
+    assert layer(torch.zeros(0, 256)).shape == (0, 64)
+    x[1, 5] = float("nan")
+    assert not torch.isfinite(layer(x)[1]).all()

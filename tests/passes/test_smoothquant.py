@@ -281,7 +281,7 @@ def test_token_range_ratio_is_the_median_of_batch_max_over_token_max():
     assert TOKEN_RANGE_RATIO > 1
 
 
-@pytest.mark.parametrize("activations", ["row", "", None, ["token"]])
+@pytest.mark.parametrize("activations", ["column", "", None, ["token"]])
 def test_invalid_activation_ranges_are_a_config_error(activations):
     with pytest.raises(ConfigError, match="activations .* use 'tensor'"):
         DynamicInt8Config(activations=activations)

@@ -82,7 +82,8 @@ def onnx_bytes(model: nn.Module) -> bytes:
     stand_ins = {name: onnx_stand_in(name, module) for name, module in compressed_modules(model.model).items()}
     for name, stand_in in stand_ins.items():
         model.model.set_submodule(name, stand_in)
-    contrib = {"com.microsoft": 1} if any(isinstance(m, OnnxNBitsLinear) for m in stand_ins.values()) else {}
+    contrib = {"com.microsoft": 1} if any(isinstance(m, OnnxNBitsLinear) or getattr(m, "per_row", False)
+                                          for m in stand_ins.values()) else {}  # MatMulNBits, MatMulIntegerToFloat
     axes = {0: "batch", 1: "sequence"}
     trace = model.tokenize(_TRACE_SENTENCES)
     if isinstance(model, CausalLM):
@@ -101,7 +102,7 @@ def onnx_bytes(model: nn.Module) -> bytes:
         warnings.filterwarnings("ignore", message=r"Exporting aten::index operator", category=UserWarning)
         torch.onnx.export(graph, tuple(trace[k] for k in inputs), buffer, dynamo=False, opset_version=OPSET,
                           input_names=list(inputs), output_names=list(outputs), dynamic_axes=dynamic,
-                          custom_opsets=contrib,  # MatMulNBits
+                          custom_opsets=contrib,  # MatMulNBits, MatMulIntegerToFloat
                           do_constant_folding=False)  # ORT folds at load; here it would widen the codes to float
     data = buffer.getvalue()
     if len(data) > MAX_ONNX_BYTES:

@@ -7,6 +7,13 @@
                                      fuses into one DynamicQuantizeMatMul (u8 activations x s8 weights)
     W8A8 Linear, a range per token   m = max|x| per row; the above on x / m, its output * m [+ bias]
     (kernel dynamic_int8_token)      (the rule of nn/kernels.py: one range over the scaled rows)
+    W8A8 Linear, a range per row     d = max|x_row| / 127 (ReduceMax/ReduceMin/Max/Div) -> QuantizeLinear(x, d
+    (kernel dynamic_int8_row)        per row, zero point 128) -> MatMulIntegerToFloat(x_q, W_q^T, 1, w_scale,
+                                     128) (com.microsoft) -> Mul(d) [-> Add bias]: modelpress's arithmetic
+                                     operation for operation (nn/kernels.py quantize_rows), so ORT's
+                                     output equals modelpress's bit for bit, layer by layer. The two kinds
+                                     above follow fbgemm's grid but not its quantiser (a fused multiply-add
+                                     by 1 / step): a value at a step's midpoint may take the other code.
     symmetric 4-bit Linear           com.microsoft MatMulNBits on our packed codes (reshaped, not repacked)
     other weight-only Linear         W = (codes - zero) * scale from the stored codes (Cast/Sub/Mul on
                                      initializers, folded by ORT at load), then MatMul: float activations
@@ -28,7 +35,7 @@ from modelpress.encodings import QuantizedTensor
 from modelpress.encodings.scaled import ChannelScaledTensor
 from modelpress.encodings.quantized import PER_TENSOR
 from modelpress.errors import UnsupportedError
-from modelpress.nn.kernels import Kernel
+from modelpress.nn.kernels import ROW_ZERO_POINT, Kernel, row_levels
 
 __all__ = ["OnnxDynamicLinear", "OnnxEmbedding", "OnnxNBitsLinear", "OnnxWeightOnlyLinear", "nbits_block",
            "onnx_stand_in"]
@@ -85,38 +92,77 @@ class _DynamicMatMul(torch.autograd.Function):
         return g.op("Mul", g.op("Cast", acc, to_i=1), scale)
 
 
+class _RowMatMul(torch.autograd.Function):
+    """x (.., K) -> ((q W_q^T) s_w) d (.., N): nn/kernels.py's DYNAMIC_INT8_ROW product, bit for bit.
+
+    d = max|x_row| / levels (ReduceMax, ReduceMin, Neg, Max, Div); q = QuantizeLinear(x, d per row, zero
+    point 128) = round-half-to-even(x / d) + 128, one division per element as quantize_rows does;
+    MatMulIntegerToFloat (com.microsoft: MatMulInteger of the uint8 codes, zero point 128, and the int8
+    weight, Cast, * s_w in one op), * d: the float
+    operations of modelpress's kernel in its order, each correctly rounded in both runtimes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_t, w_scale, w_ref, levels, zero):  # tracing runs the float product (values not exported)
+        return F.linear(x, w_ref)
+
+    @staticmethod
+    def symbolic(g, x, w_t, w_scale, w_ref, levels, zero):
+        def const(value, dtype=torch.float32):
+            return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+        m = g.op("Max", g.op("ReduceMax", x, axes_i=[-1], keepdims_i=1),
+                 g.op("Neg", g.op("ReduceMin", x, axes_i=[-1], keepdims_i=1)))
+        d = g.op("Div", g.op("Max", m, const(torch.finfo(torch.float32).tiny)), const(float(levels)))  # (.., 1)
+        k, n = w_t.type().sizes()
+        rows = g.op("Reshape", x, const([-1, k], torch.int64))  # (M, K): QuantizeLinear's scale per row
+        d_rows = g.op("Reshape", d, const([-1], torch.int64))  # (M,)
+        zp = const(zero, torch.uint8)
+        q = g.op("QuantizeLinear", rows, d_rows, g.op("Expand", zp, g.op("Shape", d_rows)), axis_i=0)
+        # float(q W_q^T with zero point 128) * (1 * s_w) in one contrib op (MatMulInteger, Cast and Mul by s_w,
+        # which ORT leaves unfused here, cost 7% more on a MiniLM FFN layer; the same bits)
+        y = g.op("com.microsoft::MatMulIntegerToFloat", q, w_t, const(1.0), w_scale, zp)  # (M, N)
+        y.setType(x.type().with_sizes([None, n]))
+        y = g.op("Mul", y, g.op("Reshape", d, const([-1, 1], torch.int64)))
+        lead = g.op("Slice", g.op("Shape", x), const([0], torch.int64), const([-1], torch.int64))
+        return g.op("Reshape", y, g.op("Concat", lead, const([n], torch.int64), axis_i=0))
+
+
 class OnnxDynamicLinear(nn.Module):
-    """A W8A8 CompressedLinear (per-call or per-token activation range) as ONNX operators."""
+    """A W8A8 CompressedLinear (per-call, per-token or per-row activation range) as ONNX operators."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         enc, inverse = _quantized(module.encoding)
         signed = enc.int_codes().to(torch.int16) - enc.scheme.midpoint  # (N, K)
         # fbgemm's rule (nn/kernels.py): weights beyond 7 bits get 7-bit activations, else the full 8 bits
-        self.levels = 127 if int(signed.abs().max()) > 63 else 255
+        reduce_range = int(signed.abs().max()) > 63
+        self.levels = 127 if reduce_range else 255
+        self.row_levels = row_levels(reduce_range)  # per token: |q| <= 127 (63), zero point 128 (64)
+        self.token_zero = ROW_ZERO_POINT // 2 if reduce_range else ROW_ZERO_POINT
         if enc.scheme.group_size == PER_TENSOR:
             w_scale = enc.scale.float().reshape(1).expand(enc.shape[0]).clone()
         else:
             w_scale = enc.scale.float().reshape(-1)
         self.per_token = module.kernel is Kernel.DYNAMIC_INT8_TOKEN
+        self.per_row = module.kernel is Kernel.DYNAMIC_INT8_ROW
         self.register_buffer("w_t", signed.to(torch.int8).t().contiguous())  # (K, N)
         self.register_buffer("w_scale", w_scale)  # (N,)
         self.register_buffer("input_scale", inverse)
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float(), requires_grad=False)
         self.w_ref = enc.decode(torch.float32)  # (N, K): what the traced forward multiplies by (not exported)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return _DynamicMatMul.apply(x, self.w_t, self.w_scale, self.w_ref, self.levels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        if self.per_token:
+        if self.per_row:
+            y = _RowMatMul.apply(x, self.w_t, self.w_scale, self.w_ref, self.row_levels, self.token_zero)
+        elif self.per_token:
             m = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg()).clamp_min(
                 torch.finfo(torch.float32).tiny)  # (.., 1)
-            y = self._matmul(x * m.reciprocal()) * m
+            y = _DynamicMatMul.apply(x * m.reciprocal(), self.w_t, self.w_scale, self.w_ref, self.levels) * m
         else:
-            y = self._matmul(x)
+            y = _DynamicMatMul.apply(x, self.w_t, self.w_scale, self.w_ref, self.levels)
         return y if self.bias is None else y + self.bias
 
 
@@ -268,7 +314,7 @@ def onnx_stand_in(name: str, module: nn.Module) -> nn.Module:
     if kind != "CompressedLinear":
         raise UnsupportedError(f"layer {name!r} is a {kind}, which the ONNX export does not write yet: "
                                "leave it uncompressed (an ignore pattern in the recipe)")
-    if module.kernel in (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN):
+    if module.kernel in (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN, Kernel.DYNAMIC_INT8_ROW):
         return OnnxDynamicLinear(module)
     block = nbits_block(enc)
     return OnnxWeightOnlyLinear(module) if block is None else OnnxNBitsLinear(module, block)

@@ -5,7 +5,7 @@ and int4 kernels are 10-30x slower than fp32 matmul, while fbgemm's dynamic int8
 `Kernel.QMATMUL` is modelpress's own (nn/qmatmul.py, nn/_qmatmul.c): it reads a quantised
 weight's packed codes directly, so the weight stays compressed in memory, and for 1-row inputs
 (decode) it reads 4-8x fewer bytes than an fp32 matmul. Weight-only kernels all compute the same
-product as decode-then-matmul (tests prove it); `DYNAMIC_INT8` and `DYNAMIC_INT8_TOKEN` also
+product as decode-then-matmul (tests prove it); `DYNAMIC_INT8`, `_TOKEN` and `_ROW` also
 quantise activations, which changes the numbers, so they are never picked automatically, only
 when a recipe asks for them.
 
@@ -50,6 +50,7 @@ class Kernel(str, Enum):
     INT4_WEIGHT_MM = "int4_mm"  # torch.ops.aten._weight_int4pack_mm_for_cpu (4-bit groups)
     DYNAMIC_INT8 = "dynamic_int8"  # fbgemm: activations quantised per call, int8 x int8 GEMM
     DYNAMIC_INT8_TOKEN = "dynamic_int8_token"  # the same, each token's activations on a range of its own
+    DYNAMIC_INT8_ROW = "dynamic_int8_row"  # each row on a symmetric grid of its own, ONNX-exact (quantize_rows)
     SPARSE_CSR = "sparse_csr"  # torch.sparse CSR matmul of a SparseTensor weight (see nn/sparse.py)
     LOW_RANK = "low_rank"  # (x right^T) left^T with a LowRankTensor's factors decoded once to fp32
     QMATMUL = "qmatmul"  # packed codes read directly (nn/qmatmul.py): compressed in memory
@@ -59,7 +60,8 @@ class Kernel(str, Enum):
 
 WEIGHT_ONLY_KERNELS = (Kernel.DENSE, Kernel.INT8_WEIGHT_MM, Kernel.INT4_WEIGHT_MM, Kernel.DECODE_PER_CALL,
                        Kernel.SPARSE_CSR, Kernel.LOW_RANK, Kernel.QMATMUL)
-ACTIVATION_KERNELS = (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN)  # they change the numbers: never AUTO
+# they change the numbers: never AUTO
+ACTIVATION_KERNELS = (Kernel.DYNAMIC_INT8, Kernel.DYNAMIC_INT8_TOKEN, Kernel.DYNAMIC_INT8_ROW)
 
 
 def _is_quant(enc: Encoding, bits: int) -> bool:
@@ -108,6 +110,8 @@ def prepare(kernel: Kernel, enc: Encoding, bias: torch.Tensor | None = None) -> 
         return _prepare_dynamic_int8(enc, bias)
     if kernel is Kernel.DYNAMIC_INT8_TOKEN:
         return _prepare_dynamic_int8_per_token(enc, bias)
+    if kernel is Kernel.DYNAMIC_INT8_ROW:
+        return _prepare_dynamic_int8_row(enc, bias)
     if kernel is Kernel.SPARSE_CSR:
         return prepare_sparse_csr(enc, bias)
     if kernel is Kernel.QMATMUL:
@@ -224,6 +228,59 @@ def _prepare_dynamic_int8_per_token(enc: QuantizedTensor, bias: torch.Tensor | N
         return y.mul_(m) if bias is None else torch.addcmul(bias, y, m)
 
     return per_token
+
+
+ROW_ZERO_POINT = 128  # uint8 codes q + 128 (q + 64 beside 8-bit weights: 7 bits, fbgemm's reduce_range)
+
+
+def row_levels(reduce_range: bool) -> int:
+    """The largest |q| of per-row activation codes: 127, or 63 where activations keep to 7 bits."""
+    return 63 if reduce_range else 127
+
+
+def quantize_rows(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, d): each row of x (..., K) on a symmetric grid of its own, x ~ q d, with q integers in
+    [-levels, levels] (held as float32) and d = max|x_row| / levels, (..., 1).
+
+    Each step is one correctly rounded float32 operation (max, division, round half to even), so ONNX
+    Runtime computes the same q and d bit for bit (ReduceMax, ReduceMin, Max, Div, then QuantizeLinear
+    with d per row: x / d, round half to even, + zero point; exports/onnx_ops.py). Rows are independent:
+    no token's grid depends on another token (or on the padding beside it).
+    """
+    hi, lo = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)  # two reads of x; abs() would write a copy
+    m = torch.maximum(hi, lo.neg()).clamp_min_(torch.finfo(torch.float32).tiny)  # max |x| per row
+    d = m / levels
+    return torch.div(x, d).round_(), d
+
+
+def _prepare_dynamic_int8_row(enc: QuantizedTensor, bias: torch.Tensor | None) -> Prepared:
+    """fbgemm's int8 GEMM with a symmetric range per row (token), rows independent of each other.
+
+    Unlike DYNAMIC_INT8_TOKEN (whose scaled rows share one asymmetric grid), each row gets its own step,
+    d = max|x_row| / 127, q = round(x / d) (quantize_rows); fbgemm multiplies the integer-valued q
+    (handed over with activation step 1 and zero point 128, so that its own quantisation of q is exact)
+    by the int8 weight and its per-channel scales, and d multiplies the output row before the bias is
+    added: y = ((q W_q^T) s_w) d + b, in that order. The codes are computed here rather than by fbgemm,
+    whose quantiser (a fused multiply-add by 1 / step) no ONNX operator reproduces, so the ONNX graph
+    of this layer (exports/onnx_ops.py) computes the same codes and the same float outputs, bit for bit.
+    """
+    if isinstance(enc, ChannelScaledTensor):  # its input multiply first, as the per-call kernel does
+        run, inverse = _prepare_dynamic_int8_row(enc.inner, bias), enc.input_scale
+        return lambda x: run(x.float() * inverse)  # (..., C) * (C,)
+    packed, reduce_range = _pack_int8(enc, None)
+    levels = row_levels(reduce_range)
+    zero = ROW_ZERO_POINT // 2 if reduce_range else ROW_ZERO_POINT
+    gemm = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.numel() == 0:
+            return F.linear(x, torch.zeros(enc.shape), bias)
+        q, d = quantize_rows(x, levels)
+        y = _flat(q, lambda q2: gemm(q2, 1.0, zero, packed)).mul_(d)  # (q W^T) s_w, then * d: one rounding each
+        return y if bias is None else y.add_(bias)
+
+    return per_row
 
 
 _TIMINGS: dict[tuple, Kernel] = {}

@@ -48,7 +48,8 @@ def check_groups(targets: list[Target]) -> None:
             raise ConfigError(f"layer {t.name!r}: {exc}") from None
 
 
-ACTIVATION_RANGES = {"tensor": Kernel.DYNAMIC_INT8, "token": Kernel.DYNAMIC_INT8_TOKEN}
+ACTIVATION_RANGES = {"tensor": Kernel.DYNAMIC_INT8, "token": Kernel.DYNAMIC_INT8_TOKEN,
+                     "row": Kernel.DYNAMIC_INT8_ROW}
 # `activations: auto` gives a layer a range per token when, over the calibration tokens, the call's
 # range is typically this many times wider than the token's own (about 2.6 of 8 bits lost). Measured
 # on MiniLM: FFN outputs of blocks 0-3 sit at 6-9 and gain 0.001-0.005 mean cosine each from a range
@@ -65,8 +66,9 @@ class DynamicInt8Config(PassConfig):
 
     `activations: token` gives each token (row of x) its own activation range instead of one range
     for the whole call (see nn/kernels.py): for inputs where a few tokens carry huge activations;
-    `auto` decides per layer from calibration (TOKEN_RANGE_RATIO), since the range per token costs
-    two more passes over x.
+    `row` gives each row a symmetric range of its own, rows independent of each other, in arithmetic
+    the ONNX export reproduces bit for bit (nn/kernels.py quantize_rows); `auto` decides per layer
+    from calibration (TOKEN_RANGE_RATIO), since the range per token costs two more passes over x.
 
     `smooth_alpha` turns on SmoothQuant (Xiao et al., 2023): per input channel j,
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) from calibration, the weight W diag(s) is quantised
@@ -81,7 +83,7 @@ class DynamicInt8Config(PassConfig):
     weight_bits: int = 7
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: no smoothing, no calibration
     fold: FoldMode = FoldMode.AUTO  # where smoothing scales go (see passes/channel_scales.py)
-    activations: str = "tensor"  # one activation range per call ("tensor"), per token ("token"), or "auto"
+    activations: str = "tensor"  # one range per call ("tensor"), per token ("token", "row"), or "auto"
 
     def validate(self) -> None:
         object.__setattr__(self, "fold", enum_value(FoldMode, self.fold, "fold"))
@@ -96,7 +98,8 @@ class DynamicInt8Config(PassConfig):
             raise ConfigError("dynamic int8 takes group_size 'channel' or 'tensor' (fbgemm has no groups)")
         if not isinstance(self.activations, str) or self.activations not in (*ACTIVATION_RANGES, "auto"):
             raise ConfigError(f"activations {self.activations!r} is not valid: use 'tensor' (one range per call), "
-                              "'token' (one range per token) or 'auto' (chosen per layer from calibration)")
+                              "'token' (one range per token), 'row' (a symmetric range per token, ONNX-exact) or "
+                              "'auto' (chosen per layer from calibration)")
 
     @property
     def needs_calibration(self) -> bool:
