@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -104,6 +105,24 @@ def require_array(arrays: dict[str, torch.Tensor], name: str, kind: str) -> torc
     if name not in arrays:
         raise FormatError(f"{kind} encoding is missing its {name!r} array; the file is corrupt, re-save the model")
     return arrays[name]
+
+
+def wrapped_parts(kind: str, meta: dict[str, Any], arrays: dict[str, torch.Tensor], own: str,
+                  inner_kinds: tuple[str, ...], corrupt: Callable[[str], FormatError]) -> tuple[Encoding, torch.Tensor]:
+    """The inner encoding and the one array of their own that a wrapper encoding (an inner weight plus a
+    per-column array: input scales, a column order) stores, the metadata and the array names checked."""
+    shape = check_shape(meta, kind)
+    inner_meta = meta.get("inner")
+    if not isinstance(inner_meta, dict) or inner_meta.get("kind") not in inner_kinds:
+        found = inner_meta.get("kind") if isinstance(inner_meta, dict) else None
+        raise corrupt(f"has an inner encoding of kind {found!r}; allowed: {list(inner_kinds)}")
+    extra = sorted(k for k in arrays if k != own and not k.startswith("inner."))
+    if extra:
+        raise corrupt(f"carries unexpected arrays {extra}")
+    inner = encoding_from_parts(inner_meta, sub_arrays(arrays, "inner"))
+    if tuple(inner.shape) != shape:
+        raise corrupt(f"inner shape {tuple(inner.shape)} is not {shape}")
+    return inner, require_array(arrays, own, kind)
 
 
 def check_shape(meta: dict[str, Any], kind: str) -> tuple[int, ...]:

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from modelpress.encodings.base import (Encoding, check_shape, encoding_from_parts, register_encoding, require_array,
-                                       sub_arrays)
+from modelpress.encodings.base import Encoding, register_encoding, wrapped_parts
 from modelpress.encodings.quantized import QuantizedTensor
 from modelpress.errors import ConfigError, FormatError
 
@@ -62,18 +61,8 @@ class InputPermutedTensor(Encoding):
 
     @classmethod
     def from_parts(cls, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> "InputPermutedTensor":
-        shape = check_shape(meta, cls.kind)
-        inner_meta = meta.get("inner")
-        if not isinstance(inner_meta, dict) or inner_meta.get("kind") != QuantizedTensor.kind:
-            kind = inner_meta.get("kind") if isinstance(inner_meta, dict) else None
-            raise _corrupt(f"has an inner encoding of kind {kind!r}; allowed is {QuantizedTensor.kind!r}")
-        extra = sorted(k for k in arrays if k != "order" and not k.startswith("inner."))
-        if extra:
-            raise _corrupt(f"carries unexpected arrays {extra}")
-        inner = encoding_from_parts(inner_meta, sub_arrays(arrays, "inner"))
-        order = require_array(arrays, "order", cls.kind)
-        problem = _problem(inner, order) or (None if tuple(inner.shape) == shape else
-                                             f"inner shape {tuple(inner.shape)} is not {shape}")
+        inner, order = wrapped_parts(cls.kind, meta, arrays, "order", (QuantizedTensor.kind,), _corrupt)
+        problem = _problem(inner, order)
         if problem:
             raise _corrupt(problem)
         return cls(inner=inner, order=order)

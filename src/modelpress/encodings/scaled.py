@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from modelpress.encodings.base import Encoding, check_shape, encoding_from_parts, register_encoding, require_array, sub_arrays
+from modelpress.encodings.base import Encoding, register_encoding, wrapped_parts
 from modelpress.encodings.dense import DenseTensor
 from modelpress.encodings.quantized import QuantizedTensor
 from modelpress.errors import ConfigError, FormatError
@@ -65,18 +65,8 @@ class ChannelScaledTensor(Encoding):
 
     @classmethod
     def from_parts(cls, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> "ChannelScaledTensor":
-        shape = check_shape(meta, cls.kind)
-        inner_meta = meta.get("inner")
-        if not isinstance(inner_meta, dict) or inner_meta.get("kind") not in INNER_KINDS:
-            kind = inner_meta.get("kind") if isinstance(inner_meta, dict) else None
-            raise _corrupt(f"has an inner encoding of kind {kind!r}; allowed are {list(INNER_KINDS)}")
-        extra = sorted(k for k in arrays if k != "input_scale" and not k.startswith("inner."))
-        if extra:
-            raise _corrupt(f"carries unexpected arrays {extra}")
-        inner = encoding_from_parts(inner_meta, sub_arrays(arrays, "inner"))
-        input_scale = require_array(arrays, "input_scale", cls.kind)
-        problem = _problem(inner, input_scale) or (None if tuple(inner.shape) == shape else
-                                                   f"inner shape {tuple(inner.shape)} is not {shape}")
+        inner, input_scale = wrapped_parts(cls.kind, meta, arrays, "input_scale", INNER_KINDS, _corrupt)
+        problem = _problem(inner, input_scale)
         if problem:
             raise _corrupt(problem)
         return cls(inner=inner, input_scale=input_scale)
