@@ -68,10 +68,24 @@ def main() -> int:
     ap.add_argument("--calibration", type=int, default=128, help="candidates' GPTQ calibration (bench_combined's 128)")
     ap.add_argument("--sensitivity-calibration", type=int, default=32, help="the per-layer table's GPTQ calibration")
     ap.add_argument("--heldout", type=int, default=1000, help="held-out sentences (bench_combined.py's 1000)")
+    ap.add_argument("--only", choices=("search", "hand-made"), help="run the search and score its choice, or score "
+                    "the hand-made recipe alone (two processes side by side); default: both")
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = load_model(resolve_source("minilm"))
     budget = fp32_bytes(base) // 8
+    calibration = calibration_sentences(args.calibration) if args.calibration else None
+    sentences = list(corpus_splits(args.heldout, 128).evaluation)
+    Path(args.run).mkdir(parents=True, exist_ok=True)
+    if args.only == "hand-made":
+        reference = base.encode(sentences)
+        hand = Recipe.from_dict({"name": "gptq4 + emb3", "stages": HAND_MADE_STAGES})
+        figures = {**heldout(base, hand, calibration, sentences, reference, Path(args.run) / "hand-ckpt"),
+                   "recorded": HAND_MADE, "heldout_sentences": len(sentences)}
+        out = Path(args.run) / "hand_made_figures.json"
+        out.write_text(json.dumps(figures, indent=1))
+        print(json.dumps(figures, indent=1))
+        return 0
     start = time.time()
     argv = ["search", "minilm", "--budget-mb", f"{budget / 1e6:.6f}", "--metric", "cos", "--out", args.run,
             "--space", args.space, "--sensitivity-sentences", str(args.sensitivity_sentences),
@@ -88,16 +102,14 @@ def main() -> int:
         return code
     searched_s = time.time() - start
     search = json.loads((Path(args.run) / "search.json").read_text())
-    calibration = calibration_sentences(args.calibration) if args.calibration else None
-    sentences = list(corpus_splits(args.heldout, 128).evaluation)
     reference = base.encode(sentences)
     chosen = Recipe.from_file(Path(args.run) / "chosen.yaml")
     hand = Recipe.from_dict({"name": "gptq4 + emb3", "stages": HAND_MADE_STAGES})
     figures = {
         "fp32_bytes": fp32_bytes(base), "budget_bytes": budget, "heldout_sentences": len(sentences),
         "searched": heldout(base, chosen, calibration, sentences, reference, Path(args.run) / "chosen-ckpt"),
-        "hand_made": {**heldout(base, hand, calibration, sentences, reference, Path(args.run) / "hand-ckpt"),
-                      "recorded": HAND_MADE},
+        "hand_made": HAND_MADE if args.only == "search" else
+        {**heldout(base, hand, calibration, sentences, reference, Path(args.run) / "hand-ckpt"), "recorded": HAND_MADE},
         "chosen_dev": next(p for p in search["candidates"] if p["id"] == search["chosen"]),
         "validated_candidates": len(search["candidates"]),
         "front_points": sum(bool(p.get("front")) for p in search["candidates"]),
