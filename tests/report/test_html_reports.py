@@ -4,14 +4,15 @@ console error and a non-blank screenshot."""
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import re
 import shutil
 import struct
 import subprocess
 import zlib
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,9 @@ from modelpress.search.joint import Budget, joint_search
 from modelpress.search.space import default_space
 from modelpress.search.validate import make_executor
 from modelpress.store import Store
+from _tiny_lm import write_tiny_lm
 from _toy_encoder import RECIPE, toy_encoder, toy_sentences
+from modelpress.evaluate import llm
 
 
 class Plots(HTMLParser):
@@ -144,8 +147,37 @@ def test_store_report_counts_versions_and_bytes_added(tmp_path):
 # --------------------------------------------------------------------------------- headless Chromium
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y "
-                                                             "chromium); the report's browser test needs it")
+REQUIRE = "MODELPRESS_REQUIRE_CHROMIUM"  # set by .ci/run, which installs Debian's chromium: no browser is a failure
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--enable-logging=stderr", "--v=0")
+
+
+def browser(found: str | None, profile) -> list[str]:
+    """The browser's command line with a fresh profile; a skip without a browser, a failure if CI requires one."""
+    if found is None:
+        message = "chromium is not installed (Debian: apt-get install -y --no-install-recommends chromium)"
+        if os.environ.get(REQUIRE) == "1":
+            pytest.fail(f"{message}, and {REQUIRE}=1 says this run must have it (.ci/run installs it)")
+        pytest.skip(f"{message}; the report's browser test needs it")
+    return [found, *FLAGS, "--user-data-dir=" + str(profile)]
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    return browser(CHROMIUM, tmp_path / "profile")
+
+
+def test_a_missing_browser_fails_where_ci_requires_one(monkeypatch, tmp_path):
+    monkeypatch.setenv(REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match="must have it"):
+        browser(None, tmp_path)
+    monkeypatch.delenv(REQUIRE)
+    with pytest.raises(pytest.skip.Exception):
+        browser(None, tmp_path)
+    assert browser("/usr/bin/chromium", tmp_path)[-1] == f"--user-data-dir={tmp_path}"
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert f"export {REQUIRE}=1" in ci and "apt-get install" in ci and ci.rstrip().endswith("make test")
 
 
 def png_pixels(data: bytes) -> tuple[int, int, bytes]:
@@ -163,24 +195,74 @@ def png_pixels(data: bytes) -> tuple[int, int, bytes]:
     return width, height, zlib.decompress(idat)
 
 
+def screenshot(flags: list[str], page, shot, size: tuple[int, int]) -> tuple[int, int, bytes]:
+    run = subprocess.run([*flags, f"--screenshot={shot}", f"--window-size={size[0]},{size[1]}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    assert not re.search(r"CONSOLE|Uncaught|Refused to", run.stderr), run.stderr[-2000:]
+    return png_pixels(shot.read_bytes())
+
+
+def plot_page(html: str, plot_id: str, marks: bool) -> str:
+    """A page with the report's style and the one plot `plot_id`; without `marks`, its point marks are hidden."""
+    style = re.search(r"<style>.*?</style>", html, re.S).group(0)
+    svg = re.search(r'<svg [^>]*id="' + re.escape(plot_id) + r'".*?</svg>', html, re.S).group(0)
+    hide = "" if marks else "<style>.pt{visibility:hidden}</style>"
+    return f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{style}{hide}</head><body>{svg}</body></html>"
+
+
 @pytest.mark.slow
-@needs_chromium
-def test_the_report_renders_in_headless_chromium(search_run, tmp_path):
+def test_the_report_renders_in_headless_chromium(search_run, tmp_path, chromium):
     _, data = search_run
+    html = search_report_html(data)
     page = tmp_path / "report.html"
-    page.write_text(search_report_html(data))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
-             "--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    page.write_text(html)
+    dom = subprocess.run([*chromium, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert not re.search(r"CONSOLE|Uncaught|Refused to", dom.stderr), dom.stderr[-2000:]
     rendered = Plots()
     rendered.feed(dom.stdout)
     assert rendered.points == expected_points(data)  # every plot is in the DOM Chromium built, with every point
-    shot = tmp_path / "shot.png"
-    run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-    width, height, pixels = png_pixels(shot.read_bytes())
+    width, height, pixels = screenshot(chromium, page, tmp_path / "shot.png", (1200, 2400))
     assert (width, height) == (1200, 2400)
     assert len(set(pixels[i] for i in range(0, len(pixels), 97))) > 20  # not a blank page: plots drew colours
+    # Every plot on its own, with and without its point marks: the marks must change the rendered pixels.
+    for plot_id in expected_points(data):
+        shots = []
+        for marks in (True, False):
+            alone = tmp_path / f"{plot_id}-{marks}.html"
+            alone.write_text(plot_page(html, plot_id, marks))
+            shots.append(screenshot(chromium, alone, tmp_path / f"{plot_id}-{marks}.png", (800, 500))[2])
+        changed = sum(a != b for a, b in zip(shots[0], shots[1]))
+        assert changed > 50, f"{plot_id}: its {expected_points(data)[plot_id]} marks drew nothing ({changed} bytes)"
+
+
+# --------------------------------------------------------------------------------- compress --eval --report
+
+def test_compress_eval_writes_the_checkpoint_report_with_its_evaluation(tmp_path, monkeypatch, capsys):
+    real = llm.evaluate_causal_lm
+    monkeypatch.setattr("modelpress.cli.model_cmds.evaluate_causal_lm", lambda *a, **k: real(
+        *a, **{**k, "window": 64, "prompts": ["the store"], "new_tokens": 4}))  # the shape is under test
+    source = write_tiny_lm("llama", tmp_path / "llama")
+    out, page, js = tmp_path / "q", tmp_path / "report.html", tmp_path / "eval.json"
+    assert main(["compress", str(source), "--recipe", "int4", "--out", str(out), "--eval", "--windows", "2",
+                 "--json", str(js), "--report", str(page)]) == 0
+    assert f"report: {page}" in capsys.readouterr().out
+    html = page.read_text()
+    p = parsed(html)
+    body = json.loads(p.json_text)
+    evaluation = json.loads(js.read_text())
+    assert body["evaluation"] == evaluation  # the JSON behind the page holds the evaluation --json wrote
+    assert p.points["plot-kinds"] == len(body["by_kind"]) and sum(body["by_kind"].values()) == body["bytes"]
+    assert "Evaluation against the original" in html
+    ppl = f"{evaluation['candidate']['perplexity']:.3f}"
+    assert re.search(r"<td>perplexity \(heldout, 2 x 64 tokens\)</td><td>[0-9.]+</td><td>" + re.escape(ppl), html)
+
+    # Without --eval: the checkpoint's report alone.
+    assert main(["compress", str(source), "--recipe", "int4", "--out", str(tmp_path / "q2"),
+                 "--report", str(tmp_path / "plain.html")]) == 0
+    plain = (tmp_path / "plain.html").read_text()
+    assert "evaluation" not in json.loads(parsed(plain).json_text) and "Evaluation against" not in plain
+    # A report path inside the output folder is refused before any work.
+    assert main(["compress", str(source), "--recipe", "int4", "--out", str(tmp_path / "q3"),
+                 "--report", str(tmp_path / "q3" / "r.html")]) == 2

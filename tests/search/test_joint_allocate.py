@@ -9,9 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import torch
+
+from modelpress.compress import compress
 from modelpress.errors import ConfigError
+from modelpress.recipe import Recipe
 from modelpress.search.allocate import Knapsack, solve_knapsack
 from modelpress.search.joint import pareto_front
+from modelpress.search.space import allocation_recipe, default_space, is_q4_1_like
+from _toy_encoder import toy_encoder
 
 
 def brute_force(costs, damages, budget):
@@ -81,3 +87,31 @@ def test_no_allocation_fits_names_the_smallest():
 def test_pareto_front_matches_a_plain_check():
     points = [{"a": 1, "b": 5}, {"a": 2, "b": 4}, {"a": 2, "b": 6}, {"a": 3, "b": 4}, {"a": 4, "b": 1}]
     assert pareto_front(points, ("a", "b")) == [0, 1, 4]
+
+
+def test_options_of_one_pass_share_one_stage_with_per_layer_overrides():
+    """A choice mixing three RTN options and a sparsity option: two stages, and every layer compressed as its own
+    option alone compresses it (RTN and magnitude pruning are layer-local), exactly."""
+    space = {o.label: o for o in default_space("joint")}
+    choice = {"blocks.0.up": space["int3 g32"], "blocks.0.down": space["int4 g64"], "blocks.1.up": space["int3 g32"],
+              "blocks.1.down": space["int8 ch"], "blocks.2.down": space["2:4+int4"], "embed": space["int3 g32"]}
+    recipe = allocation_recipe(choice)
+    assert [s.pass_name for s in recipe.stages] == ["magnitude", "rtn"]  # by their first labels
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    model = compress(toy_encoder(), recipe)
+    for name, option in choice.items():
+        alone = compress(toy_encoder(), Recipe((option.stage([name]),))).get_submodule(name).encoding
+        got = model.get_submodule(name).encoding
+        assert got.describe() == alone.describe()
+        assert got.arrays().keys() == alone.arrays().keys()
+        assert all(torch.equal(got.arrays()[k], alone.arrays()[k]) for k in got.arrays())
+    untouched = toy_encoder()
+    assert torch.equal(model.blocks[2].up.weight, untouched.blocks[2].up.weight)
+
+
+def test_the_llm_spaces_differ_by_the_q4_1_like_formats_only():
+    with_q4_1, without = default_space("llm"), default_space("llm-no-q4_1")
+    assert {o.label for o in with_q4_1} - {o.label for o in without} == {o.label for o in with_q4_1 if is_q4_1_like(o)}
+    assert {o.label for o in with_q4_1 if is_q4_1_like(o)} == {"gptq4 a32", "emb int4 a32"}
+    assert not any(is_q4_1_like(o) for o in without)
+    assert all(o.config_dict.get("symmetric") for o in without)  # every 4-bit group there is Q4_0's grid

@@ -66,6 +66,28 @@ def test_search_command_writes_a_run_folder_and_a_reproducible_recipe(toy, tmp_p
     assert json.loads((run / "search.json").read_text())["candidates"] == data["candidates"]
 
 
+def test_search_command_groups_rows_and_calibrates_its_table_apart(toy, tmp_path, capsys, monkeypatch):
+    """--group makes one row of the layers a pattern matches; --sensitivity-calibration N hands the table N
+    calibration sentences and the candidates --calibration's, both recorded (hashed) in run.json."""
+    seen = []
+    real = cli.joint_search
+    monkeypatch.setattr(cli, "joint_search", lambda *a, **k: seen.append(k) or real(*a, **k))
+    run = tmp_path / "run"
+    budget_mb = size_report(toy_encoder()).bytes / 5 / 1e6
+    assert main(["search", "toy", "--budget-mb", f"{budget_mb}", "--out", str(run), "--executor", "inline",
+                 "--space", "small", "--candidates", "4", "--group", "blocks.*.up", "--group", "blocks.*.down",
+                 "--calibration", "16", "--sensitivity-calibration", "8"]) == 0, capsys.readouterr().err
+    (kwargs,) = seen
+    assert len(kwargs["calibration"]) == 16 and len(kwargs["sensitivity_calibration"]) == 8
+    assert kwargs["groups"] == ["blocks.*.up", "blocks.*.down"]
+    data = json.loads((run / "search.json").read_text())
+    rows = {row["name"]: row.get("members") for row in data["layers"]}
+    assert rows["blocks.*.up"] == ["blocks.0.up", "blocks.1.up", "blocks.2.up"] and "blocks.0.up" not in rows
+    spec = json.loads((run / "run.json").read_text())["spec"]
+    assert spec["groups"] == ["blocks.*.up", "blocks.*.down"]
+    assert spec["calibration_sha256"] != spec["sensitivity_calibration_sha256"]
+
+
 def test_search_errors_are_one_line(toy, tmp_path, capsys):
     assert main(["search", "toy", "--budget-mb", "1", "--metric", "ppl", "--out", str(tmp_path / "a")]) == \
         EXIT_USER_ERROR

@@ -14,7 +14,7 @@ from modelpress.evaluate.size import size_report
 from modelpress.formats.models import load_model
 from modelpress.recipe import Recipe
 from modelpress.search.joint import Budget, joint_search
-from modelpress.search.space import Option, applies, default_space
+from modelpress.search.space import Option, applies, default_space, is_q4_1_like
 from modelpress.search.validate import make_executor
 from _tiny_lm import write_tiny_lm
 
@@ -63,3 +63,44 @@ def test_an_option_restricted_to_a_type_applies_only_there():
     assert applies(option, torch.nn.Embedding(10, 64)) and not applies(option, torch.nn.Linear(64, 8))
     assert not applies(Option.of("int4 g64", "rtn", {"bits": 4, "group_size": 64}), torch.nn.Linear(96, 8))
     assert Option.from_dict(option.to_dict()) == option
+
+
+@pytest.mark.slow  # GPTQ in every candidate: about 15 s on a quiet machine
+def test_the_llm_space_with_grouped_rows_and_gptq_on_a_tiny_lm(tiny, tmp_path):
+    """What benchmarks/search_smollm2.py runs, in miniature: the `llm` space (GPTQ act-order, tied embedding),
+    one row per layer type over the blocks, GPTQ calibrated on token windows; then `llm-no-q4_1` in the same
+    run folder measures nothing again, and no candidate of it holds a Q4_1-like format. Each candidate compresses
+    every member of a row alike, and the chosen recipe reproduces its validated perplexity."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model(tiny)
+        gen = torch.Generator().manual_seed(0)
+        vocab = model.model.get_input_embeddings().num_embeddings
+        windows = torch.randint(3, vocab, (4, 16), generator=gen)
+        calibration = [{"input_ids": w[None]} for w in torch.randint(3, vocab, (2, 16), generator=gen)]
+        groups = ["*.layers.*.self_attn.*", "*.layers.*.mlp.*"]
+
+        def run(space):
+            return joint_search(model, "tiny", windows[2:], default_space(space), Budget(bits_per_weight=5.0),
+                                str(tmp_path / "run"),
+                                lambda: make_executor("inline", None, windows[2:], True, calibration, model=model),
+                                causal=True, calibration=calibration, candidates=5, sensitivity_inputs=windows[:2],
+                                groups=groups)
+
+        with_q4_1 = run("llm")
+        assert [row["name"] for row in with_q4_1.data["layers"]] == ["model.model.embed_tokens", *groups]
+        without = run("llm-no-q4_1")
+        assert without.measured_options == 0
+        q4_1 = {o.label for o in default_space("llm") if is_q4_1_like(o)}
+        for p in without.data["candidates"]:
+            assert not q4_1 & set(p["choice"].values())
+        chosen = next(p for p in without.data["candidates"] if p["id"] == without.data["chosen"])
+        compressed = compress(copy.deepcopy(model), without.chosen, calibration=calibration)
+        assert size_report(compressed).bytes == chosen["bytes"]
+        assert plain_perplexity(compressed, windows[2:]) == pytest.approx(chosen["perplexity"], rel=1e-5)
+        members = next(row["members"] for row in without.data["layers"] if row["name"] == groups[1])
+        assert len({getattr(compressed.get_submodule(n), "encoding", None) is None
+                    or compressed.get_submodule(n).encoding.describe() for n in members}) == 1
+    finally:
+        torch.set_num_threads(previous)

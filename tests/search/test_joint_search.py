@@ -5,6 +5,7 @@ agree."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,9 +130,38 @@ def test_a_killed_search_resumes_without_recomputing(tmp_path, monkeypatch, resu
 def test_a_run_folder_refuses_another_search(result):
     run, _ = result
     model, sentences = toy_encoder(), toy_sentences()
-    with pytest.raises(ConfigError, match="holds another search"):
-        joint_search(model, "toy", sentences, SPACE, Budget(total_bytes=budget_bytes() + 1), str(run),
-                     lambda: make_executor("inline", toy_encoder, sentences, False, model=model))
+    with pytest.raises(ConfigError, match="holds another search"):  # other validation sentences: other figures
+        joint_search(model, "toy", sentences[:-1], SPACE, Budget(total_bytes=budget_bytes()), str(run),
+                     lambda: make_executor("inline", toy_encoder, sentences, False, model=model),
+                     sensitivity_inputs=toy_sentences(32, seed=1))
+
+
+def test_another_budget_or_a_smaller_space_reuses_the_measurements(tmp_path, result, monkeypatch):
+    """The table and the validated candidates are kept per option and per recipe: a run folder searched again
+    at another budget, or with a subset of its space, measures nothing again and validates only new recipes."""
+    run, whole = result
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    validated = []
+    real = Validator.validate
+    monkeypatch.setattr(validate_mod.Validator, "validate", lambda self, r: validated.append(r) or real(self, r))
+    model, sentences = toy_encoder(), toy_sentences()
+    space = [o for o in SPACE if o.pass_name == "rtn"]
+    again = joint_search(model, "toy", sentences, space, Budget(total_bytes=int(budget_bytes() * 0.9)), str(folder),
+                         lambda: make_executor("inline", toy_encoder, sentences, False, model=model),
+                         candidates=10, sensitivity_inputs=toy_sentences(32, seed=1))
+    assert again.measured_options == 0
+    assert set(again.data["table"]) == {o.label for o in space} & set(whole.data["table"])  # g128 fits no toy layer
+    for label in again.data["table"]:
+        assert again.data["table"][label] == whole.data["table"][label]
+    old = {p["id"]: p for p in whole.data["candidates"]}
+    assert again.evaluations == len(validated) == sum(p["id"] not in old for p in again.data["candidates"])
+    for p in again.data["candidates"]:
+        assert all(whole_option in {o.label for o in space} | {"float"} for whole_option in p["choice"].values())
+        if p["id"] in old:
+            assert p["mean_cosine"] == old[p["id"]]["mean_cosine"]
+    assert again.data["budget_bytes"] == int(budget_bytes() * 0.9)
+    assert again.data["run"]["spec"]["budget_bytes"] == int(budget_bytes() * 0.9)
 
 
 def test_the_process_executor_gives_the_same_front(tmp_path, result):
@@ -144,7 +174,7 @@ def test_the_process_executor_gives_the_same_front(tmp_path, result):
 
 @pytest.mark.slow
 def test_the_ray_executor_gives_the_same_front(tmp_path, result, monkeypatch):
-    ray = pytest.importorskip("ray", reason="Ray is the optional `ray` extra: pip install 'modelpress[ray]'")
+    import ray  # noqa: PLC0415 - the optional `ray` extra, which the dev extra (and so CI) installs: no skip
     _, inline = result
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a local cluster of this test only: no token file
     tests = str(Path(__file__).resolve().parents[1])  # the workers import the toy encoder's module from there
@@ -180,3 +210,34 @@ def test_table_cells_match_a_plain_single_layer_computation(result):
             plain = fidelity(reference, encode(alone, sentences), n_queries=10).mean_cosine
             assert cell["damage"] == pytest.approx(1.0 - plain, abs=1e-5)
             assert cell["bytes"] == alone.get_submodule(name).encoding.nbytes
+
+
+def test_grouped_layers_are_searched_as_one_row(tmp_path):
+    """A group's cell is every member compressed together in the float model (one forward, the members' bytes
+    summed), and every member of a group takes the same option in every candidate."""
+    model, sentences = toy_encoder(), toy_sentences()
+    groups = ["blocks.*.up", "blocks.[01].down"]
+    space = [o for o in SPACE if o.label in ("int3 g32", "int4 g32", "int8 ch")]
+    budget = Budget(total_bytes=int(budget_bytes() * 1.2))
+    res = joint_search(model, "toy", sentences, space, budget, str(tmp_path / "run"),
+                       lambda: make_executor("inline", toy_encoder, sentences, False, model=model),
+                       candidates=6, sensitivity_inputs=toy_sentences(32, seed=1), groups=groups)
+    rows = {row["name"]: row for row in res.data["layers"]}
+    assert rows["blocks.*.up"]["members"] == ["blocks.0.up", "blocks.1.up", "blocks.2.up"]
+    assert rows["blocks.[01].down"]["members"] == ["blocks.0.down", "blocks.1.down"]
+    assert "blocks.2.down" in rows and "members" not in rows["blocks.2.down"]
+    option = space[0]
+    members = rows["blocks.*.up"]["members"]
+    alone = compress(copy.deepcopy(model), Recipe((option.stage(members),)))
+    cell = res.data["table"][option.label]["blocks.*.up"]
+    reference = encode(model, toy_sentences(32, seed=1))
+    plain = fidelity(reference, encode(alone, toy_sentences(32, seed=1)), n_queries=10).mean_cosine
+    assert cell["damage"] == pytest.approx(1.0 - plain, abs=1e-5)
+    assert cell["bytes"] == sum(alone.get_submodule(n).encoding.nbytes for n in members)
+    for p in res.data["candidates"]:
+        recipe = Recipe.from_file(tmp_path / "run" / "candidates" / p["id"] / "recipe.yaml")
+        compressed = compress(toy_encoder(), recipe)
+        for row in rows.values():
+            described = {getattr(compressed.get_submodule(n), "encoding", None) is None
+                         or compressed.get_submodule(n).encoding.describe() for n in row.get("members", [row["name"]])}
+            assert len(described) == 1, (row["name"], described)  # one option for the whole group

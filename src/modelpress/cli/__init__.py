@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for latency measurement (default 2; a causal LM "
                                                           "is also timed at 1)")
     p.add_argument("--json", help="also write the evaluation as JSON to this file")
+    p.add_argument("--report", metavar="OUT.html", help="also write the HTML report of the checkpoint (with --eval: "
+                                                        "and of its evaluation)")
     p.add_argument("--calibration", type=int, metavar="N",
                    help="calibrate data-aware passes (gptq, awq, w8a8-smooth) on N corpus sentences, e.g. 128")
     p.add_argument("--store", help="also put the result into this store folder (created if missing)")

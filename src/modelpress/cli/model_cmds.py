@@ -27,6 +27,7 @@ from modelpress.formats.checkpoint import WEIGHTS, load, read_manifest, save
 from modelpress.formats.models import is_gguf, load_model, resolve_source
 from modelpress.nn.provenance import provenance
 from modelpress.presets import preset, preset_names
+from modelpress.report import model_report_html
 from modelpress.search import (MIN_SENTENCES, default_upgrades, layer_sensitivity, lm_layer_sensitivity,
                                mixed_precision_recipe, plan_mixed_precision)
 from modelpress.store import Store
@@ -135,6 +136,7 @@ def cmd_compress(args) -> int:
     protected = [source, *([args.store] if args.store else [])]
     out = fileio.check_output_dir(args.out, args.overwrite, protected, "--out")
     report = _output_file(args.json, "--json", [*protected, out])
+    html = _output_file(getattr(args, "report", None), "--report", [*protected, out])
     with _stderr_console().status(f"loading {args.model}"):
         model = load_model(source)
     with _progress() as progress:
@@ -152,6 +154,7 @@ def cmd_compress(args) -> int:
                           f"({store.stored_bytes(name, vid) / 1e6:.1f} MB in chunks)")
     original_bytes = _source_bytes(source)
     file_bytes = (out / WEIGHTS).stat().st_size
+    evaluation = None
     if args.eval:
         original = _load_original(str(source))
         evaluation = _evaluate_any(original, model, recipe.name, args, latency=True)
@@ -160,6 +163,11 @@ def cmd_compress(args) -> int:
     else:
         console.print(f"weights: {original_bytes / 1e6:.1f} MB -> {file_bytes / 1e6:.1f} MB "
                       f"({file_bytes / original_bytes:.1%})")
+    if html is not None:  # the checkpoint's HTML report, with the evaluation when --eval measured one
+        _write_report(html, model_report_html(
+            out, evaluation=None if evaluation is None else evaluation.to_dict(),
+            evaluation_rows=() if evaluation is None else evaluation.rows(original_bytes, file_bytes)))
+        console.print(f"report: {html}")
     return 0
 
 

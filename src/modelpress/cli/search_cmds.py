@@ -54,8 +54,14 @@ def add_search_commands(sub) -> None:
     p.add_argument("--window", type=int, default=WINDOW, help="tokens per window (default 512)")
     p.add_argument("--include", action="append", help="search only layers matching this pattern (repeatable)")
     p.add_argument("--ignore", action="append", help="leave layers matching this pattern as they are (repeatable)")
+    p.add_argument("--group", action="append", metavar="PATTERN",
+                   help="search the layers matching this pattern as one row (repeatable), e.g. "
+                        "'*.layers.1[0-9].mlp.up_proj'")
     p.add_argument("--calibration", type=int, metavar="N",
                    help="calibrate data-aware options (the gptq space) on N corpus sentences, e.g. 128")
+    p.add_argument("--sensitivity-calibration", type=int, metavar="N",
+                   help="calibrate the per-layer table's data-aware options on N corpus sentences instead (fewer: "
+                        "a cheaper table; candidates still use --calibration)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", metavar="OUT.html", help="also write the HTML report of the run")
     p.set_defaults(fn=cmd_search)
@@ -116,6 +122,7 @@ def cmd_search(args) -> int:
         inputs, sensitivity = _sentences(args.sentences, args.sensitivity_sentences)
     factory = _factory(args.model)
     calibration = calibration_sentences(args.calibration) if args.calibration else None
+    table_calibration = calibration_sentences(args.sensitivity_calibration) if args.sensitivity_calibration else None
     with _progress() as progress:
         tasks: dict[str, int] = {}
 
@@ -129,8 +136,10 @@ def cmd_search(args) -> int:
             model, args.model, inputs, options, budget, args.out,
             lambda: make_executor(args.executor, factory, inputs, causal, calibration, jobs=args.jobs,
                                   model=model),
-            causal=causal, calibration=calibration, candidates=args.candidates, seed=args.seed, include=args.include or ["*"],
-            ignore=args.ignore or [], progress=show, sensitivity_inputs=sensitivity)
+            causal=causal, calibration=calibration, candidates=args.candidates, seed=args.seed,
+            include=args.include or ["*"],
+            ignore=args.ignore or [], progress=show, sensitivity_inputs=sensitivity,
+            sensitivity_calibration=table_calibration, groups=args.group or [])
     _print_front(console, result.data)
     if result.chosen is None:
         console.print("no validated candidate fits the budget as stored: raise it or add candidates")

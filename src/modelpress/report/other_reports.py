@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from modelpress.evaluate.size import size_report
 from modelpress.formats.checkpoint import load
@@ -22,9 +22,12 @@ def _kind(encoding: str) -> str:
     return encoding.split()[0] if encoding else "?"
 
 
-def model_report_html(path: str | Path, skeleton: Any = None) -> str:
+def model_report_html(path: str | Path, skeleton: Any = None, evaluation: dict[str, Any] | None = None,
+                      evaluation_rows: Sequence[Sequence[str]] = ()) -> str:
     """Report of a compressed checkpoint folder (`modelpress compress --out`); `skeleton` is the float model
-    for checkpoints of plain modules (as `load` takes it)."""
+    for checkpoints of plain modules (as `load` takes it). `evaluation` (an evaluation's `to_dict()`) and its
+    rows (metric, original, compressed, ratio), from `compress --eval`, add an Evaluation section and go into
+    the embedded JSON."""
     model = load(path, model=skeleton)
     sizes = size_report(model)
     layers = [{"name": s.name, "encoding": s.encoding, "shape": list(s.shape), "params": s.params, "bytes": s.bytes,
@@ -36,6 +39,8 @@ def model_report_html(path: str | Path, skeleton: Any = None) -> str:
     recipe = provenance(model).recipe
     data = {"path": str(path), "bytes": sizes.bytes, "params": sizes.params, "bits_per_weight": sizes.bits_per_weight,
             "by_kind": kinds, "layers": layers, "recipe": recipe}
+    if evaluation is not None:
+        data["evaluation"] = evaluation
     sections = [
         ("Summary", table(("", ""), [("checkpoint", str(path)), ("bytes as held", f"{sizes.bytes:,}"),
                                      ("parameters", f"{sizes.params:,}"),
@@ -50,6 +55,9 @@ def model_report_html(path: str | Path, skeleton: Any = None) -> str:
                           [(r["name"], r["encoding"], "x".join(map(str, r["shape"])), f"{r['bytes']:,}",
                             f"{r['bits_per_weight']:.3f}") for r in layers])),
     ]
+    if evaluation_rows:
+        sections.insert(1, ("Evaluation against the original", table(("metric", "original", "compressed", "ratio"),
+                                                                      evaluation_rows)))
     return page(f"modelpress checkpoint: {Path(path).name}", sections, data)
 
 

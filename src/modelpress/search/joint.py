@@ -5,8 +5,9 @@ validated end to end, the Pareto front and the chosen recipe, all kept in a run 
    model (damage, exact bytes, latency of the kernel it chose); keeping a layer in float is an option.
 2. `allocate.Knapsack`: the least summed damage within every byte budget up to the limit (a multiple-
    choice knapsack by dynamic programming). Single-layer damages do not add up exactly, so:
-3. the allocations at `candidates` budgets spread over the estimated front (the budget's own among
-   them) are written as recipes and validated end to end by an executor (worker processes by default);
+3. the allocation at the budget, the best ones at budgets a little under it (a quarter of `candidates`), and
+   the rest spread over the estimated front are written as recipes and validated end to end by an executor
+   (worker processes by default);
 4. the front is the validated candidates no other one beats in bytes, fidelity and latency together; the
    chosen recipe is the best-fidelity candidate whose bytes as stored fit the budget.
 
@@ -37,6 +38,7 @@ from modelpress.search.table import OptionTable, make_runner, measure_table, sea
 __all__ = ["Budget", "SearchResult", "joint_search", "pareto_front"]
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
+NEAR_STEP = 0.004  # near-budget candidates: the best allocations at 0.4%, 0.8%, ... under the budget
 
 
 @dataclass(frozen=True)
@@ -80,44 +82,69 @@ def pareto_front(points: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[
     return out
 
 
-def _spec(model_name: str, causal: bool, inputs: Any, options: Sequence[Option], budget: Budget, seed: int,
-          candidates: int, include: Sequence[str], ignore: Sequence[str]) -> dict[str, Any]:
+def _digest(inputs: Any) -> str:
     digest = hashlib.sha256()
-    if causal:
-        digest.update(inputs.numpy().tobytes())
-    else:
-        for s in inputs:
-            digest.update(s.encode() + b"\0")
-    return {"model": model_name, "metric": "ppl" if causal else "cos", "inputs_sha256": digest.hexdigest(),
-            "n_inputs": len(inputs), "space": [o.to_dict() for o in options], "budget_bytes": budget.total_bytes,
-            "budget_bits_per_weight": budget.bits_per_weight, "seed": seed, "candidates": candidates,
-            "include": list(include), "ignore": list(ignore)}
+    if inputs is None:
+        return "none"
+    for item in [inputs] if isinstance(inputs, torch.Tensor) else inputs:
+        if isinstance(item, torch.Tensor):
+            digest.update(str(tuple(item.shape)).encode() + item.contiguous().numpy().tobytes())
+        else:
+            digest.update(str(item).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _spec(model_name: str, causal: bool, inputs: Any, sensitivity_inputs: Any, calibration: Any,
+          sensitivity_calibration: Any, seed: int, include: Sequence[str], ignore: Sequence[str],
+          groups: Sequence[str]) -> dict[str, Any]:
+    """What the measurements and validations depend on (run.json): a run folder holds one of these. The space,
+    the budget and the number of candidates are not in it: a run resumed with another budget or a subset of
+    the space reuses every option measured and every candidate validated."""
+    return {"model": model_name, "metric": "ppl" if causal else "cos", "inputs_sha256": _digest(inputs),
+            "n_inputs": len(inputs), "sensitivity_sha256": _digest(sensitivity_inputs),
+            "calibration_sha256": _digest(calibration),
+            "sensitivity_calibration_sha256": _digest(sensitivity_calibration), "seed": seed, "include": list(include),
+            "ignore": list(ignore), "groups": list(groups)}
+
+
+def _request(options: Sequence[Option], budget: Budget, candidates: int) -> dict[str, Any]:
+    return {"space": [o.to_dict() for o in options], "budget_bytes": budget.total_bytes,
+            "budget_bits_per_weight": budget.bits_per_weight, "candidates": candidates}
 
 
 def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequence[Option], budget: Budget,
                  run_dir: str, executor_factory: Callable[[], Any], causal: bool = False,
                  calibration: Any = None, candidates: int = 12, seed: int = 0, include: Sequence[str] = ("*",),
                  ignore: Sequence[str] = (), progress: Progress | None = None,
-                 sensitivity_inputs: Any = None) -> SearchResult:
+                 sensitivity_inputs: Any = None, sensitivity_calibration: Any = None,
+                 groups: Sequence[str] = ()) -> SearchResult:
     """Search `model` (see the module docstring); `inputs` are the held-out sentences or token windows the
     candidates are validated on, `sensitivity_inputs` those the per-layer table is measured on (default:
-    the same). `executor_factory()` gives the executor (`validate.make_executor`)."""
+    the same). `calibration` calibrates data-aware options (GPTQ) in the candidates, `sensitivity_calibration`
+    in the table (default: the same; a smaller set makes the table's GPTQ runs cheaper, and the table is an
+    estimate that the validation corrects). `groups`: name patterns whose layers are searched as one row each
+    (`table.searchable_layers`). `executor_factory()` gives the executor (`validate.make_executor`)."""
     if candidates < 2:
         raise ConfigError(f"--candidates {candidates} is too few: validate at least 2 (e.g. 12)")
     torch.manual_seed(seed)
     folder = RunFolder(run_dir)
-    folder.start(_spec(model_name, causal, inputs, options, budget, seed, candidates, include, ignore))
+    sensitivity_inputs = inputs if sensitivity_inputs is None else sensitivity_inputs
+    sensitivity_calibration = calibration if sensitivity_calibration is None else sensitivity_calibration
+    folder.start(_spec(model_name, causal, inputs, sensitivity_inputs, calibration, sensitivity_calibration, seed,
+                       include, ignore, groups))
     model.eval()
-    layers = searchable_layers(model, options, include, ignore)
+    layers = searchable_layers(model, options, include, ignore, groups)
     params = sum(i.params for i in layers)
     fixed = size_report(model).bytes - sum(i.float_bytes for i in layers)
     limit = budget.layer_bytes(fixed, params)
 
-    done = folder.load_options([o.label for o in options])
+    done = folder.load_options(options)
     measured = [0]
 
+    by_label = {o.label: o for o in options}
+
     def on_option(label, cells):
-        folder.save_option(label, cells)
+        folder.save_option(by_label[label], cells)
         measured[0] += 1
 
     step = [0]
@@ -127,11 +154,10 @@ def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequen
         if progress:
             progress(f"measuring {label}", step[0], len(options))
 
-    runner = make_runner(model, inputs if sensitivity_inputs is None else sensitivity_inputs, causal)
-    table = measure_table(model, layers, options, runner, causal, calibration, done, on_option, advance)
+    runner = make_runner(model, sensitivity_inputs, causal)
+    table = measure_table(model, layers, options, runner, causal, sensitivity_calibration, done, on_option, advance)
     del runner
 
-    by_label = {o.label: o for o in options}
     choices = [table.choices(i.name) for i in layers]
     knap = Knapsack([[c.bytes for _, c in ch] for ch in choices], [[c.damage for _, c in ch] for ch in choices],
                     limit)
@@ -140,12 +166,22 @@ def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequen
         raise ConfigError(f"no allocation fits the budget: the smallest options make the model {least:,} bytes; "
                           "raise the budget or add smaller options to the space")
     at_budget = knap.best_within(limit)
-    estimated = [a for a in knap.estimated_front(points=max(64, 4 * candidates)) if a.choice != at_budget.choice]
-    picked = _spread(estimated, candidates - 1) + [at_budget]  # the budget's own allocation is always validated
+    # Close to the budget the estimate decides the choice, and it is only an estimate: the best allocations at
+    # budgets a little under it are validated too (a quarter of the candidates), the rest spread over the front.
+    near: list = []
+    for k in range(1, 4 * candidates):
+        if len(near) >= candidates // 4:
+            break
+        found = knap.best_within(int(limit * (1 - NEAR_STEP * k)))
+        if found is not None and all(found.choice != a.choice for a in [at_budget, *near]):
+            near.append(found)
+    estimated = [a for a in knap.estimated_front(points=max(64, 4 * candidates))
+                 if all(a.choice != b.choice for b in [at_budget, *near])]
+    picked = _spread(estimated, candidates - 1 - len(near)) + near + [at_budget]  # the budget's own is validated
     recipes: dict[str, tuple[Recipe, Any]] = {}
     for alloc in picked:
-        choice = {layers[i].name: by_label[choices[i][k][0]] for i, k in enumerate(alloc.choice)
-                  if choices[i][k][0] != "float"}
+        choice = {name: by_label[choices[i][k][0]] for i, k in enumerate(alloc.choice)
+                  if choices[i][k][0] != "float" for name in layers[i].names}
         if not choice:
             continue
         recipe = allocation_recipe(choice, name=f"{model_name}-searched")
@@ -168,6 +204,7 @@ def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequen
         finally:
             executor.close()
     data = _result(folder, table, layers, choices, recipes, fixed, limit, budget, causal)
+    data["run"]["spec"] = {**data["run"]["spec"], **_request(options, budget, candidates)}
     chosen = folder.candidate_recipe(data["chosen"]) if data["chosen"] else None
     folder.save_result(data, chosen)
     return SearchResult(data, chosen, count[0], measured[0], table)
@@ -206,7 +243,8 @@ def _result(folder: RunFolder, table: OptionTable, layers, choices, recipes, fix
         "budget_bits_per_weight": budget.bits_per_weight,
         "fixed_bytes": fixed,
         "layers": [{"name": i.name, "kind": i.kind, "shape": list(i.shape), "params": i.params,
-                    "float_bytes": i.float_bytes} for i in layers],
+                    "float_bytes": i.float_bytes, **({"members": list(i.members)} if i.members else {})}
+                   for i in layers],
         "options": [o.to_dict() for o in table.options],
         "table": {label: {k: c.to_dict() for k, c in cells.items()} for label, cells in table.cells.items()},
         "float_cells": {k: c.to_dict() for k, c in table.float_cells.items()},

@@ -1,6 +1,7 @@
 """A search's run folder: everything needed to reproduce, resume and report it, as JSON and YAML.
 
-    RUN/run.json                   what was searched: model, metric, budget, space, seed, inputs' hash, versions
+    RUN/run.json                   what the figures depend on: model, metric, seed, inputs' hashes, versions (the
+                                   budget and the space may change between runs of one folder)
     RUN/table/<option>.json        each option's measured cells (layer -> encoding, bytes, damage, latency)
     RUN/candidates/<id>/recipe.yaml  a candidate recipe (id: the first 16 hex digits of its YAML's sha256)
     RUN/candidates/<id>/figures.json its end-to-end figures, written when it has been validated
@@ -28,6 +29,7 @@ from modelpress.errors import ConfigError
 from modelpress.limits import MAX_RECIPE_BYTES
 from modelpress.recipe import Recipe
 from modelpress.safeparse import load_json
+from modelpress.search.space import Option
 from modelpress.search.table import Cell
 
 __all__ = ["RunFolder", "recipe_id", "versions"]
@@ -89,17 +91,19 @@ class RunFolder:
 
     # ---------------------------------------------------------------------------- measurements
 
-    def save_option(self, label: str, cells: dict[str, Cell]) -> None:
-        self._write_json(f"table/{_safe(label)}.json",
-                         {"label": label, "cells": {k: c.to_dict() for k, c in cells.items()}})
+    def save_option(self, option: Option, cells: dict[str, Cell]) -> None:
+        self._write_json(f"table/{_safe(option.label)}.json", {"label": option.label, "option": option.to_dict(),
+                                                               "cells": {k: c.to_dict() for k, c in cells.items()}})
 
-    def load_options(self, labels: list[str]) -> dict[str, dict[str, Cell]]:
+    def load_options(self, options: list[Option]) -> dict[str, dict[str, Cell]]:
+        """The cells of every option of `options` measured before (the same label and the same config)."""
         out = {}
-        for label in labels:
-            rel = f"table/{_safe(label)}.json"
+        for option in options:
+            rel = f"table/{_safe(option.label)}.json"
             if self.exists(rel):
                 data = self._read_json(rel)
-                out[label] = {k: Cell.from_dict(v) for k, v in data["cells"].items()}
+                if data.get("option") == option.to_dict():
+                    out[option.label] = {k: Cell.from_dict(v) for k, v in data["cells"].items()}
         return out
 
     # ---------------------------------------------------------------------------- candidates

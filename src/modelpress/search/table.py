@@ -45,11 +45,20 @@ LATENCY_RUNS = 3
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """A searched layer, or a group of layers searched as one (`members`: every member takes the same option;
+    `name` is then the group's pattern, `shape` its first member's)."""
+
     name: str
     kind: str  # the float module's class name
     shape: tuple[int, ...]
     params: int
     float_bytes: int
+    members: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The model's layers this row stands for."""
+        return self.members or (self.name,)
 
 
 @dataclass(frozen=True)
@@ -86,8 +95,10 @@ class OptionTable:
 
 
 def searchable_layers(model: nn.Module, options: Sequence[Option], include: Sequence[str] = ("*",),
-                      ignore: Sequence[str] = ()) -> list[LayerInfo]:
-    """Every module with a weight that at least one option applies to, matched by `include` and not `ignore`."""
+                      ignore: Sequence[str] = (), groups: Sequence[str] = ()) -> list[LayerInfo]:
+    """Every module with a weight that at least one option applies to, matched by `include` and not `ignore`.
+    Layers matching a pattern of `groups` (the first that matches) form one row, searched as one layer: fewer
+    rows to measure on a large model (e.g. one layer type over a range of blocks)."""
     out, seen = [], set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -101,6 +112,25 @@ def searchable_layers(model: nn.Module, options: Sequence[Option], include: Sequ
                                  weight.numel() * weight.element_size()))
     if not out:
         raise ConfigError("no layer of the model can take any option of the search space: check --include")
+    return _grouped(out, groups) if groups else out
+
+
+def _grouped(layers: list[LayerInfo], groups: Sequence[str]) -> list[LayerInfo]:
+    rows: dict[str, list[LayerInfo]] = {}
+    for info in layers:
+        key = next((p for p in groups if fnmatch.fnmatchcase(info.name, p)), info.name)
+        rows.setdefault(key, []).append(info)
+    out = []
+    for key, members in rows.items():
+        if len(members) == 1 and key == members[0].name:
+            out.append(members[0])
+            continue
+        kinds = {m.kind for m in members}
+        if len(kinds) > 1:
+            raise ConfigError(f"the group {key!r} holds layers of several kinds ({sorted(kinds)}): give a pattern "
+                              "that matches one kind of layer")
+        out.append(LayerInfo(key, members[0].kind, members[0].shape, sum(m.params for m in members),
+                             sum(m.float_bytes for m in members), tuple(m.name for m in members)))
     return out
 
 
@@ -131,20 +161,30 @@ def _score(runner: Runner, causal: bool, got: torch.Tensor) -> tuple[float, floa
     return 1.0 - cos, cos, None
 
 
-def _cell(runner: Runner, causal: bool, info: LayerInfo, module: nn.Module,
-          timings: dict[tuple, float]) -> Cell:
-    enc = getattr(module, "encoding", None)
-    if enc is None:
-        w = module.weight
-        encoding, nbytes = str(w.dtype).replace("torch.", ""), w.numel() * w.element_size()
-    else:
-        encoding, nbytes = enc.describe(), int(enc.nbytes)
-    key = (info.kind, info.shape, type(module).__name__, encoding)  # timed once per shape and encoding
-    if key not in timings:
-        timings[key] = time_module(module, info)
-    latency = timings[key]
-    damage, cos, kl = _score(runner, causal, runner.encode_with(info.name, module))
-    return Cell(encoding, nbytes, damage, latency, cos, kl)
+def _cell(runner: Runner, causal: bool, info: LayerInfo, variant: nn.Module, timings: dict[tuple, float]) -> Cell:
+    """The row `info` of `variant` (every member) swapped into the float model alone, scored."""
+    encodings, total, latency = [], 0, 0.0
+    modules = {n: variant.get_submodule(n) for n in info.names}
+    for name, module in modules.items():
+        enc = getattr(module, "encoding", None)
+        if enc is None:
+            w = module.weight
+            encoding, nbytes = str(w.dtype).replace("torch.", ""), w.numel() * w.element_size()
+        else:
+            encoding, nbytes = enc.describe(), int(enc.nbytes)
+        key = (info.kind, tuple(module.weight.shape if enc is None else enc.shape), type(module).__name__, encoding)
+        if key not in timings:  # timed once per shape and encoding
+            timings[key] = time_module(module, _member(info, key[1]))
+        encodings.append(encoding)
+        total += nbytes
+        latency += timings[key]
+    damage, cos, kl = _score(runner, causal, runner.encode_with_all(modules))
+    return Cell(encodings[0] if len(set(encodings)) == 1 else " | ".join(sorted(set(encodings))), total, damage,
+                latency, cos, kl)
+
+
+def _member(info: LayerInfo, shape: tuple[int, ...]) -> LayerInfo:
+    return LayerInfo(info.name, info.kind, tuple(shape), 0, 0)
 
 
 def make_runner(model: nn.Module, inputs: Any, causal: bool, batch_size: int = 64) -> Runner:
@@ -162,24 +202,25 @@ def measure_table(model: nn.Module, layers: Sequence[LayerInfo], options: Sequen
     """Measure every option on every layer it applies to (see the module docstring); options in `done` are
     taken as measured."""
     done = dict(done or {})
-    modules = {info.name: model.get_submodule(info.name) for info in layers}
     floats, timings = {}, {}
     for info in layers:
-        module = modules[info.name]
-        key = (info.kind, info.shape, type(module).__name__, "float")
-        if key not in timings:
-            timings[key] = time_module(module, info)
-        floats[info.name] = Cell("float32", info.float_bytes, 0.0, timings[key],
-                                 None if causal else 1.0, 0.0 if causal else None)
+        latency = 0.0
+        for name in info.names:
+            module = model.get_submodule(name)
+            key = (info.kind, tuple(module.weight.shape), type(module).__name__, "float")
+            if key not in timings:
+                timings[key] = time_module(module, _member(info, key[1]))
+            latency += timings[key]
+        floats[info.name] = Cell("float32", info.float_bytes, 0.0, latency, None if causal else 1.0,
+                                 0.0 if causal else None)
     cells: dict[str, dict[str, Cell]] = {}
     for option in options:
-        names = [i.name for i in layers if applies(option, modules[i.name])]
-        if option.label in done and set(done[option.label]) == set(names):
+        rows = [i for i in layers if all(applies(option, model.get_submodule(n)) for n in i.names)]
+        if option.label in done and set(done[option.label]) == {i.name for i in rows}:
             cells[option.label] = done[option.label]
-        elif names:
-            variant = _compressed(model, option, names, calibration)
-            cells[option.label] = {info.name: _cell(runner, causal, info, variant.get_submodule(info.name), timings)
-                                   for info in layers if info.name in names}
+        elif rows:
+            variant = _compressed(model, option, [n for i in rows for n in i.names], calibration)
+            cells[option.label] = {info.name: _cell(runner, causal, info, variant, timings) for info in rows}
             del variant
             if on_option:
                 on_option(option.label, cells[option.label])
