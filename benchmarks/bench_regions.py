@@ -189,7 +189,9 @@ def prepare(folder: Path, q4: str) -> dict:
     sizes = {"smol-fp32": sum(t.numel() * t.element_size() for t in store.get("smol-fp32").values())}
     if q4 != "skip":
         q4_model = compress(lm, preset("llm-q4") if q4 == "gptq" else Recipe.from_dict(Q4_RTN))
-        store.put(q4_model, "smol-q4", chunk_bytes=blocks)
+        # the blocks laid out for streaming like the fp32 version (page-aligned raw chunks: no entropy decode per
+        # token); the tied table keeps its row-block chunks, which lookups gather
+        store.put(q4_model, "smol-q4", codecs={"*.layers.*": "aligned"}, chunk_bytes=blocks)
         sizes["smol-q4"] = sum(t.numel() * t.element_size() for t in store.get("smol-q4").values())
     encoder = load_sentence_encoder("minilm")
     store.put(encoder, "minilm", codecs={"*": "aligned"}, chunk_bytes=blocks)
