@@ -22,7 +22,7 @@ demo: $(STAMP)
 # Then every test, the real-model ones included, on two worker processes (the suite is ~9 minutes on one).
 test: $(STAMP)
 	$(BIN)/lint-imports
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist worksteal
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist worksteal --durations=25
 
 # Everything but the real-model, process-killing, fault-injecting and fuzz tests, a worker per core, with
 # bytecode (and pytest's rewritten asserts) cached between runs: 57 s the first time, 52 s after (quiet 2-core machine).

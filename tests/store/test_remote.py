@@ -230,7 +230,9 @@ def test_compare_and_swap_lets_exactly_one_of_many_writers_win(tmp_path, kind, r
 
     def writer(i: int) -> None:
         start.wait()
-        if backend.put_if_match("refs/m/latest", json.dumps({"version": str(i)}).encode(), tag):
+        # every writer's bytes differ from the current ones ("0"): a write of identical bytes keeps the tag, so
+        # a second writer would rightly pass the check after it (on S3 as here)
+        if backend.put_if_match("refs/m/latest", json.dumps({"version": str(i + 1)}).encode(), tag):
             wins.append(i)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
@@ -239,4 +241,4 @@ def test_compare_and_swap_lets_exactly_one_of_many_writers_win(tmp_path, kind, r
     for t in threads:
         t.join()
     assert len(wins) == 1
-    assert json.loads(backend.get("refs/m/latest", 4096)) == {"version": str(wins[0])}
+    assert json.loads(backend.get("refs/m/latest", 4096)) == {"version": str(wins[0] + 1)}
