@@ -10,7 +10,9 @@ as one safetensors file with s3fs and parsing it — against the same S3 endpoin
 For each model (MiniLM fp32 and int4 by default; `smollm2`): the model is stored and pushed to its own prefix
 (`push_s`, `push_bytes`), cloned into a fresh folder (`clone_s`, `clone_bytes`) and checked byte-identical;
 a child with the last block fine-tuned (noise of 1e-4 on its float weights) is stored and pushed
-(`child_push_bytes` against `child_delta_bytes`, the child's local stored bytes not shared with its parent);
+(`child_push_bytes` against `child_delta_bytes`: what the child adds to the local store, its chunk files not
+shared with its parent plus its catalogue rows, the local counterpart of the remote's version record; and
+against `child_delta_payload`, the chunks' payloads alone);
 a safetensors file of the same weights (the int4 model's holds its packed codes and scales, as a checkpoint
 would) is uploaded; then, interleaved per round: (a) `Store.open(url).get(model)` (parallel chunk reads into
 one arena, every chunk hash-checked), (b) `s3fs.cat(file)` + `safetensors.torch.load`, (c)
@@ -117,11 +119,16 @@ def _child_push(store: Store, name: str, model, url: str) -> dict:
     child = copy.deepcopy(model)
     _fine_tune_last_block(child)
     vid = store.put(child, name, message="fine-tuned last block")
-    delta = store.stored_bytes(name, vid, exclusive_of=base)
+    payload = store.stored_bytes(name, vid, exclusive_of=base)
+    files, rows = store.added_bytes(name, vid, base)
     second = push(store, Remote(url), name)
-    assert second.delta_bytes == delta
-    return {"child_delta_bytes": delta, "child_push_bytes": second.total_bytes,
-            "child_push_over_delta": second.total_bytes / delta - 1.0 if delta else float("nan")}
+    assert second.delta_bytes == files + rows
+    print(f"  {name} child: {second.line('sent')}", flush=True)
+    return {"child_delta_bytes": files + rows, "child_delta_files": files, "child_delta_rows": rows,
+            "child_delta_payload": payload, "child_push_bytes": second.total_bytes,
+            "child_record_bytes": second.record_bytes,
+            "child_push_over_delta": second.total_bytes / (files + rows) - 1.0,
+            "child_push_over_payload": second.total_bytes / payload - 1.0 if payload else float("nan")}
 
 
 def main() -> int:
@@ -177,8 +184,11 @@ def main() -> int:
             results.append(row)
             print(f"{name}: push {row['push_s']:.3f} s, {row['push_bytes']} bytes | clone {row['clone_s']:.3f} s, "
                   f"{row['clone_bytes']} bytes (byte-identical) | fine-tuned child: local delta "
-                  f"{row['child_delta_bytes']} bytes, second push {row['child_push_bytes']} bytes "
-                  f"({100 * row['child_push_over_delta']:+.2f}%)", flush=True)
+                  f"{row['child_delta_bytes']} bytes ({row['child_delta_files']} chunk files + "
+                  f"{row['child_delta_rows']} catalogue rows; payloads {row['child_delta_payload']}), second push "
+                  f"{row['child_push_bytes']} bytes ({row['child_record_bytes']} of them record, ref and marker): "
+                  f"{100 * row['child_push_over_delta']:+.2f}% over the delta, "
+                  f"{100 * row['child_push_over_payload']:+.2f}% over the payloads", flush=True)
             print(f"{name}: store get {row['store_s']:.3f} s, {row['store_bytes']} bytes fetched | safetensors "
                   f"whole file {row['safetensors_s']:.3f} s, {row['safetensors_bytes']} bytes | one tensor "
                   f"({one}) {row['store_one_s']:.3f} s, {row['store_one_bytes']} bytes", flush=True)

@@ -79,17 +79,21 @@ def test_second_push_of_a_fine_tuned_child_sends_its_delta_only(tmp_path, s3_url
                 if "layers.1.mlp" in name:
                     p.add_(torch.randn_like(p) * 1e-3)
         child = store.put(lm, "llama", message="fine-tuned")
-        delta = store.stored_bytes("llama", child, exclusive_of=base)
+        payload = store.stored_bytes("llama", child, exclusive_of=base)
+        files, rows = store.added_bytes("llama", child, base)
         remote, counter = counting_remote(s3_url)
         report = push(store, remote, "llama")
-        assert report.bytes_sent <= delta * 1.05, (report.bytes_sent, delta)  # chunk files: payload + heads
-        # and the version record (~9 KB here: every chunk's row; a few % of a real model's delta, see the slow test)
-        assert report.total_bytes <= delta * 1.05 + report.record_bytes
+        assert report.bytes_sent == files and payload < files <= payload * 1.05  # the chunk files, heads and all
+        # the record, coded against the parent's, costs less than the version's rows in the local catalogue
+        assert 0 < report.record_bytes < rows, (report.record_bytes, rows)
+        assert report.total_bytes <= (files + rows) * 1.05
         assert report.chunks_sent == len(set(chunk_puts(counter))) == len(chunk_puts(counter))
         assert report.chunks_skipped > 0
-        assert report.delta_bytes == delta  # what the command reports next to what it sent
-        assert report.delta_line() == (f"local delta over the parent: {delta} bytes; this push sent "
-                                       f"{report.total_bytes} bytes ({100 * report.total_bytes / delta:.2f}% of it)")
+        delta = files + rows
+        assert report.delta_bytes == delta and report.delta_rows == rows  # reported next to what it sent
+        assert report.delta_line() == (f"local delta over the parent: {delta} bytes ({files} of chunk files, {rows} of "
+                                       f"catalogue rows); this push sent {report.total_bytes} bytes "
+                                       f"({100 * report.total_bytes / delta:.2f}% of it)")
         assert Remote(s3_url).resolve("llama") == child
         with Store.init(tmp_path / "b") as other:
             pull(other, Remote(s3_url), "llama")
@@ -125,7 +129,8 @@ def test_folder_and_memory_remotes(tmp_path, kind, small_chunks):
         store.put(model, "toy")
         first = push(store, Remote(url))
         again = push(store, Remote(url))
-        assert again.chunks_sent == 0 and again.chunks_skipped == first.chunks_sent and again.record_bytes == 0
+        assert again.chunks_sent == 0 and again.chunks_skipped == first.chunks_sent
+        assert again.record_bytes < 200  # its push marker only: it names the version the remote holds
         cloned, _ = clone(url, tmp_path / "b")
         with cloned:
             assert_same_tensors(cloned.get("toy"), store.get("toy"))
@@ -168,11 +173,12 @@ def test_cli_remote_push_pull_clone_get_verify_gc(tmp_path, s3_url, small_chunks
         state = sa.get("toy")
         name = max((k for k in state if state[k].is_floating_point()), key=lambda k: state[k].numel())
         child = sa.put({**state, name: state[name] + 1}, "toy")
-        delta = sa.stored_bytes("toy", child, exclusive_of=sa.catalog.version(child).info.parent)
-        assert delta > 0
+        files, rows = sa.added_bytes("toy", child, sa.catalog.version(child).info.parent)
+        assert files > 0 and rows > 0
     capsys.readouterr()
     assert main(["store", "push", a, "origin", "toy"]) == 0
-    assert f"local delta over the parent: {delta} bytes; this push sent " in capsys.readouterr().out
+    assert (f"local delta over the parent: {files + rows} bytes ({files} of chunk files, {rows} of catalogue rows); "
+            "this push sent ") in capsys.readouterr().out
     folder = str(tmp_path / "folder-remote")  # a folder path is a remote too (names hold no '/')
     assert main(["store", "push", a, folder]) == 0 and main(["store", "remote", "verify", folder]) == 0
 

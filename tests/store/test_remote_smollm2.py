@@ -29,7 +29,8 @@ def test_smollm2_push_clone_byte_identical(smollm2_float, tmp_path, s3_url):
         n_chunks = len(store.catalog.all_chunk_ids())
         assert first.chunks_sent == n_chunks and first.chunks_skipped == 0
         again = push(store, Remote(s3_url), "smollm2")
-        assert again.chunks_sent == 0 and again.chunks_skipped == n_chunks and again.record_bytes == 0
+        assert again.chunks_sent == 0 and again.chunks_skipped == n_chunks
+        assert again.record_bytes < 200  # its push marker only: it names the version the remote holds
         want = store.get("smollm2")
     cloned, fetched = clone(s3_url, tmp_path / "b")
     with cloned:

@@ -224,6 +224,22 @@ class Catalog:
         row = self.one("SELECT file_hash FROM chunks WHERE id=?", (cid,))
         return row[0] if row and is_id(row[0]) else None
 
+    def row_bytes(self, vid: str, chunk_ids: Iterable[str]) -> int:
+        """Bytes of a version's rows (its version, tensor and file rows) and of the given chunks' rows, as UTF-8
+        text plus 8 bytes per number: what the version's entry costs this catalogue, index and page slack aside."""
+        text = "ifnull(length(CAST({} AS BLOB)), 0)"
+        total = 0
+        for table, columns, numbers, key in (("versions", ("id", "model", "parent", "message", "manifest"), 1, "id"),
+                                             ("tensors", ("version", "name", "dtype", "shape", "chunks"), 0, "version"),
+                                             ("files", ("version", "path", "chunk"), 0, "version")):
+            expr = " + ".join(text.format(c) for c in columns)
+            total += self.one(f"SELECT ifnull(sum({expr} + {8 * numbers}), 0) FROM {table} WHERE {key}=?", (vid,))[0]
+        expr = " + ".join(text.format(c) for c in ("id", "codec", "params", "base", "file_hash"))
+        for cid in chunk_ids:
+            row = self.one(f"SELECT {expr} + 16 FROM chunks WHERE id=?", (cid,))
+            total += row[0] if row else 0
+        return total
+
     def has_chunk(self, cid: str) -> bool:
         return self.one("SELECT 1 FROM chunks WHERE id=?", (cid,)) is not None
 

@@ -106,6 +106,13 @@ class Reading:
             used -= self._chunks_of(self.version(model, exclusive_of))
         return sum(row.stored_size for row in self.catalog.chunks(sorted(used)).values())
 
+    def added_bytes(self, model: str, ref: str, parent: str) -> tuple[int, int]:
+        """What a version adds to this store over `parent`: (bytes of the chunk files it uses and the parent does
+        not, heads included, as they lie on disk; bytes of the catalogue rows it and those chunks add)."""
+        used = sorted(self._chunks_of(self.version(model, ref)) - self._chunks_of(self.version(model, parent)))
+        files = sum(len(row.header().head()) + row.stored_size for row in self.catalog.chunks(used).values())
+        return files, self.catalog.row_bytes(self.resolve(model, ref), used)
+
     def _chunks_of(self, version: Version) -> set[str]:
         return self.catalog.closure([c for t in version.tensors for c in t.chunks] + list(version.files.values()))
 

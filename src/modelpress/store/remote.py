@@ -25,6 +25,7 @@ from modelpress.store.objects import ID_PATTERN
 from modelpress.store.remote_backend import open_backend
 from modelpress.store.remote_records import (
     MARKER_KEY,
+    MAX_CHAIN,
     MAX_RECORD,
     MAX_REF,
     RemoteVersion,
@@ -51,25 +52,27 @@ class TransferReport:
     bytes_sent: int = 0
     chunks_skipped: int = 0
     bytes_skipped: int = 0
-    record_bytes: int = 0  # version records and refs
+    record_bytes: int = 0  # version records, refs and push markers
     versions: list[str] = field(default_factory=list)
     refs: list[str] = field(default_factory=list)  # "model@ref -> id" moved
     kept: list[str] = field(default_factory=list)  # refs left as they were, and why
     delta_bytes: int | None = None  # a push: the pushed versions' local delta over their parents, where local
+    delta_rows: int = 0  # of which catalogue rows (the rest: chunk files)
 
     @property
     def total_bytes(self) -> int:
         return self.bytes_sent + self.record_bytes
 
     def line(self, verb: str) -> str:
-        return (f"{verb} {self.chunks_sent} chunks ({self.bytes_sent} bytes) + {self.record_bytes} bytes of records; "
-                f"skipped {self.chunks_skipped} chunks ({self.bytes_skipped} bytes) already there")
+        return (f"{verb} {self.chunks_sent} chunks ({self.bytes_sent} bytes) + {self.record_bytes} bytes of records, "
+                f"refs and markers; skipped {self.chunks_skipped} chunks ({self.bytes_skipped} bytes) already there")
 
     def delta_line(self) -> str | None:
         """A push of children: what it sent against their local delta over their parents."""
         if not self.delta_bytes:
             return None
-        return (f"local delta over the parent: {self.delta_bytes} bytes; this push sent {self.total_bytes} bytes "
+        return (f"local delta over the parent: {self.delta_bytes} bytes ({self.delta_bytes - self.delta_rows} of chunk "
+                f"files, {self.delta_rows} of catalogue rows); this push sent {self.total_bytes} bytes "
                 f"({100.0 * self.total_bytes / self.delta_bytes:.2f}% of it)")
 
 
@@ -80,6 +83,7 @@ class Remote:
         self.url = url
         self.backend = backend if backend is not None else open_backend(url)
         self.threads = threads
+        self._records: dict[str, RemoteVersion] = {}
 
     # -- marker -----------------------------------------------------------------------------------
 
@@ -145,14 +149,23 @@ class Remote:
         raise VersionNotFoundError(f"model {model!r} has no ref or version {ref!r} on {self.url}: see "
                                    f"`modelpress store ls {self.url}`")
 
-    def record(self, vid: str) -> RemoteVersion:
-        """A version record, checked (root hash, chunk rows); a ref naming a missing one is a clear error."""
+    def record(self, vid: str, _chain: tuple[str, ...] = ()) -> RemoteVersion:
+        """A version record, checked (root hash, chunk rows), with the records it is coded against; a ref naming a
+        missing one is a clear error. Records are immutable and named by their hash: each is read once."""
+        cached = self._records.get(vid)
+        if cached is not None:
+            return cached
+        if vid in _chain or len(_chain) > MAX_CHAIN:
+            raise FormatError(f"version record {_chain[0][:12]} on {self.url} is coded against a chain of more than "
+                              f"{MAX_CHAIN} records or a loop; the remote is damaged")
         try:
             data = self.backend.get(version_key(vid), MAX_RECORD)
         except FileNotFoundError:
             raise FormatError(f"version {vid[:12]} is named on {self.url} but its record is missing; the remote is "
                               "damaged: re-push the model (or run `modelpress store remote verify`)") from None
-        return decode_record(data, vid, self.url)
+        record = decode_record(data, vid, self.url, lambda base: self.record(base, _chain + (vid,)))
+        self._records[vid] = record
+        return record
 
     def version_ids(self) -> list[str]:
         return [e.key.split("/", 1)[1] for e in self.backend.list("versions")

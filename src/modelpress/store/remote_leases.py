@@ -53,6 +53,7 @@ _POLL = 1.0
 class PushLease:
     key: str
     started: float  # time.monotonic() before the marker was written
+    size: int = 0  # bytes of the marker (a push reports what it wrote)
 
     def expiring(self) -> bool:
         return time.monotonic() - self.started > PUSH_LEASE - LEASE_MARGIN
@@ -82,13 +83,14 @@ def announce_push(remote: Remote, versions, chunk_ids) -> PushLease:
     key = f"pushes/{uuid.uuid4().hex}"
     started = time.monotonic()
     body = {"format": "modelpress.push", "versions": sorted(versions), "chunks": sorted(chunk_ids)}
-    remote.backend.put(key, [json.dumps(body, separators=(",", ":")).encode()])
+    data = json.dumps(body, separators=(",", ":")).encode()
+    remote.backend.put(key, [data])
     try:
         wait_for_gc(remote, _written(remote, "pushes", key))
     except BaseException:
         remote.backend.delete(key)
         raise
-    return PushLease(key, started)
+    return PushLease(key, started, len(data))
 
 
 def wait_for_gc(remote: Remote, mine: float) -> None:

@@ -5,6 +5,7 @@ lists: its size from one listing, then (unless `quick`) its bytes through the ch
 file against the recorded hash, decoded bytes against the chunk's BLAKE3 id.
 
 gc keeps every version a ref reaches (following parents as far as the remote holds them), every
+record a kept record is coded against (its parent's, and so on: remote_records.py), every
 version record younger than the grace period (a push in flight writes its record before its ref),
 every chunk those versions use, and every chunk object younger than the grace period (a push in
 flight uploads chunks before its record), and every version and chunk a live push marker names; it
@@ -132,8 +133,9 @@ def _collect(remote: Remote, grace: float, lease: GcLease) -> RemoteGcReport:
         raise StoreError(f"remote gc removed nothing: {problems[0]}; run `modelpress store remote verify`")
     cutoff = time.time() - grace
     backend: ObjectStore = remote.backend
-    doomed_versions, doomed_chunks = [], []
+    doomed_chunks = []
     kept = 0
+    candidates = []
     for entry in list(backend.list("versions")):
         vid = entry.key.split("/", 1)[1]
         if vid in records:
@@ -145,7 +147,11 @@ def _collect(remote: Remote, grace: float, lease: GcLease) -> RemoteGcReport:
                 pass
             kept += 1
             continue
-        doomed_versions.append(version_key(vid) if len(vid) == 64 else entry.key)
+        candidates.append((vid, entry.key))
+    for record in list(records.values()):  # a kept record needs the records it is coded against
+        for base in record.bases:
+            records.setdefault(base, remote.record(base))
+    doomed_versions = [version_key(vid) if len(vid) == 64 else key for vid, key in candidates if vid not in records]
     used = {cid for record in records.values() for cid in record.chunks}
     for_pushes = 0
     for entry in list(backend.list("chunks")):

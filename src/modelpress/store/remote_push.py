@@ -2,13 +2,15 @@
 
 Order, so that a half-finished push is invisible, a killed one resumes, and a remote gc never deletes
 what it relies on:
-1. a push marker naming the versions and chunks it may rely on, then a wait for every remote gc that
-   may have missed that marker (remote_leases.py: the handshake, and why it closes the race);
+1. a push marker naming the versions it may rely on (its own and its parent's, whose record and chunks gc
+   then keeps) and the chunks no such record names, then a wait for every remote gc that may have missed
+   that marker (remote_leases.py: the handshake, and why it closes the race);
 2. one listing of the remote's chunks (sizes included): a chunk there at its exact size is skipped;
 3. the missing chunks, each read from the local store and checked against its recorded file hash
    (local damage is never spread), uploaded `threads` at a time; every upload is one atomic PUT (S3)
    or an atomic link (a folder), so a chunk is there whole or not at all;
-4. the version record (named by the version's root hash, so writing it twice is harmless);
+4. the version record (named by the version's root hash, so writing it twice is harmless), coded against
+   its parent's record where the remote holds it (remote_records.py);
 5. each ref, by compare-and-swap: it moves only from what was read, and only forward (from an
    ancestor of the pushed version). A ref that another writer moved elsewhere meanwhile is a clear
    "fetch first" error; the versions of both writers stay on the remote;
@@ -26,7 +28,7 @@ from modelpress.errors import CorruptChunkError, ModelpressError, StoreError
 from modelpress.store.remote_leases import announce_push
 from modelpress.store.objects import chunk_key, file_hash
 from modelpress.store.remote import Remote, TransferReport
-from modelpress.store.remote_records import RemoteVersion, encode_record, encode_ref, split_ref, version_key
+from modelpress.store.remote_records import MAX_RECORD, RemoteVersion, encode_record, encode_ref, split_ref, version_key
 from modelpress.store.rows import ChunkRow
 
 __all__ = ["push", "local_ancestors", "FETCH_FIRST"]
@@ -116,8 +118,9 @@ def _move_ref(store, remote: Remote, model: str, ref: str, vid: str, force: bool
                      "push again")
 
 
-def _send(store, remote: Remote, records, report: TransferReport) -> None:
-    """Steps 2-4: one listing, the missing chunks, the version records."""
+def _send(store, remote: Remote, records, bases: dict[str, RemoteVersion], report: TransferReport) -> None:
+    """Steps 2-4: one listing, the missing chunks, the version records (each coded against its parent's record
+    where the remote holds it)."""
     present = remote.chunk_sizes()
     for model, record, refs in records:
         missing = _missing(record, present)
@@ -127,7 +130,7 @@ def _send(store, remote: Remote, records, report: TransferReport) -> None:
                 report.bytes_skipped += record.chunk_bytes(cid)
         _upload(store, remote, record, missing, report)
         present.update((cid, record.chunk_bytes(cid)) for cid in missing)
-        data = encode_record(record.version, record.chunks)
+        data = encode_record(record.version, record.chunks, bases.get(record.id))
         if remote.backend.put_if_absent(version_key(record.id), [data]):
             report.record_bytes += len(data)
         else:
@@ -140,16 +143,58 @@ def _send(store, remote: Remote, records, report: TransferReport) -> None:
 
 
 def _delta(store, records, report: TransferReport) -> None:
-    """The local delta of every pushed version over its parent (where the parent is local), for the report."""
+    """The local delta of every pushed version over its parent (where the parent is local), for the report: the chunk
+    files the parent does not use and the version's catalogue rows (the local counterpart of its record)."""
     for model, record, _ in records:
         parent = record.version.info.parent
         if parent and store.catalog.one("SELECT 1 FROM versions WHERE id=?", (parent,)):
-            delta = store.stored_bytes(model, record.id, exclusive_of=parent)
-            report.delta_bytes = (report.delta_bytes or 0) + delta
+            files, rows = store.added_bytes(model, record.id, parent)
+            report.delta_bytes = (report.delta_bytes or 0) + files + rows
+            report.delta_rows += rows
 
 
-def _announce(remote: Remote, records):
-    return announce_push(remote, [r.id for _, r, _ in records], {c for _, r, _ in records for c in r.chunks})
+def _remote_bases(remote: Remote, records) -> dict[str, RemoteVersion]:
+    """Pushed version id -> the record on the remote that names most of its chunks: its own (an earlier push got
+    that far), else its parent's, where there is a readable one."""
+    bases = {}
+    for _, record, _ in records:
+        for vid in (record.id, record.version.info.parent):
+            try:
+                if vid:
+                    bases[record.id] = remote.record(vid)
+                    break
+            except ModelpressError:
+                pass  # not there (or damaged): the next, or none
+    return bases
+
+
+def _announce(remote: Remote, records, bases: dict[str, RemoteVersion]):
+    """The push marker: the pushed versions and their bases (gc keeps a named version's record and chunks), and the
+    pushed chunks no base already names."""
+    versions = [r.id for _, r, _ in records] + sorted({b.id for b in bases.values()})
+    chunks = {c for _, r, _ in records for c in r.chunks if r.id not in bases or c not in bases[r.id].chunks}
+    return announce_push(remote, versions, chunks)
+
+
+def _gone(remote: Remote, vid: str) -> bool:
+    try:
+        remote.backend.get(version_key(vid), MAX_RECORD)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def _announce_with_bases(remote: Remote, records, report: TransferReport):
+    """Step 1. A base record a gc deleted before this push's marker was seen does not protect its chunks: if any is
+    gone once that gc is over, the marker is written again naming every chunk, and the records stand alone."""
+    bases = _remote_bases(remote, records)
+    lease = _announce(remote, records, bases)
+    if any(_gone(remote, base.id) for base in bases.values()):
+        old, bases = lease, {}
+        lease = _announce(remote, records, bases)
+        remote.backend.delete(old.key)
+        report.record_bytes += old.size
+    return lease, bases
 
 
 def push(store, remote: Remote, spec: str | None = None, force: bool = False) -> TransferReport:
@@ -158,14 +203,15 @@ def push(store, remote: Remote, spec: str | None = None, force: bool = False) ->
     targets = _targets(store, spec)
     remote.ensure()
     records = [(model, _local_record(store, vid), refs) for model, vid, refs in targets]
-    lease = _announce(remote, records)
+    lease, bases = _announce_with_bases(remote, records, report)
     try:
-        _send(store, remote, records, report)
+        _send(store, remote, records, bases, report)
         while lease.expiring():  # slower than a marker protects: announce again and check again what is there
-            old, lease = lease, _announce(remote, records)
+            old, lease = lease, _announce(remote, records, bases)
             remote.backend.delete(old.key)
+            report.record_bytes += old.size
             again = TransferReport()
-            _send(store, remote, records, again)
+            _send(store, remote, records, bases, again)
             report.chunks_sent += again.chunks_sent
             report.bytes_sent += again.bytes_sent
             report.record_bytes += again.record_bytes
@@ -173,6 +219,7 @@ def push(store, remote: Remote, spec: str | None = None, force: bool = False) ->
             for ref in refs:
                 _move_ref(store, remote, model, ref, record.id, force, report)
     finally:
+        report.record_bytes += lease.size
         try:
             remote.backend.delete(lease.key)
         except (ModelpressError, OSError):
