@@ -18,6 +18,7 @@ from modelpress.codecs import (
     Aligned,
     Codec,
     Fans,
+    Grid,
     Planes,
     Raw,
     Xor,
@@ -70,13 +71,13 @@ def whole_elements(width: int, max_elements: int = 300):
 # ---------------------------------------------------------------- lossless round trips
 
 def test_registry_names_match_the_codecs():
-    assert set(codec_names()) == {"raw", "aligned", "zstd", "planes", "xor", "fans"}
+    assert set(codec_names()) == {"raw", "aligned", "zstd", "planes", "xor", "fans", "grid"}
     assert set(codec_names(per_tensor_only=True)) == {"raw", "aligned", "zstd", "planes", "fans"}
     assert all(codec_class(name).name == name for name in codec_names())
 
 
 EXAMPLES_OF_EACH = [Raw(), Aligned(4096, "0" * 32), Aligned(64, "ab" * 16), Zstd(), Planes(1), Planes(8), Xor(2),
-                    Fans(1), Fans(4)]
+                    Fans(1), Fans(4), Grid(), Grid(2, 8, "even")]
 
 
 @pytest.mark.parametrize("codec", EXAMPLES_OF_EACH, ids=repr)

@@ -14,13 +14,14 @@ The store and checkpoints (formats/entropy.py) use it.
 
 from modelpress.codecs.base import ELEMENT_WIDTHS, Codec, codec_class, codec_from, codec_names, register
 
-# (imported in this order, so that codec_names() lists them so: raw, aligned, zstd, planes, xor, fans)
+# (imported in this order, so that codec_names() lists them so: raw, aligned, zstd, planes, xor, fans, grid)
 from modelpress.codecs.raw import ALIGNMENTS, DEFAULT_ALIGN, Aligned, Raw  # noqa: I001
 from modelpress.codecs.zstd import Zstd
 from modelpress.codecs.planes import Planes, Xor
 from modelpress.codecs.fans import NATIVE_AVAILABLE, Fans
+from modelpress.codecs.grid import Grid
 from modelpress.codecs.choose import MIN_SAVING, choose, delta_codec, pays
 
 __all__ = ["Codec", "register", "codec_class", "codec_from", "codec_names", "ELEMENT_WIDTHS", "MIN_SAVING",
-           "pays", "choose", "delta_codec", "NATIVE_AVAILABLE", "Raw", "Aligned", "Zstd", "Planes", "Xor", "Fans", "ALIGNMENTS",
-           "DEFAULT_ALIGN"]
+           "pays", "choose", "delta_codec", "NATIVE_AVAILABLE", "Raw", "Aligned", "Zstd", "Planes", "Xor", "Fans", "Grid",
+           "ALIGNMENTS", "DEFAULT_ALIGN"]

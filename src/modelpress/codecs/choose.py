@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from modelpress.codecs.base import Codec
 from modelpress.codecs.fans import NATIVE_AVAILABLE, Fans
+from modelpress.codecs.grid import Grid
 from modelpress.codecs.planes import Planes, Xor
 from modelpress.codecs.raw import Raw
 from modelpress.codecs.zstd import Zstd
@@ -24,11 +25,15 @@ def choose(sample: memoryview, width: int, floating: bool) -> Codec:
     Floats: `fans` where it is built (width 2 or 4) else `planes`, and `zstd`; anything else `zstd`.
     `fans` replaces `planes` where built: it is smaller on anything weight-sized, and on tiny chunks
     (a LayerNorm's 1.5 KB), where `planes` can win by a few bytes, it decodes some 20x faster
-    (measured: 5 vs 109 us per chunk).
+    (measured: 5 vs 109 us per chunk). bfloat16 whose groups of 32 lie on a 4- or 8-bit grid (weights
+    dequantised from GGUF or GPTQ blocks) is offered `grid` too.
     """
     candidates: list[Codec] = [Zstd()]
     if floating:
         candidates.insert(0, Fans(width) if NATIVE_AVAILABLE and width in (2, 4) else Planes(width))
+        grid = Grid.probe(sample, width)  # bfloat16 on a quantisation grid (a dequantised checkpoint)
+        if grid is not None:
+            candidates.append(grid)
     sizes = {codec: len(codec.encode(sample)) for codec in candidates}
     best = min(sizes, key=sizes.get)
     return best if pays(sizes[best], len(sample)) else Raw()

@@ -11,7 +11,7 @@ bits = (hi << 16) + lo (mod 2^32) gives back every float32 bit pattern exactly (
 included: the arithmetic is on integers). A load at bfloat16 precision reads the `@bf16` chunks only and
 widens them (exactly) to float32; refining such a tensor reads the `@lo16` chunks only and adds them to
 its bit pattern in place (it holds hi << 16 exactly), so nothing is read twice. The high plane codes
-like a bfloat16 tensor (fans: ~1.5x); the low plane is close to random for trained weights, but not for
+like a bfloat16 tensor (fans: ~1.5x; `grid` where it lies on a quantisation grid: SmolLM2 3.4x); the low plane is close to random for trained weights, but not for
 weights dequantised from a coarser grid (SmolLM2's Q4_1 GGUF: 3.1x), so the writer offers it the float
 codecs' byte planes too (a planar SmolLM2 stores 0.9986x its normal version's bytes).
 """

@@ -1,0 +1,192 @@
+"""The `grid` codec: bfloat16 on a 4-bit affine or 8-bit symmetric grid per 32 values, stored as scales and codes.
+
+Every input round-trips bit for bit (NaNs, infinities, values on no grid); grid data (made as GGUF's Q4_1 and
+Q8_0 dequantise: float16 scales, float32 arithmetic) is fitted and compresses; decoding matches a plain
+per-element reference; hostile payloads raise FormatError."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelpress.codecs import Fans, Grid, NATIVE_AVAILABLE, choose, codec_from
+from modelpress.codecs.grid import GROUP, fit
+from modelpress.errors import FormatError
+from modelpress.store import planes
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+VARIANTS = [Grid(2, 4, "up"), Grid(2, 4, "even"), Grid(2, 8, "up"), Grid(2, 8, "even")]
+
+
+def round_trip(codec: Grid, raw: bytes) -> tuple[bytes, bytes]:
+    payload = codec.encode(memoryview(raw))
+    out = bytearray(len(raw))
+    codec.decode_into(memoryview(payload), memoryview(out))
+    return payload, bytes(out)
+
+
+def q4_1(groups: int, seed: int) -> torch.Tensor:
+    """float32 as a Q4_1 block dequantises: float16 d and m per 32 values, w = d * q + m."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(groups, 1, generator=g) * 0.02 + 1e-4).to(torch.float16).float()
+    m = (-torch.rand(groups, 1, generator=g) * 0.15).to(torch.float16).float()
+    q = torch.randint(0, 16, (groups, GROUP), generator=g).float()
+    q[:, 0], q[:, 1] = 0, 15  # the block's own minimum and maximum
+    return (d * q + m).reshape(-1)
+
+
+def q8_0(groups: int, seed: int) -> torch.Tensor:
+    """float32 as a Q8_0 block dequantises: float16 d per 32 values, w = d * q, |q| <= 127, one |q| = 127."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(groups, 1, generator=g) * 1e-3 + 1e-5).to(torch.float16).float()
+    q = (torch.randn(groups, GROUP, generator=g) * 30).round().clamp(-127, 127) + 0.0  # bell-shaped; no -0.0
+    q[:, 3] = 127 * torch.where(torch.rand(groups, generator=g) < 0.5, -1.0, 1.0)
+    return (d * q).reshape(-1)
+
+
+def bf16_bits(x: torch.Tensor, rounding: str) -> bytes:
+    hi = planes.split(x)[0] if rounding == "up" else x.to(torch.bfloat16)
+    return hi.contiguous().view(torch.int16).numpy().tobytes()
+
+
+@pytest.mark.parametrize("codec", VARIANTS, ids=repr)
+@FUZZ
+@given(data=st.data())
+def test_any_bfloat16_bits_round_trip_exactly(codec, data):
+    n = data.draw(st.integers(0, 200))
+    raw = data.draw(st.binary(min_size=2 * n, max_size=2 * n))
+    assert round_trip(codec, raw)[1] == raw
+
+
+@pytest.mark.parametrize("rounding", ["up", "even"])
+@pytest.mark.parametrize("make, bits", [(q4_1, 4), (q8_0, 8)])
+@FUZZ
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), extra=st.integers(0, 31))
+def test_grid_data_is_fitted_and_round_trips(rounding, make, bits, seed, groups, extra):
+    raw = bf16_bits(torch.cat([make(groups, seed), torch.randn(extra)]), rounding)
+    codec = Grid(2, bits, rounding)
+    h = np.frombuffer(raw, np.uint16)[: groups * GROUP].reshape(groups, GROUP)
+    assert fit(h, bits, rounding)[0].sum() >= groups - 2  # ~1 group in 1000 finds no grid (kept as it is)
+    payload, back = round_trip(codec, raw)
+    assert back == raw
+
+
+@pytest.mark.parametrize("make, bits", [(q4_1, 4), (q8_0, 8)])
+def test_grid_data_compresses_beyond_generic_float_coding(make, bits):
+    raw = bf16_bits(make(4096, 0), "up")
+    codec = Grid.for_data(memoryview(raw), 2)
+    assert codec == Grid(2, bits, "up")
+    assert fit(np.frombuffer(raw, np.uint16).reshape(-1, GROUP), bits, "up")[0].mean() >= 0.99  # measured 0.999
+    payload, back = round_trip(codec, raw)
+    assert back == raw
+    assert len(raw) / len(payload) >= (3.0 if bits == 4 else 1.8)  # codes of 4 / ~7 bits and a scale or two
+    if NATIVE_AVAILABLE:
+        assert len(payload) < 0.75 * len(Fans(2).encode(memoryview(raw)))
+    assert choose(memoryview(raw), 2, True) == codec
+
+
+def test_bfloat16_on_no_grid_is_not_offered_grid():
+    raw = torch.randn(8192, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).view(torch.int16)
+    sample = memoryview(raw.numpy().tobytes())
+    assert Grid.probe(sample, 2) is None and Grid.probe(sample, 4) is None
+    assert not isinstance(choose(sample, 2, True), Grid)
+
+
+def reference_decode(codec: Grid, raw: bytes, payload: bytes) -> list[int]:
+    """Element by element, in plain Python floats: d * q + m in float32 (a multiply, then an add, each rounded),
+    rounded to bfloat16 bits as the codec says; other elements as stored."""
+    def f32(x: float) -> float:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+
+    def to_bf16(x: float) -> int:
+        bits = struct.unpack("<I", struct.pack("<f", x))[0]
+        if codec.rounding == "up":
+            return ((bits + 0x8000) >> 16) & 0xFFFF
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+    h = np.frombuffer(raw, np.uint16)
+    groups = len(h) // GROUP
+    ok, d, m, q = fit(h[: groups * GROUP].reshape(groups, GROUP), codec.bits, codec.rounding)
+    out = [int(v) for v in h]
+    for g in range(groups):
+        if ok[g]:
+            for i in range(GROUP):
+                out[g * GROUP + i] = to_bf16(f32(f32(float(d[g]) * int(q[g, i])) + float(m[g])))
+    return out
+
+
+@pytest.mark.parametrize("codec", VARIANTS, ids=repr)
+def test_decoding_matches_the_plain_reference(codec):
+    make = q4_1 if codec.bits == 4 else q8_0
+    raw = bf16_bits(torch.cat([make(6, 3), torch.randn(40)]), codec.rounding)
+    payload, back = round_trip(codec, raw)
+    assert list(np.frombuffer(back, np.uint16)) == reference_decode(codec, raw, payload)
+    assert back == raw
+
+
+def test_parameters_are_checked():
+    for params in ({"width": 4, "bits": 4, "rounding": "up"}, {"width": 2, "bits": 3, "rounding": "up"},
+                   {"width": 2, "bits": 4, "rounding": "down"}, {"width": 2, "bits": 4}):
+        with pytest.raises(FormatError):
+            codec_from("grid", params)
+    assert codec_from("grid", Grid(2, 8, "even").params()) == Grid(2, 8, "even")
+
+
+def _payload() -> tuple[bytes, int]:
+    raw = bf16_bits(q4_1(8, 0), "up") + bytes(6)
+    return Grid().encode(memoryview(raw)), len(raw)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: p[:-1],  # truncated
+    lambda p: p + b"\0",  # trailing bytes
+    lambda p: b"\x07" + p[1:],  # an unknown section mode
+    lambda p: p[:1] + struct.pack("<Q", 1 << 40) + p[9:],  # a section longer than the payload
+    lambda p: b"",
+], ids=["truncated", "trailing", "mode", "length", "empty"])
+def test_hostile_payloads_raise_format_errors(mutate):
+    payload, size = _payload()
+    with pytest.raises(FormatError):
+        Grid().decode_into(memoryview(mutate(payload)), memoryview(bytearray(size)))
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_payloads_decode_or_raise_format_errors(data):
+    payload, size = _payload()
+    if data.draw(st.booleans()):
+        payload = data.draw(st.binary(max_size=600))
+    else:
+        payload = bytearray(payload)
+        for _ in range(data.draw(st.integers(1, 4))):
+            payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        Grid().decode_into(memoryview(bytes(payload)), memoryview(bytearray(size)))
+    except FormatError:
+        pass
+
+
+def test_a_planar_store_of_grid_weights_reads_little_more_than_half_at_bf16(tmp_path):
+    """SmolLM2's shape in small: float32 Linear weights on Q4_1 grids and an embedding on Q8_0's, stored by
+    planes; the high planes (a bf16 load) are coded as grids."""
+    from modelpress.store import Store
+    weights = {"linear.weight": q4_1(2048, 4).reshape(64, 1024), "embed.weight": q8_0(512, 5).reshape(64, 256)}
+    with Store.init(tmp_path / "s") as store:
+        store.put(weights, "m", planes=["*"])
+        version = store.version("m")
+        rows = store.catalog.chunks([c for t in version.tensors for c in t.chunks])
+        sizes = {t.name: sum(rows[c].stored_size for c in t.chunks) for t in version.tensors}
+        codecs = {t.name: {rows[c].codec.name for c in t.chunks} for t in version.tensors}
+        assert all(codecs[planes.plane_names(n)[0]] == {"grid"} for n in weights)
+        high = sum(s for n, s in sizes.items() if not n.endswith(planes.LO))
+        assert high <= 0.55 * sum(sizes.values())
+        got = store.get("m", precision="bf16")
+        for name, w in weights.items():
+            assert torch.equal(got[name], planes.split(w)[0].float())
+        exact = store.get("m")
+        assert all(torch.equal(exact[n], w) for n, w in weights.items())
