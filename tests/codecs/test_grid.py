@@ -190,3 +190,38 @@ def test_a_planar_store_of_grid_weights_reads_little_more_than_half_at_bf16(tmp_
             assert torch.equal(got[name], planes.split(w)[0].float())
         exact = store.get("m")
         assert all(torch.equal(exact[n], w) for n, w in weights.items())
+
+
+@pytest.mark.parametrize("codec", VARIANTS, ids=repr)
+@pytest.mark.parametrize("odd", [0x7FC1, 0xFFC0, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001])
+def test_constant_special_groups_beside_fitted_ones_round_trip(codec, odd):
+    """A group of one NaN payload, infinity, -0.0 or a subnormal, next to groups that do fit: the special group is
+    either rebuilt from finite scales or kept as it is, never rebuilt through a NaN scale."""
+    make = q4_1 if codec.bits == 4 else q8_0
+    grid = np.frombuffer(bf16_bits(make(3, 7), codec.rounding), np.uint16)
+    raw = np.concatenate([np.full(GROUP, odd, np.uint16), grid, np.zeros(GROUP, np.uint16)]).tobytes()
+    payload, back = round_trip(codec, raw)
+    assert back == raw
+    h = np.frombuffer(raw, np.uint16).reshape(-1, GROUP)
+    ok, d, m, _ = fit(h, codec.bits, codec.rounding)
+    assert np.isfinite(d[ok]).all() and np.isfinite(m[ok]).all() and ok[1:4].sum() >= 2
+
+
+def test_a_payload_with_a_nan_scale_is_refused():
+    raw = bf16_bits(q4_1(2, 0), "up")
+    payload = bytearray(Grid().encode(memoryview(raw)))
+    scales = np.frombuffer(bf16_bits(q4_1(2, 0), "up"), np.uint16)  # find the scales section: the second one
+    first = struct.unpack_from("<BQ", payload, 0)[1]
+    at = 9 + first + 9  # header of section 2, then its body (raw: 2 groups x 2 float16)
+    assert struct.unpack_from("<BQ", payload, 9 + first)[0] == 0 and scales.size
+    payload[at:at + 2] = np.array([np.nan], "<f2").tobytes()
+    with pytest.raises(FormatError, match="finite"):
+        Grid().decode_into(memoryview(bytes(payload)), memoryview(bytearray(len(raw))))
+
+
+def test_a_chunk_on_no_grid_takes_the_float_codec():
+    """`choose` picks the codec from a tensor's first chunk; a later chunk that fits no grid is coded as floats."""
+    raw = memoryview(torch.randn(4096, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+                     .view(torch.int16).numpy().tobytes())
+    codec = Grid.for_data(raw, 2)
+    assert not isinstance(codec, Grid) and codec.name in ("fans", "planes")

@@ -165,3 +165,72 @@ def test_a_parent_record_removed_during_the_gc_wait_makes_the_push_stand_alone(t
         n_chunks = len(store._chunks_of(store.catalog.version(child)))
     assert markers[0] == (sorted([child, root]), 1) and markers[1] == ([child], n_chunks)
     assert Remote(url).record(child).bases == () and report.refs
+
+
+def test_a_version_1_remote_is_read_and_marked_version_2_by_the_next_push(tmp_path, small_chunks):
+    """An older modelpress cannot read compressed records, and its gc would miss the chunks a marker names by a
+    base record: the first push that writes them marks the remote version 2, which such a modelpress refuses."""
+    url = str(tmp_path / "remote")
+    with Store.init(tmp_path / "a") as store:
+        ids = _lineage(store, url, 0)
+        backend = Remote(url).backend
+        backend.put("REMOTE", [json.dumps({"format": "modelpress.remote", "version": 1}).encode()])
+        _tamper(url, ids[0], Remote(url).record(ids[0]).body)  # as version 1 wrote it
+        assert Remote(url).check() == 1 and Remote(url).record(ids[0]).version.info.id == ids[0]
+        store.put({**_state(0), "layer0.weight": torch.zeros(48, 32)}, "m")
+        push(store, Remote(url), "m")
+    assert json.loads(backend.get("REMOTE", 4096)) == {"format": "modelpress.remote", "version": 2}
+    backend.put("REMOTE", [json.dumps({"format": "modelpress.remote", "version": 3}).encode()])
+    with pytest.raises(FormatError, match="upgrade modelpress"):
+        Remote(url).check()
+
+
+def test_a_base_whose_own_base_is_gone_makes_the_push_stand_alone(tmp_path, small_chunks, monkeypatch):
+    """The chain under a base counts too: the parent's record is there but the record it is coded against was
+    removed (a gc stopped part-way): the child's record must not be coded against a chain that cannot be read."""
+    url = str(tmp_path / "remote")
+    import modelpress.store.remote_push as pushing
+    with Store.init(tmp_path / "a") as store:
+        ids = _lineage(store, url, 1)
+        grand = store.put({**_state(0), "layer5.weight": torch.zeros(48, 32)}, "m")
+        real = pushing.announce_push
+        calls = []
+
+        def announce(remote, versions, chunks):
+            calls.append(sorted(versions))
+            lease = real(remote, versions, chunks)
+            if len(calls) == 1:
+                remote.backend.delete(version_key(ids[0]))  # the root, under the parent's record
+            return lease
+
+        monkeypatch.setattr(pushing, "announce_push", announce)
+        push(store, Remote(url), "m")
+    assert calls[0] == sorted([grand, ids[1]]) and calls[1] == [grand]
+    assert Remote(url).record(grand).bases == ()
+
+
+def test_an_existing_record_whose_base_is_gone_is_replaced(tmp_path, small_chunks):
+    """A record left by an earlier push, coded against a record since removed, is written again uncoded."""
+    url = str(tmp_path / "remote")
+    with Store.init(tmp_path / "a") as store:
+        ids = _lineage(store, url, 1)
+        remote = Remote(url)
+        remote.backend.delete("refs/m/latest")
+        remote.backend.delete(version_key(ids[0]))
+        with pytest.raises(ModelpressError, match="missing"):
+            Remote(url).record(ids[1])
+        report = push(store, Remote(url), "m")
+    assert Remote(url).record(ids[1]).bases == () and report.refs and verify_remote(Remote(url)).ok
+
+
+def test_the_chain_limit_holds_whatever_is_cached(tmp_path, small_chunks, monkeypatch):
+    url = str(tmp_path / "remote")
+    import modelpress.store.remote_records as records
+    with Store.init(tmp_path / "a") as store:
+        monkeypatch.setattr(records, "MAX_CHAIN", 20)  # a writer that chains deeper than readers allow
+        ids = _lineage(store, url, 10)
+    monkeypatch.setattr(records, "MAX_CHAIN", 8)
+    remote = Remote(url)
+    remote.record(ids[8])  # 8 deep: allowed, and cached with its bases
+    with pytest.raises(FormatError, match="chain"):
+        remote.record(ids[9])

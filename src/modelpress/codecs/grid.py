@@ -7,6 +7,8 @@ stored by planes: store/planes.py) they keep that shape. Generic float codecs se
 there (SmolLM2's high planes: 1.5x); this codec finds, per group, a (d, m, q) whose float32 value rounds to
 exactly the stored bfloat16 bits, and stores d, m and q instead (3x and more). A group with no such grid
 (and the elements after the last whole group) is kept as it is, so any input round-trips bit for bit.
+Only finite scales are used, so every rebuilt value is a finite float32 computed by correctly rounded
+operations (d * q is exact; no subnormal can arise from float16 d and m), the same on every CPU.
 
 Parameters: `bits` (4: affine codes 0..15 from a minimum; 8: symmetric codes -127..127), `rounding` (how
 the bfloat16 values were made from float32: "up", half up on the bit pattern as store/planes.py rounds,
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelpress.codecs.base import Codec, register
+from modelpress.codecs.fans import NATIVE_AVAILABLE, Fans
+from modelpress.codecs.planes import Planes
 from modelpress.codecs.zstd import zstd_compress, zstd_decompress
 from modelpress.errors import FormatError
 
@@ -132,6 +136,7 @@ def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray
                 rows, d, mm = todo[left], d_try[left], m[left]
                 q = _codes(values[rows], mm.astype(np.float32)[:, None], d, lo, hi).astype(np.int16)
                 good = (_to_bf16(_reconstruct(d, mm, q), rounding) == h[rows]).all(1)
+                good &= np.isfinite(d) & np.isfinite(mm)  # (a NaN's payload bits are the hardware's choice)
                 hit = rows[good]
                 ok[hit], d_out[hit], m_out[hit], q_out[hit] = True, d[good], mm[good], q[good]
     return ok, d_out, m_out, q_out
@@ -198,8 +203,13 @@ class Grid(Codec):
         return best if best_fit >= _WORTH else None
 
     @classmethod
-    def for_data(cls, raw: memoryview, width: int) -> "Grid":
-        return cls.probe(raw, width) or cls()
+    def for_data(cls, raw: memoryview, width: int) -> Codec:
+        """The variant that fits this chunk; a chunk of a grid tensor that lies on none (the tensor's first chunk
+        chose the codec) takes the float codec instead."""
+        found = cls.probe(raw, width)
+        if found is not None:
+            return found
+        return Fans(width) if NATIVE_AVAILABLE and width in (2, 4) else Planes(width)
 
     def encode(self, raw: memoryview, base: memoryview | None = None) -> bytes:
         if len(raw) % 2:
@@ -235,6 +245,8 @@ class Grid(Codec):
         target = np.frombuffer(out, dtype=np.uint16)
         grouped = target[: groups * GROUP].reshape(groups, GROUP)
         m = scales[:, 1] if per == 2 else np.zeros(fitted, np.float16)
+        if not (np.isfinite(scales).all()):
+            raise FormatError("grid payload has a scale that is not a finite number")
         with np.errstate(all="ignore"):
             grouped[ok] = _to_bf16(_reconstruct(scales[:, 0], m, codes.reshape(fitted, GROUP)), self.rounding)
         others = (groups - fitted) * GROUP

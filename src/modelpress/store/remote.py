@@ -28,6 +28,7 @@ from modelpress.store.remote_records import (
     MAX_CHAIN,
     MAX_RECORD,
     MAX_REF,
+    REMOTE_VERSION,
     RemoteVersion,
     check_marker,
     decode_record,
@@ -87,21 +88,24 @@ class Remote:
 
     # -- marker -----------------------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Refuse a URL that holds no modelpress remote (an empty one is made one by `ensure`)."""
+    def check(self) -> int:
+        """Refuse a URL that holds no modelpress remote (an empty one is made one by `ensure`); its format version."""
         try:
             data = self.backend.get(MARKER_KEY, MAX_REF)
         except FileNotFoundError:
             raise StoreError(f"{self.url} holds no modelpress remote: push to it first (`modelpress store push`)"
                              ) from None
-        check_marker(data, self.url)
+        return check_marker(data, self.url)
 
     def ensure(self) -> None:
-        """Make the URL a remote (write its marker) unless it is one; refuse one with another marker."""
+        """Make the URL a remote of this format (write its marker) unless it is one; refuse one with another
+        marker. A version 1 remote is marked version 2 first, so that an older modelpress (whose gc could not
+        read the records a push now writes) refuses it rather than misreads it."""
         if isinstance(self.backend, LocalFolder) and not self.backend.root.is_dir():
             fileio.make_dirs(self.backend.root)
         if not self.backend.put_if_absent(MARKER_KEY, [marker_bytes()]):
-            self.check()
+            if self.check() != REMOTE_VERSION:
+                self.backend.put(MARKER_KEY, [marker_bytes()])
 
     # -- refs and records -------------------------------------------------------------------------
 
@@ -149,9 +153,12 @@ class Remote:
         raise VersionNotFoundError(f"model {model!r} has no ref or version {ref!r} on {self.url}: see "
                                    f"`modelpress store ls {self.url}`")
 
-    def record(self, vid: str, _chain: tuple[str, ...] = ()) -> RemoteVersion:
+    def record(self, vid: str, _chain: tuple[str, ...] = (), fresh: bool = False) -> RemoteVersion:
         """A version record, checked (root hash, chunk rows), with the records it is coded against; a ref naming a
-        missing one is a clear error. Records are immutable and named by their hash: each is read once."""
+        missing one is a clear error. Records are immutable and named by their hash: each is read once
+        (`fresh`: read again, with every record it is coded against, to see that they are all still there)."""
+        if fresh:
+            return Remote(self.url, self.backend, self.threads).record(vid)
         cached = self._records.get(vid)
         if cached is not None:
             return cached

@@ -7,12 +7,16 @@ cannot help (it is old), nor can the push's record (gc read the records before i
 
 The protocol (a Dekker-style handshake over the object store; each step a whole-object write or a listing):
 
-    push:  write pushes/<token> (the version's chunk ids)   gc:  write gc/<token>
-           list gc/: wait until every gc marker seen             list pushes/: read each marker, keep its chunks
+    push:  write pushes/<token> (versions, chunk ids)        gc:  write gc/<token>
+           list gc/: wait until every gc marker seen             list pushes/: read each marker, keep what it names
              there is gone (or stale)                            read refs, records, list chunks; delete
            list chunks, upload the missing ones, record, refs     delete gc/<token>
            delete pushes/<token>
 
+A marker names the pushed versions and a base version already on the remote (gc keeps a named version's
+record, the records it is coded against and every chunk they use), and the chunks no such record names:
+together, every chunk the push may skip. A base record a gc removed before the marker was seen is noticed
+once the push has waited for that gc (it is no longer listed): the push then names every chunk instead.
 Each side writes its marker before it reads the other's, so of a push and a gc that overlap, at least
 one sees the other. If gc sees the push's marker, it keeps every chunk the push may skip. If it does
 not, gc wrote its marker before the push wrote its own, so the push sees gc's marker and lists the

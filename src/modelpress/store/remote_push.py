@@ -28,7 +28,7 @@ from modelpress.errors import CorruptChunkError, ModelpressError, StoreError
 from modelpress.store.remote_leases import announce_push
 from modelpress.store.objects import chunk_key, file_hash
 from modelpress.store.remote import Remote, TransferReport
-from modelpress.store.remote_records import MAX_RECORD, RemoteVersion, encode_record, encode_ref, split_ref, version_key
+from modelpress.store.remote_records import RemoteVersion, encode_record, encode_ref, split_ref, version_key
 from modelpress.store.rows import ChunkRow
 
 __all__ = ["push", "local_ancestors", "FETCH_FIRST"]
@@ -134,9 +134,9 @@ def _send(store, remote: Remote, records, bases: dict[str, RemoteVersion], repor
         if remote.backend.put_if_absent(version_key(record.id), [data]):
             report.record_bytes += len(data)
         else:
-            try:
-                remote.record(record.id)  # already there (an earlier push): sent nothing
-            except ModelpressError:  # a damaged record under our name: ours (which hashes to the name) replaces it
+            try:  # already there (an earlier push): sent nothing, if it still reads, with every record under it
+                remote.record(record.id, fresh=True)
+            except ModelpressError:  # damaged, or coded against a record since removed: ours replaces it
                 remote.backend.put(version_key(record.id), [data])
                 report.record_bytes += len(data)
         report.versions.append(f"{model}@{record.id[:12]}")
@@ -176,20 +176,20 @@ def _announce(remote: Remote, records, bases: dict[str, RemoteVersion]):
     return announce_push(remote, versions, chunks)
 
 
-def _gone(remote: Remote, vid: str) -> bool:
-    try:
-        remote.backend.get(version_key(vid), MAX_RECORD)
-    except FileNotFoundError:
-        return True
-    return False
+def _chains_gone(remote: Remote, bases: dict[str, RemoteVersion]) -> bool:
+    """Whether any base record, or any record a base is itself coded against, is no longer on the remote (one
+    listing: nothing is downloaded)."""
+    present = {entry.key for entry in remote.backend.list("versions")}
+    return any(version_key(vid) not in present for base in bases.values() for vid in (base.id, *base.bases))
 
 
-def _announce_with_bases(remote: Remote, records, report: TransferReport):
-    """Step 1. A base record a gc deleted before this push's marker was seen does not protect its chunks: if any is
-    gone once that gc is over, the marker is written again naming every chunk, and the records stand alone."""
-    bases = _remote_bases(remote, records)
+def _announce_with_bases(remote: Remote, records, report: TransferReport, bases: dict[str, RemoteVersion] | None = None):
+    """Step 1 (and its renewal). A base record a gc deleted before this push's marker could be seen protects
+    nothing: if any record of a base's chain is gone once that gc is over, the marker is written again naming
+    every chunk, and the records stand alone."""
+    bases = _remote_bases(remote, records) if bases is None else bases
     lease = _announce(remote, records, bases)
-    if any(_gone(remote, base.id) for base in bases.values()):
+    if bases and _chains_gone(remote, bases):
         old, bases = lease, {}
         lease = _announce(remote, records, bases)
         remote.backend.delete(old.key)
@@ -207,7 +207,8 @@ def push(store, remote: Remote, spec: str | None = None, force: bool = False) ->
     try:
         _send(store, remote, records, bases, report)
         while lease.expiring():  # slower than a marker protects: announce again and check again what is there
-            old, lease = lease, _announce(remote, records, bases)
+            old = lease
+            lease, bases = _announce_with_bases(remote, records, report, bases)
             remote.backend.delete(old.key)
             report.record_bytes += old.size
             again = TransferReport()

@@ -32,14 +32,14 @@ from modelpress.safeparse import load_json
 from modelpress.store.objects import ID_PATTERN
 from modelpress.store.rows import ChunkRow, Version, chunk_row, file_row, is_id, tensor_row, version_info
 
-__all__ = ["MARKER_KEY", "REMOTE_FORMAT", "REMOTE_VERSION", "MAX_RECORD", "MAX_REF", "MAX_CHAIN", "RECORD_MAGIC",
-           "RemoteVersion", "ref_key",
-           "version_key", "encode_record", "decode_record", "encode_ref", "decode_ref", "marker_bytes",
-           "check_marker", "split_ref"]
+__all__ = ["MARKER_KEY", "REMOTE_FORMAT", "REMOTE_VERSION", "READABLE_VERSIONS", "MAX_RECORD", "MAX_REF", "MAX_CHAIN",
+           "RECORD_MAGIC", "RemoteVersion", "ref_key", "version_key", "record_json", "encode_record", "decode_record",
+           "encode_ref", "decode_ref", "marker_bytes", "check_marker", "split_ref"]
 
 MARKER_KEY = "REMOTE"
 REMOTE_FORMAT = "modelpress.remote"
-REMOTE_VERSION = 1
+REMOTE_VERSION = 2  # 2: compressed, parent-coded records; push markers that name a base record for its chunks
+READABLE_VERSIONS = (1, 2)  # a version 1 remote (plain JSON records) is read, and made version 2 by the next push
 MAX_RECORD = 64 << 20  # a version record (MiniLM's is ~40 KB; a 7B model's a few MB)
 MAX_REF = 4096
 MAX_CHAIN = 8  # a record is coded against at most this many ancestors' records in a row
@@ -52,13 +52,15 @@ def marker_bytes() -> bytes:
     return json.dumps({"format": REMOTE_FORMAT, "version": REMOTE_VERSION}, sort_keys=True).encode()
 
 
-def check_marker(data: bytes, url: str) -> None:
+def check_marker(data: bytes, url: str) -> int:
+    """The remote's format version, if this modelpress reads it."""
     info = load_json(data, f"remote {url}'s marker", MAX_REF)
     if not isinstance(info, dict) or info.get("format") != REMOTE_FORMAT:
         raise FormatError(f"{url} is not a modelpress remote (its REMOTE marker is wrong): give another URL")
-    if info.get("version") != REMOTE_VERSION:
+    if info.get("version") not in READABLE_VERSIONS:
         raise FormatError(f"remote {url} has format {info.get('version')!r}; this modelpress reads "
-                          f"{REMOTE_VERSION}: upgrade modelpress")
+                          f"{' and '.join(map(str, READABLE_VERSIONS))}: upgrade modelpress")
+    return info["version"]
 
 
 def ref_key(model: str, ref: str) -> str:
@@ -196,6 +198,8 @@ def decode_record(data: bytes, vid: str, url: str,
         if chunks[cid][0].base is not None:
             needed.append(chunks[cid][0].base)
     bases = (base.id,) + base.bases if base is not None else ()
+    if len(bases) > MAX_CHAIN:  # (a base read earlier, from a cache, has not been counted by the reader)
+        raise FormatError(f"{where} is coded against a chain of more than {MAX_CHAIN} records; the remote is damaged")
     return RemoteVersion(version, chunks, len(data), bytes(text), bases)
 
 
