@@ -111,8 +111,9 @@ _PRESETS.update({
     # No 4-bit group-32 blocks with a float minimum (the base model's own Q4_1 grid). The plan is
     # benchmarks/plan_llm_q3.py's, measured on the dev text only: each layer type over blocks 0-9, 10-19
     # and 20-29 at 3 and 4 bits alone (next-token KL), the budget spent greedily. A model with other
-    # layer names takes 3 bits everywhere (the patterns match nothing).
-    "llm-q3": [_gptq(3, 32, overrides={f"model.layers.{blocks}.{layer}": {"bits": 4} for blocks, layer in (
+    # layer names takes 3 bits everywhere (the patterns match nothing). The patterns start with `*.` so that
+    # they match the blocks under transformers' `model.` and under modelpress's CausalLM (`model.model.`).
+    "llm-q3": [_gptq(3, 32, overrides={f"*.layers.{blocks}.{layer}": {"bits": 4} for blocks, layer in (
         ("[0-9]", "self_attn.k_proj"), ("[0-9]", "self_attn.v_proj"), ("[0-9]", "mlp.gate_proj"),
         ("[0-9]", "mlp.up_proj"), ("[0-9]", "mlp.down_proj"),
         ("1[0-9]", "self_attn.k_proj"), ("1[0-9]", "self_attn.v_proj"), ("1[0-9]", "self_attn.o_proj"),

@@ -176,3 +176,18 @@ def test_llm_q3_takes_4_bits_where_its_plan_says_and_3_elsewhere():
             expected = 4 if ("[0-9]" if i < 10 else "1[0-9]", name.split(".")[1]) in four else 3
             assert scheme == QuantScheme(expected, True, 32), (i, name)
     assert model.lm_head.encoding is model.model.embed_tokens.encoding
+
+
+def test_llm_q3_plan_applies_under_modelpress_own_causal_lm_wrapper(tmp_path):
+    """The CLI and the store load a causal LM as modelpress's CausalLM, whose blocks are `model.model.layers.*`:
+    the plan's 4-bit layers must be found there too (its patterns once matched transformers' names only, and
+    such a model silently took 3 bits everywhere: SmolLM2 at 1.43x fp32 perplexity instead of 1.105x)."""
+    from _tiny_lm import write_tiny_lm
+    from modelpress.formats.models import load_model
+
+    model = load_model(write_tiny_lm("llama", tmp_path / "lm"))
+    assert model.get_submodule("model.model.layers.0.self_attn.k_proj") is not None
+    ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
+    modelpress.compress(model, "llm-q3", calibration=[{"input_ids": ids}])
+    assert model.get_submodule("model.model.layers.0.self_attn.k_proj").encoding.scheme == QuantScheme(4, True, 32)
+    assert model.get_submodule("model.model.layers.0.self_attn.q_proj").encoding.scheme == QuantScheme(3, True, 32)
