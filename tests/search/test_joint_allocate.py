@@ -14,7 +14,7 @@ import torch
 from modelpress.compress import compress
 from modelpress.errors import ConfigError
 from modelpress.recipe import Recipe
-from modelpress.search.allocate import Knapsack, solve_knapsack
+from modelpress.search.allocate import Knapsack, pinned_allocations, solve_knapsack
 from modelpress.search.joint import pareto_front
 from modelpress.search.space import allocation_recipe, default_space, is_q4_1_like
 from _toy_encoder import toy_encoder
@@ -52,6 +52,25 @@ def test_knapsack_is_exact_when_costs_are_whole_units(layers, budget, unit):
     assert got.bytes <= budget * unit
     assert got.bytes == sum(costs[i][k] for i, k in enumerate(got.choice))
     assert got.damage == pytest.approx(sum(damages[i][k] for i, k in enumerate(got.choice)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(layers=layers, budget=st.integers(1, 120), data=st.data())
+def test_pinned_allocations_are_the_best_that_take_each_option(layers, budget, data):
+    costs = [[c for c, _ in layer] for layer in layers]
+    damages = [[d for _, d in layer] for layer in layers]
+    row = data.draw(st.integers(0, len(layers) - 1))
+    got = {a.choice[row]: a for a in pinned_allocations(costs, damages, budget, row)}
+    for k in range(len(costs[row])):
+        pinned = [c if i != row else [c[k]] for i, c in enumerate(costs)]
+        want = brute_force(pinned, [d if i != row else [d[k]] for i, d in enumerate(damages)], budget)
+        if want is None:
+            assert k not in got
+            continue
+        a = got[k]
+        assert a.damage == pytest.approx(want[0], abs=1e-9) and a.bytes <= budget
+        assert a.bytes == sum(costs[i][j] for i, j in enumerate(a.choice))
+        assert a.damage == pytest.approx(sum(damages[i][j] for i, j in enumerate(a.choice)))
 
 
 @settings(max_examples=100, deadline=None)

@@ -164,9 +164,18 @@ def test_another_budget_or_a_smaller_space_reuses_the_measurements(tmp_path, res
     assert again.data["run"]["spec"]["budget_bytes"] == int(budget_bytes() * 0.9)
 
 
+def _with_the_table_of(run, folder):
+    """A fresh run folder holding `run`'s measured table only: the latencies in it are timings, which differ from
+    run to run (and decide the size x fidelity x latency front), while every candidate is validated anew."""
+    shutil.copytree(run / "table", folder / "table")
+    shutil.copy(run / "run.json", folder / "run.json")
+    return folder
+
+
 def test_the_process_executor_gives_the_same_front(tmp_path, result):
-    _, inline = result
-    res = search(tmp_path / "run", executor="process", jobs=2)
+    run, inline = result
+    res = search(_with_the_table_of(run, tmp_path / "run"), executor="process", jobs=2)
+    assert res.measured_options == 0 and res.evaluations == len(inline.data["candidates"])
     key = [(p["id"], p["bytes"], p["mean_cosine"], p.get("front")) for p in inline.data["candidates"]]
     assert [(p["id"], p["bytes"], p["mean_cosine"], p.get("front")) for p in res.data["candidates"]] == key
     assert res.data["chosen"] == inline.data["chosen"]
@@ -175,15 +184,16 @@ def test_the_process_executor_gives_the_same_front(tmp_path, result):
 @pytest.mark.slow
 def test_the_ray_executor_gives_the_same_front(tmp_path, result, monkeypatch):
     import ray  # noqa: PLC0415 - the optional `ray` extra, which the dev extra (and so CI) installs: no skip
-    _, inline = result
+    run, inline = result
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a local cluster of this test only: no token file
     tests = str(Path(__file__).resolve().parents[1])  # the workers import the toy encoder's module from there
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": tests}})
     try:
-        res = search(tmp_path / "run", executor="ray", jobs=2)
+        res = search(_with_the_table_of(run, tmp_path / "run"), executor="ray", jobs=2)
     finally:
         ray.shutdown()
+    assert res.measured_options == 0 and res.evaluations == len(inline.data["candidates"])
     key = [(p["id"], p["bytes"], p["mean_cosine"], p.get("front")) for p in inline.data["candidates"]]
     assert [(p["id"], p["bytes"], p["mean_cosine"], p.get("front")) for p in res.data["candidates"]] == key
 

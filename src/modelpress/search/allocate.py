@@ -20,7 +20,7 @@ import numpy as np
 
 from modelpress.errors import ConfigError
 
-__all__ = ["Allocation", "Knapsack", "DEFAULT_RESOLUTION", "solve_knapsack"]
+__all__ = ["pinned_allocations", "Allocation", "Knapsack", "DEFAULT_RESOLUTION", "solve_knapsack"]
 
 DEFAULT_RESOLUTION = 4096  # budget units: a rounding of at most 1/4096 of the budget per layer
 
@@ -98,6 +98,21 @@ class Knapsack:
                     all(found.choice != a.choice for a in out):
                 out.append(found)
         return out
+
+
+def pinned_allocations(costs: Sequence[Sequence[int]], damages: Sequence[Sequence[float]], limit: int,
+                       layer: int, resolution: int = DEFAULT_RESOLUTION) -> list[Allocation]:
+    """For each option of `layer`: the least-damage allocation within `limit` that takes that option (those
+    that fit), as indices into the full option lists."""
+    out = []
+    for k in range(len(costs[layer])):
+        pinned_costs = [list(c) if i != layer else [c[k]] for i, c in enumerate(costs)]
+        pinned_damages = [list(d) if i != layer else [d[k]] for i, d in enumerate(damages)]
+        found = Knapsack(pinned_costs, pinned_damages, limit, resolution).best_within(limit)
+        if found is not None:
+            choice = tuple(k if i == layer else j for i, j in enumerate(found.choice))
+            out.append(Allocation(choice, found.bytes, found.damage))
+    return out
 
 
 def solve_knapsack(costs: Sequence[Sequence[int]], damages: Sequence[Sequence[float]], budget_bytes: int,

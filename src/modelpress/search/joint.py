@@ -5,9 +5,10 @@ validated end to end, the Pareto front and the chosen recipe, all kept in a run 
    model (damage, exact bytes, latency of the kernel it chose); keeping a layer in float is an option.
 2. `allocate.Knapsack`: the least summed damage within every byte budget up to the limit (a multiple-
    choice knapsack by dynamic programming). Single-layer damages do not add up exactly, so:
-3. the allocation at the budget, the best ones at budgets a little under it (a quarter of `candidates`), and
-   the rest spread over the estimated front are written as recipes and validated end to end by an executor
-   (worker processes by default);
+3. the allocation at the budget, the best ones at budgets a little under it (a quarter of `candidates`), the
+   best ones at the budget with each option of the row whose options differ most in bytes pinned (up to a
+   quarter: see `_pinned`), and the rest spread over the estimated front are written as recipes and
+   validated end to end by an executor (worker processes by default);
 4. the front is the validated candidates no other one beats in bytes, fidelity and latency together; the
    chosen recipe is the best-fidelity candidate whose bytes as stored fit the budget.
 
@@ -30,7 +31,7 @@ from torch import nn
 from modelpress.errors import ConfigError
 from modelpress.evaluate.size import size_report
 from modelpress.recipe import Recipe
-from modelpress.search.allocate import Knapsack
+from modelpress.search.allocate import Knapsack, pinned_allocations
 from modelpress.search.runfolder import RunFolder
 from modelpress.search.space import Option, allocation_recipe
 from modelpress.search.table import OptionTable, make_runner, measure_table, searchable_layers
@@ -175,9 +176,10 @@ def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequen
         found = knap.best_within(int(limit * (1 - NEAR_STEP * k)))
         if found is not None and all(found.choice != a.choice for a in [at_budget, *near]):
             near.append(found)
+    pinned = _pinned(choices, limit, [at_budget, *near], candidates // 4)
     estimated = [a for a in knap.estimated_front(points=max(64, 4 * candidates))
-                 if all(a.choice != b.choice for b in [at_budget, *near])]
-    picked = _spread(estimated, candidates - 1 - len(near)) + near + [at_budget]  # the budget's own is validated
+                 if all(a.choice != b.choice for b in [at_budget, *near, *pinned])]
+    picked = _spread(estimated, candidates - 1 - len(near) - len(pinned)) + pinned + near + [at_budget]
     recipes: dict[str, tuple[Recipe, Any]] = {}
     for alloc in picked:
         choice = {name: by_label[choices[i][k][0]] for i, k in enumerate(alloc.choice)
@@ -208,6 +210,24 @@ def joint_search(model: nn.Module, model_name: str, inputs: Any, options: Sequen
     chosen = folder.candidate_recipe(data["chosen"]) if data["chosen"] else None
     folder.save_result(data, chosen)
     return SearchResult(data, chosen, count[0], measured[0], table)
+
+
+def _pinned(choices, limit: int, taken: list, most: int) -> list:
+    """The row whose options differ most in bytes (a tied embedding/output table, say) is where summed single-row
+    damages mislead most: its error reaches every later layer and, tied, the logits, while the knapsack weighs
+    it as one row's. So the best allocation at the budget with each of its other options pinned is validated
+    too (up to `most`), and end-to-end figures, not the estimate, decide that row."""
+    if most < 1 or not choices:
+        return []
+    spreads = [max(c.bytes for _, c in ch) - min(c.bytes for _, c in ch) for ch in choices]
+    row = int(np.argmax(spreads))
+    costs = [[c.bytes for _, c in ch] for ch in choices]
+    damages = [[c.damage for _, c in ch] for ch in choices]
+    out: list = []
+    for alloc in sorted(pinned_allocations(costs, damages, limit, row), key=lambda a: a.damage):
+        if len(out) < most and all(alloc.choice != b.choice for b in [*taken, *out]):
+            out.append(alloc)
+    return out
 
 
 def _spread(front: list, n: int) -> list:
