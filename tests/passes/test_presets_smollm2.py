@@ -35,11 +35,12 @@ def weight_bytes(model) -> int:
 
 def test_llm_q4_on_smollm2(smollm2):
     model, tokenizer, windows, fp32 = smollm2
-    q4 = modelpress.compress(copy.deepcopy(model), "llm-q4", calibration=calibration_windows(tokenizer, 4))
+    q4 = modelpress.compress(copy.deepcopy(model), "llm-q4", calibration=calibration_windows(tokenizer, 2))
     assert q4.lm_head.encoding is q4.model.embed_tokens.encoding
     assert q4.lm_head.encoding.scheme == QuantScheme(8, True, 32)  # Q8_0's grid
     assert q4.model.layers[7].mlp.down_proj.encoding.scheme == QuantScheme(4, True, 32)
     # the weights of llama.cpp's Q4_0 file of this model (Q4_0 blocks, Q8_0 table: 91.7 MB with its 1.8 MB vocabulary)
     assert weight_bytes(q4) < 90.0e6
     ratio = score_language_model(q4, windows).perplexity / fp32.perplexity
-    assert ratio < 1.2, ratio  # 4 calibration windows here; the preset's figure on 8 held-out windows is lower
+    # 2 calibration windows (the suite's time): 1.087 measured; the preset's figure (16 windows, 8 held out): 1.073
+    assert ratio < 1.2, ratio

@@ -183,7 +183,8 @@ def _chains_gone(remote: Remote, bases: dict[str, RemoteVersion]) -> bool:
     return any(version_key(vid) not in present for base in bases.values() for vid in (base.id, *base.bases))
 
 
-def _announce_with_bases(remote: Remote, records, report: TransferReport, bases: dict[str, RemoteVersion] | None = None):
+def _announce_with_bases(remote: Remote, records, report: TransferReport,
+                         bases: dict[str, RemoteVersion] | None = None):
     """Step 1 (and its renewal). A base record a gc deleted before this push's marker could be seen protects
     nothing: if any record of a base's chain is gone once that gc is over, the marker is written again naming
     every chunk, and the records stand alone."""

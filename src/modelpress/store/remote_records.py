@@ -105,7 +105,8 @@ def record_json(version: Version, chunks: dict[str, tuple[ChunkRow, str]]) -> by
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def encode_record(version: Version, chunks: dict[str, tuple[ChunkRow, str]], base: RemoteVersion | None = None) -> bytes:
+def encode_record(version: Version, chunks: dict[str, tuple[ChunkRow, str]],
+                  base: RemoteVersion | None = None) -> bytes:
     """The stored form of a record, coded against `base` (the parent's record as the remote holds it) where one
     is given and its chain is short enough."""
     text = record_json(version, chunks)
