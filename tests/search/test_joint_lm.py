@@ -24,15 +24,6 @@ def tiny(tmp_path_factory):
     return write_tiny_lm("llama", tmp_path_factory.mktemp("lm") / "llama")
 
 
-@pytest.fixture
-def one_thread():
-    """The searches here run on one torch thread; the previous count is restored after the test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def model_and_windows(tiny, count: int):
     """The tiny LM, a generator seeded 0, and `count` random token windows of 16 drawn from it."""
     model = load_model(tiny)
