@@ -23,6 +23,7 @@ computes bit for bit as modelpress does (activations "row", nn/kernels.py quanti
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -44,14 +45,22 @@ from modelpress.formats.st_encode import encode_sentences  # noqa: E402
 BATCH = 32
 
 
-def ort_encoder(encoder, path: Path, threads: int):
-    """encode(sentences) of the exported folder's model.onnx: its sentence_embedding output, batched as
-    SentenceEncoder.encode batches (by length, 32 a batch)."""
+def ort_session(path: Path, threads: int, optimise: bool = True):
+    """A CPU session on `threads` threads; `optimise=False` runs the graph as written (no fused LayerNorm, GELU
+    or attention kernels), the same weights through other float kernels."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_encoder(encoder, path: Path, threads: int, optimise: bool = True):
+    """encode(sentences) of the exported folder's model.onnx: its sentence_embedding output, batched as
+    SentenceEncoder.encode batches (by length, 32 a batch)."""
+    session = ort_session(path, threads, optimise)
 
     def forward(input_ids, attention_mask, token_type_ids):
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
@@ -62,32 +71,42 @@ def ort_encoder(encoder, path: Path, threads: int):
 
 
 def build(encoder, workdir: Path, presets: list[str], threads: int):
-    """(name, encode, bytes, modelpress's own encode or None) for ORT's own quantisation and every export."""
+    """(name, encode, bytes, modelpress's own encode or None, encode by the unoptimised graph or None) for ORT's
+    own quantisation, ORT's fp32 and every export."""
     import peers
 
     ort_own = peers.ort_dynamic_int8(encoder, per_channel=True, weight_type="QInt8", workdir=workdir)
     onnx_file = next((workdir).glob(f"*{peers._ort_version()}-qint8-per-channel/model.onnx"))
-    rows = [(ort_own.name, ort_own.encode, onnx_file.stat().st_size, None)]
+    plain = peers.SentenceEncoder(peers._OrtTransformer(ort_session(onnx_file, threads, optimise=False)),
+                                  copy.deepcopy(encoder.tokenizer), encoder.config, encoder.support_files, encoder.source)
+    rows = [(ort_own.name, ort_own.encode, onnx_file.stat().st_size, None, plain.encode)]
     fp32 = peers.ort_fp32(encoder, workdir)
-    rows.append((fp32.name, fp32.encode, fp32.size_bytes, None))
+    rows.append((fp32.name, fp32.encode, fp32.size_bytes, None, None))
     for name in presets:
         model = modelpress.compress(load_sentence_encoder("minilm"), name)
         run = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))  # ORT's own build is cached; ours is not
         checkpoint = modelpress.save(model, run / "checkpoint")
         folder = export_model(checkpoint, "onnx", run / "onnx")
         rows.append((f"modelpress {name} -> ONNX", ort_encoder(encoder, folder / "model.onnx", threads),
-                     (folder / "model.onnx").stat().st_size, model.encode))
+                     (folder / "model.onnx").stat().st_size, model.encode,
+                     ort_encoder(encoder, folder / "model.onnx", threads, optimise=False)))
     return rows
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Mean / 1st percentile / minimum of the per-sentence cosines."""
+    cos = cosine_similarities(a, b)
+    return f"{cos.mean():.6f} / {torch.quantile(cos, 0.01):.6f} / {cos.min():.6f}"
 
 
 def timed(rows, sentences: list[str], threads: int, rounds: int) -> dict[str, list[float]]:
     """Seconds per row per round, rows taking turns round by round (one warm-up each)."""
     torch.set_num_threads(threads)
-    for _, encode, _, _ in rows:
+    for _, encode, *_ in rows:
         encode(sentences)
     times: dict[str, list[float]] = {name: [] for name, *_ in rows}
     for _ in range(rounds):
-        for name, encode, _, _ in rows:
+        for name, encode, *_ in rows:
             start = time.perf_counter()
             encode(sentences)
             times[name].append(time.perf_counter() - start)
@@ -166,19 +185,18 @@ def main() -> None:
         print(f"Run on {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
         print(f"Command: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_onnx.py --sentences {args.sentences} "
               f"--threads {args.threads} --rounds {args.rounds} --presets {args.presets}\n")
-        print("| model | .onnx MB | cos to modelpress (mean / p1 / min) | mean cos to fp32 | p1 cos | latency s "
-              f"| vs ORT per-channel QInt8 | vs ORT fp32 |\n|---|---|---|---|---|---|---|---|")
+        print("| model | .onnx MB | cos to modelpress (mean / p1 / min) | cos to itself, ORT unoptimised "
+              "(mean / p1 / min) | mean cos to fp32 | p1 cos | latency s | vs ORT per-channel QInt8 | vs ORT fp32 |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         fp32_name = rows[1][0]
-        for name, encode, size, own in rows:
+        for name, encode, size, own, unoptimised in rows:
             got = encode(sentences)
             f = fidelity(reference, got)
-            exact = "-"
-            if own is not None:
-                cos = cosine_similarities(own(sentences), got)
-                exact = f"{cos.mean():.6f} / {torch.quantile(cos, 0.01):.6f} / {cos.min():.6f}"
+            exact = _cosines(own(sentences), got) if own is not None else "-"
+            itself = _cosines(unoptimised(sentences), got) if unoptimised is not None else "-"
             ratios = [t / b for t, b in zip(times[name], times[base])]
             vs_fp32 = statistics.median(t / b for t, b in zip(times[name], times[fp32_name]))
-            print(f"| {name} | {size / 1e6:.1f} | {exact} | {f.mean_cosine:.4f} | {f.p1_cosine:.4f} | "
+            print(f"| {name} | {size / 1e6:.1f} | {exact} | {itself} | {f.mean_cosine:.4f} | {f.p1_cosine:.4f} | "
                   f"{statistics.median(times[name]):.3f} | {statistics.median(ratios):.2f}x "
                   f"[{min(ratios):.2f}-{max(ratios):.2f}] | {vs_fp32:.2f}x |")
 

@@ -12,7 +12,8 @@ For each model (MiniLM fp32 and int4 by default; `smollm2`): the model is stored
 a child with the last block fine-tuned (noise of 1e-4 on its float weights) is stored and pushed
 (`child_push_bytes` against `child_delta_bytes`: what the child adds to the local store, its chunk files not
 shared with its parent plus its catalogue rows, the local counterpart of the remote's version record; and
-against `child_delta_payload`, the chunks' payloads alone);
+against `child_delta_payload`, the chunks' payloads alone; `child_disk_growth`: how much the local store's folder
+grew on disk when the child was stored, sqlite pages included, a check on `child_delta_bytes`);
 a safetensors file of the same weights (the int4 model's holds its packed codes and scales, as a checkpoint
 would) is uploaded; then, interleaved per round: (a) `Store.open(url).get(model)` (parallel chunk reads into
 one arena, every chunk hash-checked), (b) `s3fs.cat(file)` + `safetensors.torch.load`, (c)
@@ -113,12 +114,21 @@ def _push_and_clone(store: Store, name: str, url: str, tmp: Path) -> dict:
             "clone_s": clone_s, "clone_bytes": fetched.bytes_sent + fetched.record_bytes}
 
 
+def _disk_bytes(store: Store) -> int:
+    """Bytes of every file under the store's folder, the catalogue's write-ahead log checkpointed first: a
+    cross-check of `added_bytes` by what the disk holds (sqlite pages included)."""
+    store.catalog.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file())
+
+
 def _child_push(store: Store, name: str, model, url: str) -> dict:
     """A child with its last block fine-tuned: its second push against its local delta over the parent."""
     base = store.resolve(name)
     child = copy.deepcopy(model)
     _fine_tune_last_block(child)
+    before = _disk_bytes(store)
     vid = store.put(child, name, message="fine-tuned last block")
+    grown = _disk_bytes(store) - before
     payload = store.stored_bytes(name, vid, exclusive_of=base)
     files, rows = store.added_bytes(name, vid, base)
     second = push(store, Remote(url), name)
@@ -126,7 +136,7 @@ def _child_push(store: Store, name: str, model, url: str) -> dict:
     print(f"  {name} child: {second.line('sent')}", flush=True)
     return {"child_delta_bytes": files + rows, "child_delta_files": files, "child_delta_rows": rows,
             "child_delta_payload": payload, "child_push_bytes": second.total_bytes,
-            "child_record_bytes": second.record_bytes,
+            "child_record_bytes": second.record_bytes, "child_disk_growth": grown,
             "child_push_over_delta": second.total_bytes / (files + rows) - 1.0,
             "child_push_over_payload": second.total_bytes / payload - 1.0 if payload else float("nan")}
 
@@ -185,7 +195,8 @@ def main() -> int:
             print(f"{name}: push {row['push_s']:.3f} s, {row['push_bytes']} bytes | clone {row['clone_s']:.3f} s, "
                   f"{row['clone_bytes']} bytes (byte-identical) | fine-tuned child: local delta "
                   f"{row['child_delta_bytes']} bytes ({row['child_delta_files']} chunk files + "
-                  f"{row['child_delta_rows']} catalogue rows; payloads {row['child_delta_payload']}), second push "
+                  f"{row['child_delta_rows']} catalogue rows; payloads {row['child_delta_payload']}; the store's folder "
+                  f"grew {row['child_disk_growth']}), second push "
                   f"{row['child_push_bytes']} bytes ({row['child_record_bytes']} of them record, ref and marker): "
                   f"{100 * row['child_push_over_delta']:+.2f}% over the delta, "
                   f"{100 * row['child_push_over_payload']:+.2f}% over the payloads", flush=True)
