@@ -17,8 +17,9 @@ grew on disk when the child was stored, sqlite pages included, a check on `child
 a safetensors file of the same weights (the int4 model's holds its packed codes and scales, as a checkpoint
 would) is uploaded; then, interleaved per round: (a) `Store.open(url).get(model)` (parallel chunk reads into
 one arena, every chunk hash-checked), (b) `s3fs.cat(file)` + `safetensors.torch.load`, (c)
-`Store.open(url).get(model, names=[one tensor])`. Reported: median wall time and the exact bytes moved (chunk
-objects; the whole file). Times are only figures on a quiet machine; the bytes are exact anywhere. moto serves
+`Store.open(url).get(model, names=[one tensor])`, (d) every chunk object of the model fetched by plain s3fs
+GETs on as many threads as the load uses (what the requests alone cost this server). Reported: median wall
+time and the exact bytes moved (chunk objects; the whole file). Times are only figures on a quiet machine; the bytes are exact anywhere. moto serves
 from this process's memory through a Python web server, so it favours few large requests: a real S3 endpoint
 is the figure that counts.
 """
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import s3fs
@@ -168,7 +170,8 @@ def main() -> int:
             path = f"{url[len('s3://'):]}/files/{name}.safetensors"  # outside every model's prefix
             fs.pipe_file(path, blob)
             one = max(tensors, key=lambda k: tensors[k].numel())
-            times: dict[str, list[float]] = {"store": [], "safetensors": [], "store_one": []}
+            chunk_keys = sorted(fs.find(f"{model_url[len('s3://'):]}/chunks"))
+            times: dict[str, list[float]] = {"store": [], "safetensors": [], "store_one": [], "gets": []}
             fetched = {}
             for _ in range(args.rounds):
                 with Store.open(model_url, threads=args.threads) as remote:
@@ -181,6 +184,10 @@ def main() -> int:
                     remote.get(name, names=[one])
                     times["store_one"].append(time.perf_counter() - start)
                     fetched["store_one"] = remote.bytes_fetched
+                start = time.perf_counter()
+                with ThreadPoolExecutor(args.threads) as pool:
+                    fetched["gets"] = sum(map(len, pool.map(fs.cat_file, chunk_keys)))
+                times["gets"].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 data = fs.cat_file(path)
                 loaded = safetensors.torch.load(data)
@@ -202,7 +209,8 @@ def main() -> int:
                   f"{100 * row['child_push_over_payload']:+.2f}% over the payloads", flush=True)
             print(f"{name}: store get {row['store_s']:.3f} s, {row['store_bytes']} bytes fetched | safetensors "
                   f"whole file {row['safetensors_s']:.3f} s, {row['safetensors_bytes']} bytes | one tensor "
-                  f"({one}) {row['store_one_s']:.3f} s, {row['store_one_bytes']} bytes", flush=True)
+                  f"({one}) {row['store_one_s']:.3f} s, {row['store_one_bytes']} bytes | plain GETs of its "
+                  f"{len(chunk_keys)} chunk objects, {args.threads} at a time, {row['gets_s']:.3f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if server is not None:
