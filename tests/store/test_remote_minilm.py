@@ -22,7 +22,8 @@ def test_minilm_fp32_and_int4_push_clone_and_a_fine_tuned_child(minilm, tmp_path
     float_model = copy.deepcopy(minilm)
     with Store.init(tmp_path / "a") as store:
         base = store.put(float_model, "minilm", message="fp32")
-        store.put(modelpress.compress(copy.deepcopy(minilm), "int4"), "minilm-int4", message="int4")
+        int4 = modelpress.compress(copy.deepcopy(minilm), "int4")
+        int4_base = store.put(int4, "minilm-int4", message="int4")
         first = push(store, Remote(s3_url))
         assert first.chunks_sent == len(store.catalog.all_chunk_ids())
         cloned, fetched = clone(s3_url, tmp_path / "b")
@@ -50,4 +51,14 @@ def test_minilm_fp32_and_int4_push_clone_and_a_fine_tuned_child(minilm, tmp_path
         assert second.total_bytes <= payload * 1.05, (second.total_bytes, payload)
         assert second.delta_bytes == files + rows and second.delta_line() is not None  # the command prints both
         assert Remote(s3_url).resolve("minilm") == child
+        with torch.no_grad():  # the int4 model's last block: only its float tensors (biases, LayerNorms) move
+            for name, p in int4.named_parameters():
+                if ".layer.5." in name and p.dtype.is_floating_point:
+                    p.add_(torch.randn_like(p) * 1e-4)
+        int4_child = store.put(int4, "minilm-int4", message="fine-tuned")
+        files, rows = store.added_bytes("minilm-int4", int4_child, int4_base)
+        tiny = push(store, Remote(s3_url), "minilm-int4")
+        assert 0 < tiny.chunks_sent < 20 and tiny.delta_bytes == files + rows
+        # the acceptance's measure: what the child added to the local store (chunk files and catalogue rows)
+        assert tiny.total_bytes <= tiny.delta_bytes * 1.05, (tiny.total_bytes, tiny.delta_bytes)
     assert verify_remote(Remote(s3_url)).ok
