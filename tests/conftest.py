@@ -10,6 +10,10 @@ whichever subset was selected (`-m "not slow"`, `-k`), and whatever the hash see
   cores (an OpenMP thread that waits for a descheduled sibling spins). Subprocesses (the CLI
   tests) get THREADS through OMP_NUM_THREADS, set before torch is imported. A test's own changes
   are undone after it; module-scoped fixtures run on THREADS.
+- OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) rather than spin: with two test workers
+  on two cores, a slow test's 2 threads spinning while waiting for a descheduled sibling doubled
+  its time (llm-q4 on SmolLM2 beside a second copy: 92 s spinning, 47 s sleeping; alone, both 35 s).
+  It changes no number: the thread count and so the reductions' split are the same.
 - the global generators of torch, `random` and numpy are seeded before each test and again after
   it, so module-scoped fixtures built lazily between tests see a fixed state too.
 - hypothesis runs the "modelpress" profile: derandomized (examples fixed by each test's code, so
@@ -31,6 +35,7 @@ FAST_THREADS = 1
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # before torch is imported; inherited by subprocesses
 os.environ["MKL_NUM_THREADS"] = str(THREADS)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning
 
 import random  # noqa: E402
 
