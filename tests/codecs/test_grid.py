@@ -1,8 +1,9 @@
-"""The `grid` codec: bfloat16 on a 4-bit affine or 8-bit symmetric grid per 32 values, stored as scales and codes.
+"""The `grid` codec: float32 or bfloat16 on a 4-bit affine or 8-bit symmetric grid per 32 values, stored as scales
+and codes.
 
 Every input round-trips bit for bit (NaNs, infinities, values on no grid); grid data (made as GGUF's Q4_1 and
-Q8_0 dequantise: float16 scales, float32 arithmetic) is fitted and compresses; decoding matches a plain
-per-element reference; hostile payloads raise FormatError."""
+Q8_0 dequantise: float16 scales, float32 arithmetic) is fitted and compresses, kept as float32 or rounded to
+bfloat16; decoding matches a plain per-element reference; hostile payloads raise FormatError."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from modelpress.errors import FormatError
 from modelpress.store import planes
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-VARIANTS = [Grid(2, 4, "up"), Grid(2, 4, "even"), Grid(2, 8, "up"), Grid(2, 8, "even")]
+VARIANTS = [Grid(2, 4, "up"), Grid(2, 4, "even"), Grid(2, 8, "up"), Grid(2, 8, "even"), Grid(4, 4, "none"),
+            Grid(4, 8, "none")]
+UINT = {2: np.uint16, 4: np.uint32}
 
 
 def round_trip(codec: Grid, raw: bytes) -> tuple[bytes, bytes]:
@@ -50,6 +53,9 @@ def q8_0(groups: int, seed: int) -> torch.Tensor:
 
 
 def bf16_bits(x: torch.Tensor, rounding: str) -> bytes:
+    """The stored bytes of float32 `x`: as they are ("none"), or rounded to bfloat16 as `rounding` says."""
+    if rounding == "none":
+        return x.contiguous().numpy().tobytes()
     hi = planes.split(x)[0] if rounding == "up" else x.to(torch.bfloat16)
     return hi.contiguous().view(torch.int16).numpy().tobytes()
 
@@ -57,44 +63,53 @@ def bf16_bits(x: torch.Tensor, rounding: str) -> bytes:
 @pytest.mark.parametrize("codec", VARIANTS, ids=repr)
 @FUZZ
 @given(data=st.data())
-def test_any_bfloat16_bits_round_trip_exactly(codec, data):
+def test_any_bits_round_trip_exactly(codec, data):
     n = data.draw(st.integers(0, 200))
-    raw = data.draw(st.binary(min_size=2 * n, max_size=2 * n))
+    raw = data.draw(st.binary(min_size=codec.width * n, max_size=codec.width * n))
     assert round_trip(codec, raw)[1] == raw
 
 
-@pytest.mark.parametrize("rounding", ["up", "even"])
+@pytest.mark.parametrize("width, rounding", [(2, "up"), (2, "even"), (4, "none")])
 @pytest.mark.parametrize("make, bits", [(q4_1, 4), (q8_0, 8)])
 @FUZZ
 @given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), extra=st.integers(0, 31))
-def test_grid_data_is_fitted_and_round_trips(rounding, make, bits, seed, groups, extra):
+def test_grid_data_is_fitted_and_round_trips(width, rounding, make, bits, seed, groups, extra):
     raw = bf16_bits(torch.cat([make(groups, seed), torch.randn(extra)]), rounding)
-    codec = Grid(2, bits, rounding)
-    h = np.frombuffer(raw, np.uint16)[: groups * GROUP].reshape(groups, GROUP)
-    assert fit(h, bits, rounding)[0].sum() >= groups - 2  # ~1 group in 1000 finds no grid (kept as it is)
+    codec = Grid(width, bits, rounding)
+    h = np.frombuffer(raw, UINT[width])[: groups * GROUP].reshape(groups, GROUP)
+    fitted = fit(h, bits, rounding)[0].sum()
+    if width == 4:
+        assert fitted == groups  # float32 as the blocks dequantise: every group, exactly
+    else:
+        assert fitted >= groups - 2  # ~1 group in 1000 finds no grid (kept as it is)
     payload, back = round_trip(codec, raw)
     assert back == raw
 
 
+@pytest.mark.parametrize("width, rounding", [(2, "up"), (4, "none")])
 @pytest.mark.parametrize("make, bits", [(q4_1, 4), (q8_0, 8)])
-def test_grid_data_compresses_beyond_generic_float_coding(make, bits):
-    raw = bf16_bits(make(4096, 0), "up")
-    codec = Grid.for_data(memoryview(raw), 2)
-    assert codec == Grid(2, bits, "up")
-    assert fit(np.frombuffer(raw, np.uint16).reshape(-1, GROUP), bits, "up")[0].mean() >= 0.99  # measured 0.999
+def test_grid_data_compresses_beyond_generic_float_coding(width, rounding, make, bits):
+    raw = bf16_bits(make(4096, 0), rounding)
+    codec = Grid.for_data(memoryview(raw), width)
+    assert codec == Grid(width, bits, rounding)
+    share = fit(np.frombuffer(raw, UINT[width]).reshape(-1, GROUP), bits, rounding)[0].mean()
+    assert share >= (0.99 if width == 2 else 1.0)  # measured 0.999 for bfloat16
     payload, back = round_trip(codec, raw)
     assert back == raw
-    assert len(raw) / len(payload) >= (3.0 if bits == 4 else 1.8)  # codes of 4 / ~7 bits and a scale or two
+    # codes of 4 / ~7 bits and a scale or two, for 16 or 32 bits a value
+    assert len(raw) / len(payload) >= {(2, 4): 3.0, (2, 8): 1.8, (4, 4): 6.0, (4, 8): 3.6}[width, bits]
     if NATIVE_AVAILABLE:
-        assert len(payload) < 0.75 * len(Fans(2).encode(memoryview(raw)))
-    assert choose(memoryview(raw), 2, True) == codec
+        assert len(payload) < 0.75 * len(Fans(width).encode(memoryview(raw)))
+    assert choose(memoryview(raw), width, True) == codec
 
 
-def test_bfloat16_on_no_grid_is_not_offered_grid():
-    raw = torch.randn(8192, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).view(torch.int16)
-    sample = memoryview(raw.numpy().tobytes())
-    assert Grid.probe(sample, 2) is None and Grid.probe(sample, 4) is None
-    assert not isinstance(choose(sample, 2, True), Grid)
+def test_floats_on_no_grid_are_not_offered_grid():
+    g = torch.Generator().manual_seed(1)
+    bf16 = memoryview(torch.randn(8192, generator=g).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    f32 = memoryview(torch.randn(8192, generator=g).numpy().tobytes())
+    assert Grid.probe(bf16, 2) is None and Grid.probe(f32, 4) is None
+    assert not isinstance(choose(bf16, 2, True), Grid) and not isinstance(choose(f32, 4, True), Grid)
+    assert Grid.probe(bf16, 1) is None and Grid.probe(bf16, 8) is None
 
 
 def reference_decode(codec: Grid, raw: bytes, payload: bytes) -> list[int]:
@@ -105,11 +120,13 @@ def reference_decode(codec: Grid, raw: bytes, payload: bytes) -> list[int]:
 
     def to_bf16(x: float) -> int:
         bits = struct.unpack("<I", struct.pack("<f", x))[0]
+        if codec.rounding == "none":
+            return bits
         if codec.rounding == "up":
             return ((bits + 0x8000) >> 16) & 0xFFFF
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
 
-    h = np.frombuffer(raw, np.uint16)
+    h = np.frombuffer(raw, UINT[codec.width])
     groups = len(h) // GROUP
     ok, d, m, q = fit(h[: groups * GROUP].reshape(groups, GROUP), codec.bits, codec.rounding)
     out = [int(v) for v in h]
@@ -125,16 +142,19 @@ def test_decoding_matches_the_plain_reference(codec):
     make = q4_1 if codec.bits == 4 else q8_0
     raw = bf16_bits(torch.cat([make(6, 3), torch.randn(40)]), codec.rounding)
     payload, back = round_trip(codec, raw)
-    assert list(np.frombuffer(back, np.uint16)) == reference_decode(codec, raw, payload)
+    assert list(np.frombuffer(back, UINT[codec.width])) == reference_decode(codec, raw, payload)
     assert back == raw
 
 
 def test_parameters_are_checked():
     for params in ({"width": 4, "bits": 4, "rounding": "up"}, {"width": 2, "bits": 3, "rounding": "up"},
-                   {"width": 2, "bits": 4, "rounding": "down"}, {"width": 2, "bits": 4}):
+                   {"width": 2, "bits": 4, "rounding": "down"}, {"width": 2, "bits": 4},
+                   {"width": 2, "bits": 4, "rounding": "none"}, {"width": 8, "bits": 8, "rounding": "none"},
+                   {"width": 4, "bits": 8}):
         with pytest.raises(FormatError):
             codec_from("grid", params)
-    assert codec_from("grid", Grid(2, 8, "even").params()) == Grid(2, 8, "even")
+    for codec in (Grid(2, 8, "even"), Grid(4, 4, "none")):
+        assert codec_from("grid", codec.params()) == codec
 
 
 def _payload() -> tuple[bytes, int]:
@@ -153,6 +173,12 @@ def test_hostile_payloads_raise_format_errors(mutate):
     payload, size = _payload()
     with pytest.raises(FormatError):
         Grid().decode_into(memoryview(mutate(payload)), memoryview(bytearray(size)))
+    wide = Grid(4, 4, "none")
+    raw = bf16_bits(q4_1(8, 0), "none") + bytes(12)
+    with pytest.raises(FormatError):
+        wide.decode_into(memoryview(mutate(wide.encode(memoryview(raw)))), memoryview(bytearray(len(raw))))
+    with pytest.raises(FormatError):  # the output size says the payload's sections are for other widths
+        wide.decode_into(memoryview(wide.encode(memoryview(raw))), memoryview(bytearray(len(raw) + 2)))
 
 
 @FUZZ
@@ -196,13 +222,16 @@ def test_a_planar_store_of_grid_weights_reads_little_more_than_half_at_bf16(tmp_
 @pytest.mark.parametrize("odd", [0x7FC1, 0xFFC0, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001])
 def test_constant_special_groups_beside_fitted_ones_round_trip(codec, odd):
     """A group of one NaN payload, infinity, -0.0 or a subnormal, next to groups that do fit: the special group is
-    either rebuilt from finite scales or kept as it is, never rebuilt through a NaN scale."""
+    either rebuilt from finite scales or kept as it is, never rebuilt through a NaN scale. (As float32: the same
+    bfloat16 pattern in the high half, and a low half that keeps a NaN a NaN and a subnormal a subnormal.)"""
     make = q4_1 if codec.bits == 4 else q8_0
-    grid = np.frombuffer(bf16_bits(make(3, 7), codec.rounding), np.uint16)
-    raw = np.concatenate([np.full(GROUP, odd, np.uint16), grid, np.zeros(GROUP, np.uint16)]).tobytes()
+    uint = UINT[codec.width]
+    special = odd if codec.width == 2 else (odd << 16) | (0x0001 if odd in (0x7FC1, 0xFFC0) else 0)
+    grid = np.frombuffer(bf16_bits(make(3, 7), codec.rounding), uint)
+    raw = np.concatenate([np.full(GROUP, special, uint), grid, np.zeros(GROUP, uint)]).tobytes()
     payload, back = round_trip(codec, raw)
     assert back == raw
-    h = np.frombuffer(raw, np.uint16).reshape(-1, GROUP)
+    h = np.frombuffer(raw, uint).reshape(-1, GROUP)
     ok, d, m, _ = fit(h, codec.bits, codec.rounding)
     assert np.isfinite(d[ok]).all() and np.isfinite(m[ok]).all() and ok[1:4].sum() >= 2
 

@@ -1,25 +1,27 @@
-"""`grid`: bfloat16 values that lie on a quantisation grid, stored as the grid's scales and codes.
+"""`grid`: float32 or bfloat16 values that lie on a quantisation grid, stored as the grid's scales and codes.
 
 Weights dequantised from a block format (a GGUF Q4_1 or Q8_0 file, a GPTQ checkpoint) are, per group of 32,
 `d * q + m` computed in float32 from a float16 scale `d`, a float16 minimum `m` (0 for a symmetric grid) and
-small integer codes `q`; rounded to bfloat16 (a bf16 checkpoint, or the high plane of a float32 tensor
-stored by planes: store/planes.py) they keep that shape. Generic float codecs see near-random mantissas
-there (SmolLM2's high planes: 1.5x); this codec finds, per group, a (d, m, q) whose float32 value rounds to
-exactly the stored bfloat16 bits, and stores d, m and q instead (3x and more). A group with no such grid
-(and the elements after the last whole group) is kept as it is, so any input round-trips bit for bit.
+small integer codes `q`. Kept as float32 (SmolLM2 as modelpress reads it from its GGUF file), or rounded to
+bfloat16 (a bf16 checkpoint, or the high plane of a float32 tensor stored by planes: store/planes.py), they
+keep that shape. Generic float codecs see near-random mantissas there (SmolLM2's high planes: 1.5x); this
+codec finds, per group, a (d, m, q) whose float32 value is exactly the stored value (width 4), or rounds to
+exactly the stored bfloat16 bits (width 2), and stores d, m and q instead (3x and more). A group with no such
+grid (and the elements after the last whole group) is kept as it is, so any input round-trips bit for bit.
 Only finite scales are used, so every rebuilt value is a finite float32 computed by correctly rounded
 operations (d * q is exact; no subnormal can arise from float16 d and m), the same on every CPU.
 
-Parameters: `bits` (4: affine codes 0..15 from a minimum; 8: symmetric codes -127..127), `rounding` (how
-the bfloat16 values were made from float32: "up", half up on the bit pattern as store/planes.py rounds,
+Parameters: `width` (4: float32, 2: bfloat16), `bits` (4: affine codes 0..15 from a minimum; 8: symmetric
+codes -127..127), `rounding` (how the stored values were made from the float32 d * q + m: "none", float32 kept
+as it is, the only choice at width 4; at width 2 "up", half up on the bit pattern as store/planes.py rounds,
 or "even", round to nearest even as torch casts).
 
 Payload, four sections in this order, each as in `planes` (1 byte mode 0 raw / 1 zstd, 8 bytes
 little-endian length, the bytes): the fitted-group bitmap (one bit per whole group, least significant
 first), the scales (float16 d, then float16 m for affine grids, per fitted group), the codes (one byte
-per element of the fitted groups; symmetric codes as int8), and the other elements' bfloat16 bits.
-Decoding computes d * q + m with float32 numpy operations (a multiply, then an add: the same operations
-the encoder verified) and rounds as the parameters say.
+per element of the fitted groups; symmetric codes as int8), and the other elements' bits (little-endian,
+`width` bytes each). Decoding computes d * q + m with float32 numpy operations (a multiply, then an add: the
+same operations the encoder verified) and rounds as the parameters say.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ __all__ = ["Grid", "GROUP", "fit"]
 
 GROUP = 32
 _SECTION = struct.Struct("<BQ")
-_ROUNDINGS = ("up", "even")
+_ROUNDINGS = {2: ("up", "even"), 4: ("none",)}  # by width
+_BITS = {2: np.uint16, 4: np.uint32}  # an element's bit pattern, by width
 _M_STEPS = (0, -1, 1, -2, 2, -3, 3, -4, 4)  # float16 ulps around the first guess at m
 _D_STEPS = (0, -1, 1, -2, 2)  # and around the middle of the scales every value allows
 _PROBE_GROUPS = 256  # groups `for_data` tries each variant on
@@ -51,14 +54,20 @@ def _levels(bits: int) -> tuple[int, int]:
     return (0, 15) if bits == 4 else (-127, 127)
 
 
-def _to_bf16(values: np.ndarray, rounding: str) -> np.ndarray:
+def _stored(values: np.ndarray, rounding: str) -> np.ndarray:
+    """The bit patterns float32 `values` are stored as: themselves ("none"), or rounded to bfloat16."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    if rounding == "none":
+        return bits
     if rounding == "up":
         return ((bits + np.uint32(0x8000)) >> np.uint32(16)).astype(np.uint16)
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
 def _widen(h: np.ndarray) -> np.ndarray:
+    """float32 values of stored bit patterns (bfloat16 ones widened exactly)."""
+    if h.dtype == np.uint32:
+        return h.view(np.float32)
     return (h.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
@@ -73,7 +82,10 @@ def _reconstruct(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def _bucket(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 interval each bfloat16 value is the rounding of (either rounding; a superset at ties)."""
+    """The float32 interval each stored value is the rounding of (for bfloat16, either rounding; a superset at
+    ties); a float32 value is its own."""
+    if h.dtype == np.uint32:
+        return h.view(np.float32), h.view(np.float32)
     centre = h.astype(np.int64) << 16
     a = (centre - 0x8000).astype(np.uint32).view(np.float32)
     b = (centre + 0x8000).astype(np.uint32).view(np.float32)
@@ -103,7 +115,8 @@ def _scale_between(values, lower, upper, m, d_guess, lo, hi):
 
 
 def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For (G, 32) bfloat16 bit patterns: (fitted mask, d, m, q) of the groups some grid reproduces exactly.
+    """For (G, 32) bit patterns (uint16 bfloat16, or uint32 float32 with rounding "none"): (fitted mask, d, m, q)
+    of the groups some grid reproduces exactly.
 
     m: for an affine grid the group's minimum (its code is 0) is the rounding of m, so m is one of the float16
     values near it (tried nearest first); d: from the codes a first guess gives, the middle of the interval
@@ -135,7 +148,7 @@ def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray
                     break
                 rows, d, mm = todo[left], d_try[left], m[left]
                 q = _codes(values[rows], mm.astype(np.float32)[:, None], d, lo, hi).astype(np.int16)
-                good = (_to_bf16(_reconstruct(d, mm, q), rounding) == h[rows]).all(1)
+                good = (_stored(_reconstruct(d, mm, q), rounding) == h[rows]).all(1)
                 good &= np.isfinite(d) & np.isfinite(mm)  # (a NaN's payload bits are the hardware's choice)
                 hit = rows[good]
                 ok[hit], d_out[hit], m_out[hit], q_out[hit] = True, d[good], mm[good], q[good]
@@ -183,23 +196,24 @@ class Grid(Codec):
     rounding: str = "up"
 
     def __post_init__(self):
-        if self.width != 2 or self.bits not in (4, 8) or self.rounding not in _ROUNDINGS:
-            raise FormatError(f"codec 'grid' takes width 2, bits 4 or 8 and rounding {_ROUNDINGS}, the file gives "
-                              f"{self.width!r}, {self.bits!r}, {self.rounding!r}; run `modelpress store verify`")
+        if self.width not in _ROUNDINGS or self.bits not in (4, 8) or self.rounding not in _ROUNDINGS[self.width]:
+            raise FormatError(f"codec 'grid' takes width 2 with rounding {_ROUNDINGS[2]} or width 4 with rounding "
+                              f"{_ROUNDINGS[4]}, and bits 4 or 8; the file gives {self.width!r}, {self.bits!r}, "
+                              f"{self.rounding!r}; run `modelpress store verify`")
 
     @staticmethod
     def probe(raw: memoryview, width: int) -> "Grid | None":
         """The variant that fits the most of the first groups, if it fits at least half of them."""
-        if width != 2 or len(raw) < 2 * GROUP:
+        if width not in _ROUNDINGS or len(raw) < width * GROUP:
             return None
-        count = min(len(raw) // (2 * GROUP), _PROBE_GROUPS)
-        h = np.frombuffer(raw, dtype=np.uint16, count=count * GROUP).reshape(count, GROUP)
+        count = min(len(raw) // (width * GROUP), _PROBE_GROUPS)
+        h = np.frombuffer(raw, dtype=_BITS[width], count=count * GROUP).reshape(count, GROUP)
         best, best_fit = None, 0.0
         for bits in (4, 8):
-            for rounding in _ROUNDINGS:
+            for rounding in _ROUNDINGS[width]:
                 share = fit(h, bits, rounding)[0].mean()
                 if share > best_fit:
-                    best, best_fit = Grid(2, bits, rounding), share
+                    best, best_fit = Grid(width, bits, rounding), share
         return best if best_fit >= _WORTH else None
 
     @classmethod
@@ -212,9 +226,9 @@ class Grid(Codec):
         return Fans(width) if NATIVE_AVAILABLE and width in (2, 4) else Planes(width)
 
     def encode(self, raw: memoryview, base: memoryview | None = None) -> bytes:
-        if len(raw) % 2:
-            raise ValueError(f"{len(raw)} bytes are not whole bfloat16 elements")
-        flat = np.frombuffer(raw, dtype=np.uint16)
+        if len(raw) % self.width:
+            raise ValueError(f"{len(raw)} bytes are not whole {self.width}-byte elements")
+        flat = np.frombuffer(raw, dtype=_BITS[self.width])
         groups = len(flat) // GROUP
         h = flat[: groups * GROUP].reshape(groups, GROUP)
         ok, d, m, q = fit(h, self.bits, self.rounding)
@@ -224,14 +238,14 @@ class Grid(Codec):
         parts = []
         for data in (np.packbits(ok, bitorder="little").tobytes(),
                      np.stack(scales, 1).astype("<f2").tobytes() if ok.any() else b"",
-                     codes.tobytes(), rest.astype("<u2").tobytes()):
+                     codes.tobytes(), rest.astype(f"<u{self.width}").tobytes()):
             parts += _section(data)
         return b"".join(parts)
 
     def decode_into(self, payload: memoryview, out: memoryview, base: memoryview | None = None) -> None:
-        if len(out) % 2:
-            raise FormatError(f"grid chunk of {len(out)} bytes is not whole bfloat16 elements")
-        n = len(out) // 2
+        if len(out) % self.width:
+            raise FormatError(f"grid chunk of {len(out)} bytes is not whole {self.width}-byte elements")
+        n = len(out) // self.width
         groups = n // GROUP
         sections = _Sections(payload)
         ok = np.unpackbits(np.frombuffer(sections.next((groups + 7) // 8), np.uint8), count=groups,
@@ -240,15 +254,15 @@ class Grid(Codec):
         per = 2 if self.bits == 4 else 1
         scales = np.frombuffer(sections.next(2 * per * fitted), "<f2").reshape(fitted, per)
         codes = np.frombuffer(sections.next(GROUP * fitted), np.uint8 if self.bits == 4 else np.int8)
-        rest = np.frombuffer(sections.next(2 * (n - GROUP * fitted)), "<u2")
+        rest = np.frombuffer(sections.next(self.width * (n - GROUP * fitted)), f"<u{self.width}")
         sections.end()
-        target = np.frombuffer(out, dtype=np.uint16)
+        target = np.frombuffer(out, dtype=_BITS[self.width])
         grouped = target[: groups * GROUP].reshape(groups, GROUP)
         m = scales[:, 1] if per == 2 else np.zeros(fitted, np.float16)
         if not (np.isfinite(scales).all()):
             raise FormatError("grid payload has a scale that is not a finite number")
         with np.errstate(all="ignore"):
-            grouped[ok] = _to_bf16(_reconstruct(scales[:, 0], m, codes.reshape(fitted, GROUP)), self.rounding)
+            grouped[ok] = _stored(_reconstruct(scales[:, 0], m, codes.reshape(fitted, GROUP)), self.rounding)
         others = (groups - fitted) * GROUP
         grouped[~ok] = rest[:others].reshape(-1, GROUP)
         target[groups * GROUP:] = rest[others:]

@@ -11,9 +11,10 @@ bits = (hi << 16) + lo (mod 2^32) gives back every float32 bit pattern exactly (
 included: the arithmetic is on integers). A load at bfloat16 precision reads the `@bf16` chunks only and
 widens them (exactly) to float32; refining such a tensor reads the `@lo16` chunks only and adds them to
 its bit pattern in place (it holds hi << 16 exactly), so nothing is read twice. The high plane codes
-like a bfloat16 tensor (fans: ~1.5x; `grid` where it lies on a quantisation grid: SmolLM2 3.4x); the low plane is close to random for trained weights, but not for
-weights dequantised from a coarser grid (SmolLM2's Q4_1 GGUF: 3.1x), so the writer offers it the float
-codecs' byte planes too (a planar SmolLM2 stores 0.9986x its normal version's bytes).
+like a bfloat16 tensor (fans: ~1.5x; `grid` where it lies on a quantisation grid: SmolLM2 3.4x); the low
+plane is close to random for trained weights, but not for weights dequantised from a coarser grid
+(SmolLM2's Q4_1 GGUF: 3.1x), so the writer offers it the float codecs' byte planes too. Such weights stored
+whole take `grid` at float32, which beats the two planes: SmolLM2 normal 90.4 MB, planar 175.7 MB.
 """
 
 from __future__ import annotations
