@@ -7,7 +7,8 @@ Per model: `Store.put(model, planes=["*"])`; the stored bytes of the version and
 `Store.load(precision="bf16")` with the stored bytes it reads counted at the chunk reader; its fidelity on
 held-out text (MiniLM: mean cosine of 1,000 held-out stdlib sentences' embeddings to fp32's; SmolLM2:
 perplexity of 8 x 512 tokens of the `heldout` reference text, against fp32's); `Store.refine`, the bytes it
-reads, and the refined weights compared bit for bit with a full load. Times are wall seconds on this
+reads, and the refined weights compared bit for bit with a full load; the same weights stored whole (the
+normal layout) and loaded, for what the planes cost. Times are wall seconds on this
 machine (2 threads); the bytes and fidelities are exact anywhere.
 """
 
@@ -94,15 +95,20 @@ def measure(name: str) -> dict:
         full = store.load(name)
         full_s = time.perf_counter() - start
         exact = _states_equal(coarse, full)
-    return {"model": name, "stored": total, "high": high, "high_codecs": codecs, "put_s": put_s,
+        store.put(model, "whole")  # the same weights stored whole: what the planar layout costs over it
+        whole = store.stored_bytes("whole")
+        start = time.perf_counter()
+        store.load("whole")
+        whole_s = time.perf_counter() - start
+    return {"model": name, "stored": total, "whole": whole, "whole_s": whole_s, "high": high, "high_codecs": codecs, "put_s": put_s,
             "bf16_read": bf16_read, "bf16_s": bf16_s, "label": label, "fp32": fp32, "bf16": coarse_figure,
             "refine_read": refine_read, "refine_s": refine_s, "full_s": full_s, "exact": exact}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | stored MB (planar) | bf16 load reads | its codecs (high planes, MB) | fidelity at bf16 | "
-             "refine reads | bf16 + refine vs stored | refined == full load | put / bf16 / refine / full load s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "refine reads | bf16 + refine vs stored | refined == full load | put / bf16 / refine / full load s | "
+             "stored whole: MB, load s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         figure = (f"{r['bf16']:.6f} ({r['label']})" if r["model"] == "minilm" else
                   f"{r['bf16']:.4f} vs fp32 {r['fp32']:.4f} = {r['bf16'] / r['fp32']:.5f}x ({r['label']})")
@@ -110,7 +116,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['stored'] / 1e6:.1f} | {r['bf16_read'] / 1e6:.1f} MB = "
                      f"{100 * r['bf16_read'] / r['stored']:.1f}% | {codecs} | {figure} | "
                      f"{r['refine_read'] / 1e6:.1f} MB | {(r['bf16_read'] + r['refine_read']) / r['stored']:.4f}x | "
-                     f"{r['exact']} | {r['put_s']:.1f} / {r['bf16_s']:.2f} / {r['refine_s']:.2f} / {r['full_s']:.2f} |")
+                     f"{r['exact']} | {r['put_s']:.1f} / {r['bf16_s']:.2f} / {r['refine_s']:.2f} / {r['full_s']:.2f} | "
+                     f"{r['whole'] / 1e6:.1f}, {r['whole_s']:.2f} |")
     return "\n".join(lines)
 
 
