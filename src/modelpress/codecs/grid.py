@@ -93,8 +93,12 @@ def _bucket(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _codes(values, m32, d, lo, hi):
-    scaled = (values - m32) / d.astype(np.float32)[:, None]
-    return np.clip(np.where(np.isfinite(scaled), np.rint(scaled), 0), lo, hi)
+    """round((values - m) / d), clipped to the codes; 0 where that is not a number (in place: one temporary)."""
+    scaled = values - m32
+    scaled /= d.astype(np.float32)[:, None]
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    np.rint(scaled, out=scaled)
+    return np.clip(scaled, lo, hi, out=scaled)
 
 
 def _scale_between(values, lower, upper, m, d_guess, lo, hi):
@@ -114,6 +118,12 @@ def _scale_between(values, lower, upper, m, d_guess, lo, hi):
     return middle.astype(np.float16)
 
 
+def _distinct(h: np.ndarray) -> np.ndarray:
+    """The number of distinct bit patterns in each group (row)."""
+    ordered = np.sort(h, axis=1)
+    return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+
+
 def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For (G, 32) bit patterns (uint16 bfloat16, or uint32 float32 with rounding "none"): (fitted mask, d, m, q)
     of the groups some grid reproduces exactly.
@@ -129,6 +139,7 @@ def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray
     d_out = np.zeros(groups, dtype=np.float16)
     m_out = np.zeros(groups, dtype=np.float16)
     q_out = np.zeros((groups, GROUP), dtype=np.int16)
+    hopeless = np.zeros(groups, dtype=bool)
     with np.errstate(all="ignore"):
         if bits == 4:
             anchor, top, span = values.min(1), values.max(1), hi - lo
@@ -136,7 +147,10 @@ def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray
             anchor, top, span = np.zeros(groups, np.float32), np.abs(values).max(1), hi
         m_first = anchor.astype(np.float16)
         for dm in (_M_STEPS if bits == 4 else (0,)):
-            todo = np.flatnonzero(~ok)
+            todo = np.flatnonzero(~ok & ~hopeless)
+            if dm == _M_STEPS[1]:  # the groups the first try missed: drop those with more values than codes
+                hopeless[todo] = _distinct(h[todo]) > hi - lo + 1
+                todo = todo[~hopeless[todo]]
             if not len(todo):
                 break
             m = _step(m_first[todo], dm)
@@ -214,6 +228,8 @@ class Grid(Codec):
                 share = fit(h, bits, rounding)[0].mean()
                 if share > best_fit:
                     best, best_fit = Grid(width, bits, rounding), share
+                if share == 1.0:  # no later variant can fit more (a failing variant's search is the slow part)
+                    return best
         return best if best_fit >= _WORTH else None
 
     @classmethod
