@@ -150,7 +150,12 @@ def test_parameters_are_checked():
     for params in ({"width": 4, "bits": 4, "rounding": "up"}, {"width": 2, "bits": 3, "rounding": "up"},
                    {"width": 2, "bits": 4, "rounding": "down"}, {"width": 2, "bits": 4},
                    {"width": 2, "bits": 4, "rounding": "none"}, {"width": 8, "bits": 8, "rounding": "none"},
-                   {"width": 4, "bits": 8}):
+                   {"width": 4, "bits": 8},
+                   # other types, as a hostile chunk head could give them: refused, never a TypeError later
+                   {"width": [4], "bits": 4, "rounding": "none"}, {"width": {}, "bits": 4, "rounding": "up"},
+                   {"width": 4.0, "bits": 4, "rounding": "none"}, {"width": 2.0, "bits": 4, "rounding": "up"},
+                   {"width": 4, "bits": 4.0, "rounding": "none"}, {"width": 2, "bits": 8, "rounding": ["up"]},
+                   {"width": True, "bits": 4, "rounding": "up"}):
         with pytest.raises(FormatError):
             codec_from("grid", params)
     for codec in (Grid(2, 8, "even"), Grid(4, 4, "none")):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.codecs.base import Codec, register
+from modelpress.codecs.base import Codec, check_width, register
 from modelpress.codecs.fans import NATIVE_AVAILABLE, Fans
 from modelpress.codecs.planes import Planes
 from modelpress.codecs.zstd import zstd_compress, zstd_decompress
@@ -210,7 +210,9 @@ class Grid(Codec):
     rounding: str = "up"
 
     def __post_init__(self):
-        if self.width not in _ROUNDINGS or self.bits not in (4, 8) or self.rounding not in _ROUNDINGS[self.width]:
+        check_width(self.name, self.width, tuple(_ROUNDINGS))  # an int first: the lookups below need one
+        if (type(self.bits) is not int or self.bits not in (4, 8) or not isinstance(self.rounding, str)
+                or self.rounding not in _ROUNDINGS[self.width]):
             raise FormatError(f"codec 'grid' takes width 2 with rounding {_ROUNDINGS[2]} or width 4 with rounding "
                               f"{_ROUNDINGS[4]}, and bits 4 or 8; the file gives {self.width!r}, {self.bits!r}, "
                               f"{self.rounding!r}; run `modelpress store verify`")
