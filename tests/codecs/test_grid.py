@@ -1,9 +1,9 @@
-"""The `grid` codec: float32 or bfloat16 on a 4-bit affine or 8-bit symmetric grid per 32 values, stored as scales
-and codes.
+"""The `grid` codec: float32, float16 or bfloat16 on a 4-bit affine or 8-bit symmetric grid per 32 values, stored as
+scales and codes.
 
 Every input round-trips bit for bit (NaNs, infinities, values on no grid); grid data (made as GGUF's Q4_1 and
 Q8_0 dequantise: float16 scales, float32 arithmetic) is fitted and compresses, kept as float32 or rounded to
-bfloat16; decoding matches a plain per-element reference; hostile payloads raise FormatError."""
+16 bits; decoding matches a plain per-element reference; hostile payloads raise FormatError."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from modelpress.errors import FormatError
 from modelpress.store import planes
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-VARIANTS = [Grid(2, 4, "up"), Grid(2, 4, "even"), Grid(2, 8, "up"), Grid(2, 8, "even"), Grid(4, 4, "none"),
-            Grid(4, 8, "none")]
+VARIANTS = [Grid(2, 4, "up"), Grid(2, 4, "even"), Grid(2, 8, "up"), Grid(2, 8, "even"), Grid(2, 4, "half"),
+            Grid(2, 8, "half"), Grid(4, 4, "none"), Grid(4, 8, "none")]
 UINT = {2: np.uint16, 4: np.uint32}
 
 
@@ -53,9 +53,12 @@ def q8_0(groups: int, seed: int) -> torch.Tensor:
 
 
 def bf16_bits(x: torch.Tensor, rounding: str) -> bytes:
-    """The stored bytes of float32 `x`: as they are ("none"), or rounded to bfloat16 as `rounding` says."""
+    """The stored bytes of float32 `x`: as they are ("none"), as float16 ("half"), or rounded to bfloat16 as
+    `rounding` says."""
     if rounding == "none":
         return x.contiguous().numpy().tobytes()
+    if rounding == "half":
+        return x.half().contiguous().view(torch.int16).numpy().tobytes()
     hi = planes.split(x)[0] if rounding == "up" else x.to(torch.bfloat16)
     return hi.contiguous().view(torch.int16).numpy().tobytes()
 
@@ -69,7 +72,7 @@ def test_any_bits_round_trip_exactly(codec, data):
     assert round_trip(codec, raw)[1] == raw
 
 
-@pytest.mark.parametrize("width, rounding", [(2, "up"), (2, "even"), (4, "none")])
+@pytest.mark.parametrize("width, rounding", [(2, "up"), (2, "even"), (2, "half"), (4, "none")])
 @pytest.mark.parametrize("make, bits", [(q4_1, 4), (q8_0, 8)])
 @FUZZ
 @given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), extra=st.integers(0, 31))
@@ -86,7 +89,7 @@ def test_grid_data_is_fitted_and_round_trips(width, rounding, make, bits, seed, 
     assert back == raw
 
 
-@pytest.mark.parametrize("width, rounding", [(2, "up"), (4, "none")])
+@pytest.mark.parametrize("width, rounding", [(2, "up"), (2, "half"), (4, "none")])
 @pytest.mark.parametrize("make, bits", [(q4_1, 4), (q8_0, 8)])
 def test_grid_data_compresses_beyond_generic_float_coding(width, rounding, make, bits):
     raw = bf16_bits(make(4096, 0), rounding)
@@ -122,6 +125,8 @@ def reference_decode(codec: Grid, raw: bytes, payload: bytes) -> list[int]:
         bits = struct.unpack("<I", struct.pack("<f", x))[0]
         if codec.rounding == "none":
             return bits
+        if codec.rounding == "half":  # Python's own IEEE half conversion (nearest even), from the exact float
+            return struct.unpack("<H", struct.pack("<e", x))[0]
         if codec.rounding == "up":
             return ((bits + 0x8000) >> 16) & 0xFFFF
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
@@ -150,7 +155,7 @@ def test_parameters_are_checked():
     for params in ({"width": 4, "bits": 4, "rounding": "up"}, {"width": 2, "bits": 3, "rounding": "up"},
                    {"width": 2, "bits": 4, "rounding": "down"}, {"width": 2, "bits": 4},
                    {"width": 2, "bits": 4, "rounding": "none"}, {"width": 8, "bits": 8, "rounding": "none"},
-                   {"width": 4, "bits": 8},
+                   {"width": 4, "bits": 8}, {"width": 4, "bits": 8, "rounding": "half"},
                    # other types, as a hostile chunk head could give them: refused, never a TypeError later
                    {"width": [4], "bits": 4, "rounding": "none"}, {"width": {}, "bits": 4, "rounding": "up"},
                    {"width": 4.0, "bits": 4, "rounding": "none"}, {"width": 2.0, "bits": 4, "rounding": "up"},
@@ -158,7 +163,7 @@ def test_parameters_are_checked():
                    {"width": True, "bits": 4, "rounding": "up"}):
         with pytest.raises(FormatError):
             codec_from("grid", params)
-    for codec in (Grid(2, 8, "even"), Grid(4, 4, "none")):
+    for codec in (Grid(2, 8, "even"), Grid(2, 4, "half"), Grid(4, 4, "none")):
         assert codec_from("grid", codec.params()) == codec
 
 
@@ -224,11 +229,12 @@ def test_a_planar_store_of_grid_weights_reads_little_more_than_half_at_bf16(tmp_
 
 
 @pytest.mark.parametrize("codec", VARIANTS, ids=repr)
-@pytest.mark.parametrize("odd", [0x7FC1, 0xFFC0, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001])
+@pytest.mark.parametrize("odd", [0x7FC1, 0xFFC0, 0x7F80, 0xFF80, 0x8000, 0x0001, 0x8001, 0x7BFF, 0xFBFF])
 def test_constant_special_groups_beside_fitted_ones_round_trip(codec, odd):
     """A group of one NaN payload, infinity, -0.0 or a subnormal, next to groups that do fit: the special group is
-    either rebuilt from finite scales or kept as it is, never rebuilt through a NaN scale. (As float32: the same
-    bfloat16 pattern in the high half, and a low half that keeps a NaN a NaN and a subnormal a subnormal.)"""
+    either rebuilt from finite scales or kept as it is, never rebuilt through a NaN scale; also float16's largest
+    finite values (0x7BFF, 0xFBFF: no step up). (As float32: the same bfloat16 pattern in the high half, and a
+    low half that keeps a NaN a NaN and a subnormal a subnormal.)"""
     make = q4_1 if codec.bits == 4 else q8_0
     uint = UINT[codec.width]
     special = odd if codec.width == 2 else (odd << 16) | (0x0001 if odd in (0x7FC1, 0xFFC0) else 0)

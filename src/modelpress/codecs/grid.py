@@ -1,20 +1,22 @@
-"""`grid`: float32 or bfloat16 values that lie on a quantisation grid, stored as the grid's scales and codes.
+"""`grid`: float32, float16 or bfloat16 values on a quantisation grid, stored as the grid's scales and codes.
 
 Weights dequantised from a block format (a GGUF Q4_1 or Q8_0 file, a GPTQ checkpoint) are, per group of 32,
 `d * q + m` computed in float32 from a float16 scale `d`, a float16 minimum `m` (0 for a symmetric grid) and
 small integer codes `q`. Kept as float32 (SmolLM2 as modelpress reads it from its GGUF file), or rounded to
-bfloat16 (a bf16 checkpoint, or the high plane of a float32 tensor stored by planes: store/planes.py), they
-keep that shape. Generic float codecs see near-random mantissas there (SmolLM2's high planes: 1.5x); this
-codec finds, per group, a (d, m, q) whose float32 value is exactly the stored value (width 4), or rounds to
-exactly the stored bfloat16 bits (width 2), and stores d, m and q instead (3x and more). A group with no such
+float16 (a dequantised fp16 checkpoint) or bfloat16 (a bf16 checkpoint, or the high plane of a float32 tensor
+stored by planes: store/planes.py), they keep that shape. Generic float codecs see near-random mantissas
+there (SmolLM2's high planes: 1.5x); this codec finds, per group, a (d, m, q) whose float32 value is exactly
+the stored value (width 4), or rounds to exactly the stored 16-bit pattern (width 2), and stores d, m and q
+instead (3x and more). A group with no such
 grid (and the elements after the last whole group) is kept as it is, so any input round-trips bit for bit.
 Only finite scales are used, so every rebuilt value is a finite float32 computed by correctly rounded
 operations (d * q is exact; no subnormal can arise from float16 d and m), the same on every CPU.
 
-Parameters: `width` (4: float32, 2: bfloat16), `bits` (4: affine codes 0..15 from a minimum; 8: symmetric
-codes -127..127), `rounding` (how the stored values were made from the float32 d * q + m: "none", float32 kept
-as it is, the only choice at width 4; at width 2 "up", half up on the bit pattern as store/planes.py rounds,
-or "even", round to nearest even as torch casts).
+Parameters: `width` (4: float32, 2: a 16-bit float), `bits` (4: affine codes 0..15 from a minimum; 8:
+symmetric codes -127..127), `rounding` (how the stored values were made from the float32 d * q + m: "none",
+float32 kept as it is, the only choice at width 4; at width 2, bfloat16 rounded "up", half up on the bit
+pattern as store/planes.py rounds, or "even", to nearest even as torch casts; or float16 ("half"), to
+nearest even as IEEE conversion does).
 
 Payload, four sections in this order, each as in `planes` (1 byte mode 0 raw / 1 zstd, 8 bytes
 little-endian length, the bytes): the fitted-group bitmap (one bit per whole group, least significant
@@ -41,7 +43,7 @@ __all__ = ["Grid", "GROUP", "fit"]
 
 GROUP = 32
 _SECTION = struct.Struct("<BQ")
-_ROUNDINGS = {2: ("up", "even"), 4: ("none",)}  # by width
+_ROUNDINGS = {2: ("up", "even", "half"), 4: ("none",)}  # by width
 _BITS = {2: np.uint16, 4: np.uint32}  # an element's bit pattern, by width
 _M_STEPS = (0, -1, 1, -2, 2, -3, 3, -4, 4)  # float16 ulps around the first guess at m
 _D_STEPS = (0, -1, 1, -2, 2)  # and around the middle of the scales every value allows
@@ -55,7 +57,10 @@ def _levels(bits: int) -> tuple[int, int]:
 
 
 def _stored(values: np.ndarray, rounding: str) -> np.ndarray:
-    """The bit patterns float32 `values` are stored as: themselves ("none"), or rounded to bfloat16."""
+    """The bit patterns float32 `values` are stored as: themselves ("none"), rounded to float16 ("half", to
+    nearest even as IEEE conversion does), or rounded to bfloat16."""
+    if rounding == "half":
+        return np.asarray(values, dtype=np.float32).astype(np.float16).view(np.uint16)
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     if rounding == "none":
         return bits
@@ -64,10 +69,12 @@ def _stored(values: np.ndarray, rounding: str) -> np.ndarray:
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def _widen(h: np.ndarray) -> np.ndarray:
-    """float32 values of stored bit patterns (bfloat16 ones widened exactly)."""
-    if h.dtype == np.uint32:
+def _widen(h: np.ndarray, rounding: str) -> np.ndarray:
+    """float32 values of stored bit patterns (float16 and bfloat16 ones widened exactly)."""
+    if rounding == "none":
         return h.view(np.float32)
+    if rounding == "half":
+        return h.view(np.float16).astype(np.float32)
     return (h.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
@@ -81,11 +88,16 @@ def _reconstruct(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
     return d.astype(np.float32)[:, None] * q.astype(np.float32) + m.astype(np.float32)[:, None]
 
 
-def _bucket(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _bucket(h: np.ndarray, rounding: str) -> tuple[np.ndarray, np.ndarray]:
     """The float32 interval each stored value is the rounding of (for bfloat16, either rounding; a superset at
-    ties); a float32 value is its own."""
-    if h.dtype == np.uint32:
+    ties and, for float16, below powers of two); a float32 value is its own."""
+    if rounding == "none":
         return h.view(np.float32), h.view(np.float32)
+    if rounding == "half":
+        half = h.view(np.float16).astype(np.float32)
+        with np.errstate(all="ignore"):  # NaN, infinity and the largest float16 have no step up (a superset)
+            reach = np.spacing(np.abs(h.view(np.float16))).astype(np.float32) / 2  # half a float16 step, exact
+            return half - reach, half + reach
     centre = h.astype(np.int64) << 16
     a = (centre - 0x8000).astype(np.uint32).view(np.float32)
     b = (centre + 0x8000).astype(np.uint32).view(np.float32)
@@ -125,15 +137,15 @@ def _distinct(h: np.ndarray) -> np.ndarray:
 
 
 def fit(h: np.ndarray, bits: int, rounding: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For (G, 32) bit patterns (uint16 bfloat16, or uint32 float32 with rounding "none"): (fitted mask, d, m, q)
-    of the groups some grid reproduces exactly.
+    """For (G, 32) bit patterns (uint16 for bfloat16 or, rounding "half", float16; uint32 for float32, rounding
+    "none"): (fitted mask, d, m, q) of the groups some grid reproduces exactly.
 
     m: for an affine grid the group's minimum (its code is 0) is the rounding of m, so m is one of the float16
     values near it (tried nearest first); d: from the codes a first guess gives, the middle of the interval
     every value's bucket allows, then its float16 neighbours. Each candidate is verified on every value."""
     lo, hi = _levels(bits)
-    values = _widen(h)
-    lower, upper = _bucket(h)
+    values = _widen(h, rounding)
+    lower, upper = _bucket(h, rounding)
     groups = len(h)
     ok = np.zeros(groups, dtype=bool)
     d_out = np.zeros(groups, dtype=np.float16)
