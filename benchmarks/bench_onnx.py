@@ -45,22 +45,12 @@ from modelpress.formats.st_encode import encode_sentences  # noqa: E402
 BATCH = 32
 
 
-def ort_session(path: Path, threads: int, optimise: bool = True):
-    """A CPU session on `threads` threads; `optimise=False` runs the graph as written (no fused LayerNorm, GELU
-    or attention kernels), the same weights through other float kernels."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    if not optimise:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def ort_encoder(encoder, path: Path, threads: int, optimise: bool = True):
     """encode(sentences) of the exported folder's model.onnx: its sentence_embedding output, batched as
     SentenceEncoder.encode batches (by length, 32 a batch)."""
-    session = ort_session(path, threads, optimise)
+    import peers
+
+    session = peers._ort_session(path, threads, optimise)
 
     def forward(input_ids, attention_mask, token_type_ids):
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
@@ -77,7 +67,7 @@ def build(encoder, workdir: Path, presets: list[str], threads: int):
 
     ort_own = peers.ort_dynamic_int8(encoder, per_channel=True, weight_type="QInt8", workdir=workdir)
     onnx_file = next((workdir).glob(f"*{peers._ort_version()}-qint8-per-channel/model.onnx"))
-    plain = peers.SentenceEncoder(peers._OrtTransformer(ort_session(onnx_file, threads, optimise=False)),
+    plain = peers.SentenceEncoder(peers._OrtTransformer(peers._ort_session(onnx_file, threads, optimise=False)),
                                   copy.deepcopy(encoder.tokenizer), encoder.config, encoder.support_files, encoder.source)
     rows = [(ort_own.name, ort_own.encode, onnx_file.stat().st_size, None, plain.encode)]
     fp32 = peers.ort_fp32(encoder, workdir)

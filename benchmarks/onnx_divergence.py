@@ -47,12 +47,6 @@ def quantiser_inputs(graph) -> list[tuple[str, str]]:
     return found
 
 
-def row_codes(x: torch.Tensor) -> torch.Tensor:
-    """quantize_rows' codes: round(x / (max|x_row| / 127))."""
-    x = x.reshape(-1, x.shape[-1])
-    return torch.round(x / (x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="w8a8-token")
@@ -102,7 +96,8 @@ def main() -> None:
             theirs = session.run([name for name, _ in quantisers], {k: v.numpy() for k, v in feeds.items()})
             kind = "none"
             for index, ((_, op), mine, other) in enumerate(zip(quantisers, ours, theirs)):
-                if not torch.equal(row_codes(mine), row_codes(torch.from_numpy(other).reshape(mine.shape))):
+                theirs_codes = quantize_rows(torch.from_numpy(other).reshape(mine.shape), 127)[0]
+                if not torch.equal(quantize_rows(mine, 127)[0], theirs_codes):
                     kind = op
                     by_layer[index * 6 // len(quantisers)] += 1
                     break

@@ -163,13 +163,17 @@ class _OrtTransformer(nn.Module):
         return SimpleNamespace(last_hidden_state=torch.from_numpy(states))
 
 
-def _ort_session(path: Path, threads: int | None = None):
-    """A CPU session with torch's current intra-op thread count and one inter-op thread."""
+def _ort_session(path: Path, threads: int | None = None, optimise: bool = True):
+    """A CPU session with `threads` (default: torch's current intra-op thread count) and one inter-op thread;
+    `optimise=False` runs the graph as written (no fused LayerNorm, GELU or attention kernels), the same
+    weights through other float kernels."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

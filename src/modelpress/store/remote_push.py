@@ -183,6 +183,12 @@ def _chains_gone(remote: Remote, bases: dict[str, RemoteVersion]) -> bool:
     return any(version_key(vid) not in present for base in bases.values() for vid in (base.id, *base.bases))
 
 
+def _retire(remote: Remote, lease, report: TransferReport) -> None:
+    """A marker replaced by a newer one: deleted, and its bytes counted as sent."""
+    remote.backend.delete(lease.key)
+    report.record_bytes += lease.size
+
+
 def _announce_with_bases(remote: Remote, records, report: TransferReport,
                          bases: dict[str, RemoteVersion] | None = None):
     """Step 1 (and its renewal). A base record a gc deleted before this push's marker could be seen protects
@@ -193,8 +199,7 @@ def _announce_with_bases(remote: Remote, records, report: TransferReport,
     if bases and _chains_gone(remote, bases):
         old, bases = lease, {}
         lease = _announce(remote, records, bases)
-        remote.backend.delete(old.key)
-        report.record_bytes += old.size
+        _retire(remote, old, report)
     return lease, bases
 
 
@@ -210,8 +215,7 @@ def push(store, remote: Remote, spec: str | None = None, force: bool = False) ->
         while lease.expiring():  # slower than a marker protects: announce again and check again what is there
             old = lease
             lease, bases = _announce_with_bases(remote, records, report, bases)
-            remote.backend.delete(old.key)
-            report.record_bytes += old.size
+            _retire(remote, old, report)
             again = TransferReport()
             _send(store, remote, records, bases, again)
             report.chunks_sent += again.chunks_sent
